@@ -1,0 +1,1 @@
+"""The `mlx-internvl` command line (installed as `mlx_internvl.cli`)."""

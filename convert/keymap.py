@@ -1,0 +1,179 @@
+"""Key maps between the two Hugging Face layouts and ours, and the tensor surgery each needs.
+
+Our MLX layout keeps the original OpenGVLab names for the vision tower (`vision_model.encoder.layers.N.attn.qkv`),
+names the projector's submodules (`mlp1.layer_norm/linear_1/linear_2` for `mlp1.0/1/3`), and puts mlx-lm's own
+keys under `language_model.`. InternLM2 language models become mlx-lm Llama (`wqkv` split), Qwen3-MoE experts are
+stacked into mlx-lm's `switch_mlp`.
+
+All renames live in the tables below (regex, replacement), applied in order to the key text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import mlx.core as mx
+
+# transformers (-hf): both the current (`model.` prefixed) and the legacy key prefixes become the legacy ones.
+HF_PREFIXES = [
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+
+# transformers (-hf) vision tower and projector -> ours (inverse of convert_internvl_weights_to_hf.py).
+HF_RENAMES = [
+    (r"^vision_tower\.",                          "vision_model."),
+    (r"\.encoder\.layer\.",                       ".encoder.layers."),
+    (r"\.embeddings\.cls_token$",                 ".embeddings.class_embedding"),
+    (r"\.embeddings\.position_embeddings$",       ".embeddings.position_embedding"),
+    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
+    (r"\.lambda_(\d)$",                           r".ls\1"),
+    (r"\.attention\.projection_layer\.",          ".attn.proj."),
+    (r"\.attention\.",                            ".attn."),
+    (r"\.layernorm_before\.",                     ".norm1."),
+    (r"\.layernorm_after\.",                      ".norm2."),
+    (r"^multi_modal_projector\.",                 "mlp1."),
+]
+
+# original OpenGVLab layout -> ours.
+ORIGINAL_RENAMES = [
+    (r"^mlp1\.0\.",                               "mlp1.layer_norm."),
+    (r"^mlp1\.1\.",                               "mlp1.linear_1."),
+    (r"^mlp1\.3\.",                               "mlp1.linear_2."),
+]
+
+# InternLM2 (original layout, under language_model.) -> mlx-lm Llama.
+INTERNLM2_RENAMES = [
+    (r"\.model\.tok_embeddings\.",                ".model.embed_tokens."),
+    (r"\.attention\.wo\.",                        ".self_attn.o_proj."),
+    (r"\.attention\.wqkv\.",                      ".self_attn.wqkv."),
+    (r"\.feed_forward\.w1\.",                     ".mlp.gate_proj."),
+    (r"\.feed_forward\.w3\.",                     ".mlp.up_proj."),
+    (r"\.feed_forward\.w2\.",                     ".mlp.down_proj."),
+    (r"\.attention_norm\.",                       ".input_layernorm."),
+    (r"\.ffn_norm\.",                             ".post_attention_layernorm."),
+    (r"^language_model\.output\.",                "language_model.lm_head."),
+]
+
+# Buffers and leftovers that carry no weights we use.
+DROP = [r"\.rotary_emb\.inv_freq$", r"\.rope\.inv_freq$", r"\.attention\.rotary_emb\.", r"\.drop_path"]
+
+
+def rename(key: str, table) -> str:
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+# ---- tensor surgery: one small function per layout change ----
+
+def conv_oihw_to_ohwi(w: mx.array) -> mx.array:
+    """torch Conv2d weight `[O, I, kh, kw]` -> MLX `[O, kh, kw, I]`."""
+    return w.transpose(0, 2, 3, 1)
+
+
+def conv_ohwi_to_oihw(w: mx.array) -> mx.array:
+    """MLX Conv2d weight `[O, kh, kw, I]` -> torch `[O, I, kh, kw]`."""
+    return w.transpose(0, 3, 1, 2)
+
+
+def fuse_qkv(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Separate q/k/v rows (`[C, C]` each, or biases `[C]`) -> fused `[3C, ...]` in q|k|v order."""
+    return mx.concatenate([q, k, v], axis=0)
+
+
+def split_wqkv(w: mx.array, n_heads: int, n_kv_heads: int, head_dim: int):
+    """InternLM2 `wqkv` `[(H + 2 Hkv) d, ...]`, grouped per KV head as `[q_0..q_{g-1}, k, v]`, -> (q, k, v).
+
+    Query head `kv * g + j` is row block j of group kv, which is the order Llama's repeat-kv expects.
+    """
+    g = n_heads // n_kv_heads
+    rest = w.shape[1:]
+    w = w.reshape(n_kv_heads, g + 2, head_dim, *rest)
+    q = w[:, :g].reshape(n_heads * head_dim, *rest)
+    k = w[:, g].reshape(n_kv_heads * head_dim, *rest)
+    v = w[:, g + 1].reshape(n_kv_heads * head_dim, *rest)
+    return q, k, v
+
+
+def join_wqkv(q: mx.array, k: mx.array, v: mx.array, n_heads: int, n_kv_heads: int, head_dim: int) -> mx.array:
+    """Inverse of `split_wqkv`: Llama q/k/v -> InternLM2 grouped `wqkv`."""
+    g = n_heads // n_kv_heads
+    rest = q.shape[1:]
+    q = q.reshape(n_kv_heads, g, head_dim, *rest)
+    k = k.reshape(n_kv_heads, 1, head_dim, *rest)
+    v = v.reshape(n_kv_heads, 1, head_dim, *rest)
+    return mx.concatenate([q, k, v], axis=1).reshape((n_heads + 2 * n_kv_heads) * head_dim, *rest)
+
+
+@dataclass
+class Entry:
+    """One output tensor: computed by `fn` from the source tensors named in `sources`."""
+
+    sources: List[str]
+    fn: Callable[..., mx.array]
+
+
+def _identity(x):
+    return x
+
+
+def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) -> Dict[str, Entry]:
+    """Map every source key of a checkpoint in layout `fmt` ('original' or 'hf') to our keys.
+
+    Returns `{our_key: Entry}`. Keys that cannot be placed end up under their renamed name, so the strict load
+    that follows lists them as unexpected.
+    """
+    plan: Dict[str, Entry] = {}
+    groups: Dict[str, Dict[str, str]] = {}
+    for src in keys:
+        if any(re.search(p, src) for p in DROP):
+            continue
+        if fmt == "hf":
+            key = rename(src, HF_PREFIXES)
+            if not key.startswith("language_model."):
+                key = rename(key, HF_RENAMES)
+        else:
+            key = rename(src, ORIGINAL_RENAMES)
+            if source_arch == "InternLM2ForCausalLM":
+                key = rename(key, INTERNLM2_RENAMES)
+
+        m = re.match(r"^(vision_model\.encoder\.layers\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$", key)
+        if m:
+            groups.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = src
+            continue
+        m = re.match(r"^(language_model\.model\.layers\.\d+\.self_attn)\.wqkv\.(weight|bias)$", key)
+        if m:
+            h, kv = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
+            d = llm_config["hidden_size"] // h
+            for i, name in enumerate("qkv"):
+                plan[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = Entry(
+                    [src], lambda w, i=i: split_wqkv(w, h, kv, d)[i]
+                )
+            continue
+        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight$", key)
+        if m:
+            groups.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = src
+            continue
+        if key == "vision_model.embeddings.patch_embedding.weight":
+            plan[key] = Entry([src], conv_oihw_to_ohwi)
+            continue
+        plan[key] = Entry([src], _identity)
+
+    for key, parts in groups.items():
+        if key.endswith((".qkv.weight", ".qkv.bias")):
+            if set(parts) != {"q", "k", "v"}:
+                missing = sorted({"q", "k", "v"} - set(parts))
+                present = next(iter(parts.values()))
+                raise KeyError(f"{present}: the checkpoint lacks the matching {', '.join(m + '_proj' for m in missing)}")
+            plan[key] = Entry([parts["q"], parts["k"], parts["v"]], fuse_qkv)
+        else:
+            n = llm_config.get("num_experts")
+            if n is not None and sorted(parts) != list(range(n)):
+                raise KeyError(f"{key}: expected experts 0..{n - 1}, found {sorted(parts)}")
+            plan[key] = Entry([parts[e] for e in sorted(parts)], lambda *xs: mx.stack(xs))
+    return plan

@@ -1,0 +1,106 @@
+"""The composite InternVL model: InternViT -> pixel shuffle -> mlp1 -> merge into token embeddings -> mlx-lm LLM."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .backbones import build_language_model, embedding_layer, forward_embeddings
+from .config import ModelConfig
+from .errors import UserError
+from .projector import Projector, pixel_shuffle
+from .vision import InternVisionModel
+
+
+def merge_image_features(
+    input_ids: mx.array, inputs_embeds: mx.array, image_features: mx.array, image_token_id: int
+) -> mx.array:
+    """Replace, in order, every `image_token_id` position of `inputs_embeds` `[B, L, D]` by a row of
+    `image_features` (`[P, n, D]` or `[P*n, D]`, tile-major). The counts must match exactly."""
+    b, length, d = inputs_embeds.shape
+    mask = input_ids == image_token_id
+    n_tokens = int(mask.sum().item())
+    feats = image_features.reshape(-1, d)
+    if n_tokens != feats.shape[0]:
+        raise UserError(
+            f"Image features and image tokens do not match: tokens: {n_tokens}, features {feats.shape[0]}"
+        )
+    if n_tokens == 0:
+        return inputs_embeds
+    # k-th image token (in row-major order over the batch) takes feature row k.
+    order = mx.cumsum(mask.reshape(-1).astype(mx.int32)) - 1
+    gathered = feats[mx.maximum(order, 0)].reshape(b, length, d).astype(inputs_embeds.dtype)
+    return mx.where(mask[..., None], gathered, inputs_embeds)
+
+
+class InternVLChatModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = InternVisionModel(config.vision_config)
+        ratio = round(1 / config.downsample_ratio)
+        self.mlp1 = Projector(config.vision_config.hidden_size * ratio * ratio, config.llm_config["hidden_size"])
+        self.language_model = build_language_model(config.llm_config)
+        self.image_token_id: Optional[int] = config.image_token_id
+
+    @property
+    def layers(self):
+        """The LLM decoder layers (mlx-lm's cache and LoRA helpers look here)."""
+        return self.language_model.layers
+
+    def vision_features(self, pixel_values: mx.array) -> mx.array:
+        """`[P, S, S, 3]` tiles -> `[P, 1 + (S/p)^2, C]` ViT hidden states at `select_layer` (CLS first)."""
+        return self.vision_model(pixel_values, self.config.select_layer)
+
+    def project_features(self, vit_hidden: mx.array, grid_hw: Optional[tuple] = None) -> mx.array:
+        """ViT hidden states (CLS first) -> `[P, n, D]` LLM-space image tokens (pixel shuffle + mlp1)."""
+        h = vit_hidden[:, 1:]
+        p, n, c = h.shape
+        gh, gw = grid_hw or (int(round(n**0.5)),) * 2
+        h = pixel_shuffle(h.reshape(p, gh, gw, c), self.config.downsample_ratio, self.config.ps_version)
+        return self.mlp1(h)
+
+    def extract_feature(self, pixel_values: mx.array) -> mx.array:
+        """`[P, S, S, 3]` normalized tiles -> `[P, num_image_token, D]` image embeddings."""
+        patch = self.config.vision_config.patch_size
+        grid = (pixel_values.shape[1] // patch, pixel_values.shape[2] // patch)
+        return self.project_features(self.vision_features(pixel_values), grid)
+
+    def embed_tokens(self, input_ids: mx.array) -> mx.array:
+        return embedding_layer(self.language_model)(input_ids)
+
+    def get_input_embeddings(
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        image_features: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Token embeddings `[B, L, D]` with image features merged at the `<IMG_CONTEXT>` positions."""
+        embeds = self.embed_tokens(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.extract_feature(pixel_values)
+        if image_features is None:
+            return embeds
+        if self.image_token_id is None:
+            raise UserError("the model has no image_token_id; load it with mlx_internvl.load() so the tokenizer sets it")
+        return merge_image_features(input_ids, embeds, image_features, self.image_token_id)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        cache: Optional[list] = None,
+        image_features: Optional[mx.array] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits `[B, L, V]`. Pass `pixel_values` (or precomputed `image_features`) on the prefill step only."""
+        if input_embeddings is None:
+            input_embeddings = self.get_input_embeddings(input_ids, pixel_values, image_features)
+        return forward_embeddings(self.language_model, input_embeddings, cache)
+
+    def make_cache(self):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.language_model)

@@ -1,0 +1,79 @@
+"""Conversation templates of the released InternVL checkpoints, rendered as upstream `chat()` renders them.
+
+All four are of the "MPT" separator style: the system block and its separator, then `role + message + sep` per
+finished message, and the bare role for the turn being generated. Only `internvl2_5` puts a newline after
+`<|im_end|>`; that newline matters for token-exact prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from .errors import UserError
+
+INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system_template: str
+    system_message: str
+    roles: Tuple[str, str]
+    sep: str
+
+    @property
+    def stop_str(self) -> str:
+        """The token that ends an assistant turn (`sep.strip()`), which generation stops on."""
+        return self.sep.strip()
+
+    def render(self, system_message: Optional[str], messages: Sequence[Tuple[str, Optional[str]]]) -> str:
+        """`messages` are (role_index 0=user/1=assistant, text or None for the turn to generate)."""
+        system = self.system_message if system_message is None else system_message
+        out = self.system_template.format(system_message=system) + self.sep
+        for role, text in messages:
+            if text:
+                out += self.roles[role] + text + self.sep
+            else:
+                out += self.roles[role]
+        return out
+
+
+_CHATML = dict(system_template="<|im_start|>system\n{system_message}", roles=("<|im_start|>user\n", "<|im_start|>assistant\n"))
+
+TEMPLATES = {
+    "Hermes-2": Template("Hermes-2", system_message=INTERNVL_SYSTEM, sep="<|im_end|>", **_CHATML),
+    "internlm2-chat": Template("internlm2-chat", system_message=INTERNVL_SYSTEM, sep="<|im_end|>", **_CHATML),
+    "internvl2_5": Template("internvl2_5", system_message=INTERNVL2_5_SYSTEM, sep="<|im_end|>\n", **_CHATML),
+    "phi3-chat": Template(
+        "phi3-chat",
+        system_template="<|system|>\n{system_message}",
+        system_message=INTERNVL_SYSTEM,
+        roles=("<|user|>\n", "<|assistant|>\n"),
+        sep="<|end|>",
+    ),
+}
+
+
+def get_template(name: Optional[str]) -> Template:
+    if name is None:
+        name = "internvl2_5"
+    if name not in TEMPLATES:
+        raise UserError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def build_query(
+    template: Template,
+    question: str,
+    history: Optional[List[Tuple[str, str]]] = None,
+    system_message: Optional[str] = None,
+) -> str:
+    """The full prompt for `question` after `history` [(question, answer), ...], ending with the assistant role."""
+    messages: List[Tuple[int, Optional[str]]] = []
+    for q, a in history or []:
+        messages += [(0, q), (1, a)]
+    messages += [(0, question), (1, None)]
+    return template.render(system_message, messages)

@@ -1,0 +1,135 @@
+"""Tokenizers without remote code.
+
+Qwen, Phi-3, Llama and `-hf` checkpoints load with transformers' own classes. Original-layout InternLM2 checkpoints
+name `tokenization_internlm2.InternLM2Tokenizer` in their `auto_map`; that class is a thin layer over
+sentencepiece (BOS, then the text split on added tokens, each piece sentencepiece-encoded), which
+`SentencePieceTokenizer` reproduces on transformers' Python tokenizer base, so the checkpoint's code never runs.
+The result is wrapped in mlx-lm's `TokenizerWrapper` for streaming detokenization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .errors import UserError
+
+
+def _sentencepiece_class():
+    import sentencepiece as spm
+    from transformers import PreTrainedTokenizer
+
+    class SentencePieceTokenizer(PreTrainedTokenizer):
+        """A sentencepiece model with added tokens and a BOS, as InternLM2's tokenizer behaves."""
+
+        vocab_files_names = {"vocab_file": "tokenizer.model"}
+        model_input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self, vocab_file, add_bos_token=True, add_eos_token=False, **kwargs):
+            self.vocab_file = vocab_file
+            self.sp_model = spm.SentencePieceProcessor(model_file=str(vocab_file))
+            self.add_bos_token = add_bos_token
+            self.add_eos_token = add_eos_token
+            kwargs.pop("auto_map", None)
+            kwargs.pop("tokenizer_class", None)
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self) -> int:
+            return self.sp_model.get_piece_size()
+
+        def get_vocab(self):
+            vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+            vocab.update(self.added_tokens_encoder)
+            return vocab
+
+        def _tokenize(self, text, **kwargs):
+            return self.sp_model.encode(text, out_type=str)
+
+        def _convert_token_to_id(self, token):
+            return self.sp_model.piece_to_id(token)
+
+        def _convert_id_to_token(self, index):
+            return self.sp_model.id_to_piece(index)
+
+        def convert_tokens_to_string(self, tokens):
+            return self.sp_model.decode(tokens)
+
+        def build_inputs_with_special_tokens(self, ids_0, ids_1=None):
+            bos = [self.bos_token_id] if self.add_bos_token else []
+            eos = [self.eos_token_id] if self.add_eos_token else []
+            out = bos + ids_0 + eos
+            if ids_1 is not None:
+                out += bos + ids_1 + eos
+            return out
+
+        def save_vocabulary(self, save_directory, filename_prefix=None):
+            import shutil
+
+            target = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
+            if Path(self.vocab_file).resolve() != target.resolve():
+                shutil.copyfile(self.vocab_file, target)
+            return (str(target),)
+
+    return SentencePieceTokenizer
+
+
+def _tokenizer_config(path: Path) -> dict:
+    f = path / "tokenizer_config.json"
+    if not f.exists():
+        return {}
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_hf_tokenizer(path: Path):
+    """A transformers tokenizer for the checkpoint at `path`, never running its remote code."""
+    path = Path(path)
+    cfg = _tokenizer_config(path)
+    cls_name = str(cfg.get("tokenizer_class") or "")
+    if (path / "tokenizer.model").exists() and (cls_name.startswith("InternLM2") or (
+        cfg.get("auto_map") and not (path / "tokenizer.json").exists()
+    )):
+        return _sentencepiece_class().from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError/OSError/KeyError here, depending on what is missing
+        files = sorted(p.name for p in path.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+        raise UserError(
+            f"{path}: cannot load the tokenizer without remote code ({type(e).__name__}: {e}). "
+            f"Tokenizer files present: {', '.join(files) or 'none'}."
+        ) from e
+
+
+def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):
+    """mlx-lm `TokenizerWrapper` around `load_hf_tokenizer(path)` (streaming detokenizer chosen as mlx-lm does)."""
+    from mlx_lm.tokenizer_utils import (
+        BPEStreamingDetokenizer,
+        NaiveStreamingDetokenizer,
+        SPMStreamingDetokenizer,
+        TokenizerWrapper,
+        _is_bpe_decoder,
+        _is_spm_decoder,
+    )
+
+    tok = load_hf_tokenizer(path)
+    detok = NaiveStreamingDetokenizer
+    tj = Path(path) / "tokenizer.json"
+    if tj.exists():
+        with open(tj, encoding="utf-8") as f:
+            decoder = json.load(f).get("decoder")
+        if decoder and _is_spm_decoder(decoder):
+            detok = SPMStreamingDetokenizer
+        elif decoder and _is_bpe_decoder(decoder):
+            detok = BPEStreamingDetokenizer
+    return TokenizerWrapper(tok, detok, eos_token_ids=list(eos_token_ids or []))
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json",
+)

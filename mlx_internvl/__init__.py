@@ -1,6 +1,9 @@
 """mlx-internvl: InternVL vision-language models in MLX."""
 
+from . import _blas  # noqa: F401  (must run before mlx is imported; opt-in, see _blas.py)
+from .chat import ChatSession
 from .config import ModelConfig, VisionConfig
+from .generate import batch_generate, generate, stream_generate
 from .loading import load, load_model
 from .model import InternVLChatModel, merge_image_features
 from .processing import Processor, dynamic_preprocess
@@ -18,4 +21,8 @@ __all__ = [
     "dynamic_preprocess",
     "merge_image_features",
     "pixel_shuffle",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "ChatSession",
 ]

@@ -1,16 +1,17 @@
-"""Images to tiles, and text + images to model inputs, exactly as the upstream model-card code does it.
+"""Images, video frames and text to model inputs, exactly as the upstream model-card code does it.
 
-- `dynamic_preprocess`: pick the tile grid whose aspect ratio is closest to the image's (ties go to the larger grid
-  while the image covers more than half of its canvas), resize with PIL's default bicubic, crop row-major, and add
-  a whole-image thumbnail when there is more than one tile.
+- `dynamic_preprocess`: pick the tile grid whose aspect ratio is closest to the image's (ties go to the later
+  candidate while the image covers more than half of its canvas; candidates in upstream's set order), resize with
+  PIL's default bicubic, crop row-major, and add a whole-image thumbnail when there is more than one tile.
+- Video frames are one tile each: `dynamic_preprocess(max_num=1)`, a plain 448x448 bicubic resize, no thumbnail.
 - `Processor.__call__`: the prompt of upstream `chat()` (template, default system message, `<image>\\n` prefix,
-  `Image-k:` lines for several images), every `<image>` expanded to `<img><IMG_CONTEXT>*n</img>`, tokenized with
-  the tokenizer's own BOS rule.
+  `Image-k:` lines for several images, `Frame-k:` lines for video frames), every `<image>` expanded to
+  `<img><IMG_CONTEXT>*n</img>`, tokenized with the tokenizer's own BOS rule. Tiles are concatenated in the order
+  their placeholders appear in the prompt.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,24 +21,26 @@ from PIL import Image
 
 from .config import ModelConfig
 from .errors import UserError
-from .templates import build_query, get_template
+from .images import ImageInput, open_image
+from .templates import build_query, get_template, template_from_chat_template
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+FRAME_LABEL = "Frame-{k}: "  # upstream README/training form; older InternVL2 model cards wrote "Frame{k}: "
+IMAGE_LABEL = "Image-{k}: "
 
-ImageInput = Union[str, Path, bytes, Image.Image]
+MaxTiles = Union[None, int, Sequence[Optional[int]]]
 
 
-def load_image(source: ImageInput) -> Image.Image:
+def load_image(source: ImageInput, exif_transpose: bool = False) -> Image.Image:
     """A path, URL, raw bytes or PIL image, as an RGB PIL image (as upstream: `Image.open(...).convert('RGB')`)."""
-    from .images import open_image
-
-    return open_image(source)
+    return open_image(source, exif_transpose=exif_transpose)
 
 
 def target_ratios(min_num: int, max_num: int) -> List[Tuple[int, int]]:
-    """Candidate (cols, rows) grids with min_num <= cols*rows <= max_num, by area (ties in upstream's order)."""
+    """Candidate (cols, rows) grids with min_num <= cols*rows <= max_num, by area; equal areas keep the order in
+    which upstream's Python set yields them (the same set built the same way gives the same order)."""
     grids = set(
         (i, j)
         for n in range(min_num, max_num + 1)
@@ -51,6 +54,8 @@ def target_ratios(min_num: int, max_num: int) -> List[Tuple[int, int]]:
 def find_closest_aspect_ratio(
     aspect_ratio: float, ratios: Sequence[Tuple[int, int]], width: int, height: int, image_size: int
 ) -> Tuple[int, int]:
+    """Upstream's selection: smallest |aspect - cols/rows|; on an exact tie the later candidate wins while the
+    image area exceeds half of that candidate's canvas."""
     best, best_diff = (1, 1), float("inf")
     area = width * height
     for cols, rows in ratios:
@@ -71,6 +76,8 @@ def dynamic_preprocess(
     image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
 ) -> List[Image.Image]:
     """Split an image into `image_size` tiles on the best grid, plus a thumbnail when there are several."""
+    if max_num < min_num or min_num < 1:
+        raise UserError(f"max tiles must be >= min tiles >= 1; got min {min_num}, max {max_num}")
     width, height = image.size
     cols, rows = tile_grid(width, height, min_num, max_num, image_size)
     resized = image.resize((image_size * cols, image_size * rows))  # PIL default resample: bicubic
@@ -84,7 +91,8 @@ def dynamic_preprocess(
 
 
 def normalize_tiles(tiles: Sequence[Image.Image], image_size: int) -> np.ndarray:
-    """PIL tiles -> `[T, S, S, 3]` float32: resize to S if needed (bicubic), /255, ImageNet mean/std."""
+    """PIL tiles -> `[T, S, S, 3]` float32: resize to S if needed (bicubic), /255, ImageNet mean/std (the same
+    float32 operations, in the same order, as torchvision's ToTensor + Normalize)."""
     mean = np.array(IMAGENET_MEAN, dtype=np.float32)
     std = np.array(IMAGENET_STD, dtype=np.float32)
     out = np.empty((len(tiles), image_size, image_size, 3), dtype=np.float32)
@@ -102,12 +110,17 @@ def image_to_tiles(image: Image.Image, config: ModelConfig, max_tiles: Optional[
     """One image -> `[T, S, S, 3]` normalized tiles, with the checkpoint's tiling settings."""
     size = config.force_image_size
     if config.dynamic_image_size:
-        tiles = dynamic_preprocess(
-            image, config.min_dynamic_patch, max_tiles or config.max_dynamic_patch, size, config.use_thumbnail
-        )
+        max_num = config.max_dynamic_patch if max_tiles is None else max_tiles
+        tiles = dynamic_preprocess(image, min(config.min_dynamic_patch, max_num), max_num, size, config.use_thumbnail)
     else:
         tiles = [image]
     return normalize_tiles(tiles, size)
+
+
+def frame_to_tile(frame: Image.Image, config: ModelConfig) -> np.ndarray:
+    """One video frame -> `[1, S, S, 3]`: upstream `load_video` tiles frames with `max_num=1` (a plain resize)."""
+    size = config.force_image_size
+    return normalize_tiles(dynamic_preprocess(frame, 1, 1, size, config.use_thumbnail), size)
 
 
 def expand_image_placeholders(prompt: str, num_tiles: Sequence[int], tokens_per_tile: int) -> str:
@@ -117,23 +130,51 @@ def expand_image_placeholders(prompt: str, num_tiles: Sequence[int], tokens_per_
     return prompt
 
 
-def add_image_placeholders(question: str, n_images: int, first_turn: bool = True) -> str:
+def image_lines(n: int, start: int = 1, label: Optional[str] = IMAGE_LABEL) -> str:
+    """`n` placeholder lines: `Image-{start}: <image>\\n`, ... (label None: bare `<image>\\n` lines)."""
+    return "".join(((label or "").format(k=start + i)) + "<image>\n" for i in range(n))
+
+
+def add_image_placeholders(question: str, n_images: int, first_turn: bool = True, start: int = 1) -> str:
     """Upstream `chat()`'s rule: with images and no `<image>` in the question, prefix `<image>\\n` (one image) or
-    the model-card lines `Image-1: <image>\\n...` (several). Only for the first turn, as upstream."""
+    the model-card lines `Image-1: <image>\\n...` (several). Only for the first turn, as upstream. `start` numbers
+    images added later in a conversation (`Image-{start}:`), so an image added in turn k keeps a unique name."""
     if n_images == 0 or "<image>" in question or not first_turn:
         return question
-    if n_images == 1:
+    if n_images == 1 and start == 1:
         return "<image>\n" + question
-    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + question
+    return image_lines(n_images, start) + question
+
+
+def add_video_placeholders(question: str, n_frames: int, frame_label: str = FRAME_LABEL) -> str:
+    """`Frame-1: <image>\\n...Frame-N: <image>\\n` in place of `<video>` (training's convention), else before the
+    question (the README's)."""
+    lines = "".join(frame_label.format(k=k + 1) + "<image>\n" for k in range(n_frames))
+    if "<video>" in question:
+        if question.count("<video>") > 1:
+            raise UserError("the prompt has more than one <video> placeholder; one video per request is supported")
+        placeholder = "<video>\n" if "<video>\n" in question else "<video>"
+        return question.replace(placeholder, lines, 1)
+    return lines + question
+
+
+def resolve_template_name(config: ModelConfig, tokenizer, override: Optional[str] = None) -> Optional[str]:
+    """`override`; else the original config's `template` field; else (`-hf` checkpoints, which have no such field)
+    the one the tokenizer's chat template stands for; else `internvl2_5`."""
+    if override:
+        return override
+    if config.template and config.source_format != "hf":
+        return config.template
+    return template_from_chat_template(getattr(tokenizer, "chat_template", None)) or config.template
 
 
 class Processor:
-    """Turns text and images into `input_ids`, `pixel_values` and `num_tiles` for `InternVLChatModel`."""
+    """Turns text, images and video frames into `input_ids`, `pixel_values` and `num_tiles` for the model."""
 
     def __init__(self, tokenizer, config: ModelConfig, template: Optional[str] = None):
         self.tokenizer = tokenizer
         self.config = config
-        self.template = get_template(template or config.template)
+        self.template = get_template(resolve_template_name(config, tokenizer, template))
         self.image_token_id = self._token_id(IMG_CONTEXT)
         self.eos_token_id = self._token_id(self.template.stop_str)
         tokenizer.add_eos_token(self.eos_token_id)
@@ -155,39 +196,76 @@ class Processor:
     def system_message(self) -> Optional[str]:
         return self.config.system_message
 
+    @property
+    def context_length(self) -> Optional[int]:
+        """The language model's `max_position_embeddings` (None if the config does not say)."""
+        return self.config.llm_config.get("max_position_embeddings")
+
     def prompt(
         self,
         text: str,
         num_tiles: Sequence[int] = (),
         history: Optional[List[Tuple[str, str]]] = None,
         system_message: Optional[str] = None,
+        num_frames: int = 0,
+        frame_label: str = FRAME_LABEL,
     ) -> str:
-        """The full prompt string with image tokens expanded."""
-        question = add_image_placeholders(text, len(num_tiles), first_turn=not history)
+        """The full prompt string with image tokens expanded. `num_tiles` lists tiles per `<image>` in prompt
+        order; the last `num_frames` entries are video frames."""
+        n_images = len(num_tiles) - num_frames
+        question = text
+        if num_frames:
+            if "<video>" not in question and "<image>" in question:
+                raise UserError("the prompt has <image> placeholders but no <video>; put <video> where the frames go")
+            question = add_video_placeholders(question, num_frames, frame_label)
+            if n_images and "<image>" not in text:
+                question = image_lines(n_images) + question
+        else:
+            question = add_image_placeholders(question, n_images, first_turn=not history)
         query = build_query(
             self.template, question, history, system_message if system_message is not None else self.system_message
         )
         count = query.count("<image>")
         if count != len(num_tiles):
             raise UserError(
-                f"the prompt has {count} <image> placeholder(s) but {len(num_tiles)} image(s) were given; "
+                f"the prompt has {count} <image> placeholder(s) but {len(num_tiles)} image(s)/frame(s) were given; "
                 "use one <image> per image, or none to have them added"
             )
         return expand_image_placeholders(query, num_tiles, self.config.num_image_token)
+
+    def image_tiles(self, images: Sequence[ImageInput], max_tiles: MaxTiles = None,
+                    exif_transpose: bool = False) -> List[np.ndarray]:
+        """Per image, its `[T, S, S, 3]` tiles; `max_tiles` is one limit for all or one per image."""
+        limits = list(max_tiles) if isinstance(max_tiles, (list, tuple)) else [max_tiles] * len(images)
+        if len(limits) != len(images):
+            raise UserError(f"max_tiles has {len(limits)} entries for {len(images)} images")
+        return [image_to_tiles(load_image(im, exif_transpose), self.config, m) for im, m in zip(images, limits)]
 
     def __call__(
         self,
         text: str,
         images: Optional[Sequence[ImageInput]] = None,
-        max_tiles: Optional[int] = None,
+        max_tiles: MaxTiles = None,
         history: Optional[List[Tuple[str, str]]] = None,
         system_message: Optional[str] = None,
+        video=None,
+        num_frames: int = 8,
+        frame_label: str = FRAME_LABEL,
+        exif_transpose: bool = False,
     ) -> dict:
-        """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...]}`."""
-        tiles = [image_to_tiles(load_image(im), self.config, max_tiles) for im in images or []]
+        """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...],
+        'prompt': str}`. `video` is a file path (decoded with PyAV, `num_frames` frames sampled as upstream) or a
+        list of PIL frames; its frames follow the images."""
+        tiles = self.image_tiles(list(images or []), max_tiles, exif_transpose)
+        n_frames = 0
+        if video is not None:
+            frames = video if isinstance(video, (list, tuple)) else _load_video(video, num_frames)
+            tiles += [frame_to_tile(f, self.config) for f in frames]
+            n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
-        prompt = self.prompt(text, num_tiles, history, system_message)
+        prompt = self.prompt(text, num_tiles, history, system_message, n_frames, frame_label)
         ids = self.tokenizer.encode(prompt)
+        self.check_length(len(ids), sum(num_tiles))
         pixel_values = mx.array(np.concatenate(tiles)) if tiles else None
         return {
             "input_ids": mx.array([ids], dtype=mx.int32),
@@ -195,3 +273,18 @@ class Processor:
             "num_tiles": num_tiles,
             "prompt": prompt,
         }
+
+    def check_length(self, n_tokens: int, n_tiles: int = 0) -> None:
+        """A clear error when a prompt does not fit in the language model's context."""
+        ctx = self.context_length
+        if ctx and n_tokens >= ctx:
+            tiles = (f", of which {n_tiles * self.config.num_image_token} are image tokens for {n_tiles} tiles; "
+                     "use fewer images, frames or tiles (--max-tiles)") if n_tiles else ""
+            raise UserError(f"the prompt is {n_tokens} tokens but the model's context is {ctx} tokens "
+                            f"(max_position_embeddings){tiles}")
+
+
+def _load_video(path, num_frames: int):
+    from .video import load_video_frames
+
+    return load_video_frames(path, num_frames=num_frames)

@@ -1,8 +1,12 @@
 """Conversation templates of the released InternVL checkpoints, rendered as upstream `chat()` renders them.
 
-All four are of the "MPT" separator style: the system block and its separator, then `role + message + sep` per
-finished message, and the bare role for the turn being generated. Only `internvl2_5` puts a newline after
-`<|im_end|>`; that newline matters for token-exact prompts.
+All four are of the "MPT" separator style: the system block and its separator (always emitted, even for an empty
+system message), then `role + message + sep` per finished message, and the bare role for the turn being generated.
+Only `internvl2_5` puts a newline after `<|im_end|>`; that newline matters for token-exact prompts.
+
+Which template a checkpoint uses comes from its config's `template` field (original layout); `-hf` checkpoints
+have none, so it is recognised from their chat template (`template_from_chat_template`). InternVL3.5-GPT-OSS's
+`internvl3_5_gpt_oss` template is known but refused: its GPT-OSS language model is not supported.
 """
 
 from __future__ import annotations
@@ -57,12 +61,39 @@ TEMPLATES = {
 }
 
 
+UNSUPPORTED = {
+    "internvl3_5_gpt_oss": "it belongs to InternVL3.5-GPT-OSS, whose GPT-OSS language model mlx-internvl does not "
+                           "support",
+    "internvl_zh": "it belongs to InternVL-Chat-V1-1, which mlx-internvl does not support",
+}
+
+
 def get_template(name: Optional[str]) -> Template:
+    """The template called `name` (None: `internvl2_5`, the template of InternVL2.5, 3 and 3.5)."""
     if name is None:
         name = "internvl2_5"
+    if name in UNSUPPORTED:
+        raise UserError(f"template {name!r} is not supported: {UNSUPPORTED[name]}")
     if name not in TEMPLATES:
-        raise UserError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}. "
+                        "Pass one of them with --template (or template=...).")
     return TEMPLATES[name]
+
+
+def template_from_chat_template(chat_template: Optional[str]) -> Optional[str]:
+    """The upstream template a Hugging Face chat template stands for, by the markers it writes; None if unknown.
+
+    transformers' `-hf` conversions all carry a ChatML template with a newline after `<|im_end|>`, the layout of
+    `internvl2_5`."""
+    if not chat_template:
+        return None
+    if "<|start|>" in chat_template and "<|message|>" in chat_template:
+        return "internvl3_5_gpt_oss"
+    if "<|im_start|>" in chat_template:
+        return "internvl2_5"
+    if "<|user|>" in chat_template and "<|end|>" in chat_template:
+        return "phi3-chat"
+    return None
 
 
 def build_query(

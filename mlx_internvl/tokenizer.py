@@ -93,7 +93,11 @@ def load_hf_tokenizer(path: Path):
     )):
         return _sentencepiece_class().from_pretrained(str(path))
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer reads config.json and warns that `internvl_chat` is not a model type it knows: harmless here.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError/OSError/KeyError here, depending on what is missing
@@ -102,6 +106,8 @@ def load_hf_tokenizer(path: Path):
             f"{path}: cannot load the tokenizer without remote code ({type(e).__name__}: {e}). "
             f"Tokenizer files present: {', '.join(files) or 'none'}."
         ) from e
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):

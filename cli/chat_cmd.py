@@ -1,0 +1,80 @@
+"""`mlx-internvl chat`: an interactive multi-turn conversation on stdin/stdout.
+
+Lines are questions; commands start with `/`: `/image PATH [PATH...]` and `/video PATH` attach media to the next
+question, `/clear` forgets the conversation, `/history` shows it, `/exit` (or end of input) quits. A thin shell over
+`mlx_internvl.chat.ChatSession`; a bad image or an over-long prompt prints one error line and the chat goes on.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from .generate_cmd import load_for_cli, model_options, sampling_kwargs, setup_logging
+
+HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
+        "/history, /help, /exit")
+
+
+@click.command(name="chat")
+@model_options
+@click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
+def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
+            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, verbose, images):
+    """Chat with a model about images, turn by turn."""
+    from mlx_internvl.chat import ChatSession
+    from mlx_internvl.errors import UserError
+    from mlx_internvl.generate import format_stats
+
+    setup_logging(verbose)
+    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
+    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles,
+                          num_frames=num_frames, exif_transpose=exif_transpose, **kw)
+    tty = sys.stdin.isatty()
+    pending, video = list(images), None
+    click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
+    while True:
+        if tty:
+            click.echo(">> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, *args = shlex.split(line)
+            if cmd in ("/exit", "/quit"):
+                break
+            elif cmd == "/clear":
+                session.clear()
+                pending, video = [], None
+                click.echo("[conversation cleared]", err=True)
+            elif cmd == "/image" and args:
+                pending += args
+                click.echo(f"[{len(pending)} image(s) attached to the next question]", err=True)
+            elif cmd == "/video" and len(args) == 1:
+                video = args[0]
+                click.echo("[video attached to the next question]", err=True)
+            elif cmd == "/history":
+                for q, a in session.history:
+                    click.echo(f"User: {q}\nAssistant: {a}", err=True)
+            else:
+                click.echo(HELP, err=True)
+            continue
+        last = None
+        try:
+            for last in session.stream(line, images=pending, video=video):
+                click.echo(last.text, nl=False)
+                sys.stdout.flush()
+        except UserError as e:
+            click.echo(f"Error: {e}", err=True)
+            continue
+        finally:
+            pending, video = [], None
+        click.echo()
+        if verbose and last is not None:
+            click.echo(format_stats(last), err=True)

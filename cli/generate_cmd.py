@@ -1,0 +1,130 @@
+"""`mlx-internvl generate`: one prompt with images or a video, the reply streamed to stdout.
+
+A thin shell over `mlx_internvl.generate.stream_generate`. `--verbose` writes the prompt (image tokens collapsed
+back to `<image>`, as upstream's verbose `chat()` prints it), the tiles and the speed/memory figures to stderr,
+so stdout carries only the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import click
+
+from mlx_internvl.hub import DEFAULT_MODEL
+
+_IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
+
+
+def model_options(f):
+    """Options shared by `generate` and `chat`: which model, how to sample, how to tile."""
+    options = [
+        click.option("--model", "-m", "model_path", default=DEFAULT_MODEL, show_default=True,
+                     help="A converted MLX directory, a Hugging Face InternVL directory, or a hub repo id "
+                          "(downloaded and converted once, then cached)."),
+        click.option("--revision", default=None,
+                     help="Hub revision (branch, tag or commit) when --model is a repo id."),
+        click.option("--adapter", "adapter_path", default=None, type=click.Path(),
+                     help="LoRA adapter directory to apply."),
+        click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+                     help="Compute dtype (default: the checkpoint's)."),
+        click.option("--template", default=None,
+                     help="Conversation template (default: the checkpoint's): internvl2_5, Hermes-2, "
+                          "internlm2-chat, phi3-chat."),
+        click.option("--system", "system_message", default=None,
+                     help="System message (default: the template's, as upstream)."),
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
+                     help="Sampling temperature; 0 is greedy (the model cards' setting)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 disables top-k."),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
+                     help="Most 448px tiles per image, thumbnail not counted (default: the config's, 12)."),
+        click.option("--num-frames", type=click.IntRange(1, 256), default=8, show_default=True,
+                     help="Frames sampled from a video, one tile each."),
+        click.option("--exif-transpose", is_flag=True,
+                     help="Rotate photos by their EXIF orientation (upstream does not, so off by default)."),
+        click.option("--verbose", "-v", is_flag=True, help="Show the prompt, tiles and speed on stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def setup_logging(verbose: bool) -> None:
+    """mlx-internvl's own notes (conversion, EXIF, 16-bit images) on stderr; other libraries keep their levels."""
+    logger = logging.getLogger("mlx_internvl")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def load_for_cli(model_path, revision, adapter_path, dtype, template):
+    """(model, processor) for a CLI command: hub ids come from the converted cache."""
+    from mlx_internvl import load
+    from mlx_internvl.hub import model_path as resolve
+    from mlx_internvl.processing import Processor
+
+    model, processor = load(resolve(model_path, revision), dtype=dtype, adapter_path=adapter_path)
+    if template:
+        processor = Processor(processor.tokenizer, model.config, template)
+    return model, processor
+
+
+def sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed):
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed)
+
+
+def printable_prompt(prompt: str) -> str:
+    return _IMAGE_BLOCK.sub("<image>", prompt)
+
+
+@click.command(name="generate")
+@model_options
+@click.option("--image", "-i", "images", multiple=True, help="Image path or URL; repeat for several images.")
+@click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
+@click.option("--prompt", "-p", default=None,
+              help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
+def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
+            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, verbose, images, video,
+            prompt):
+    """Answer one prompt about images or a video, streaming the reply."""
+    from mlx_internvl.errors import UserError
+    from mlx_internvl.generate import format_stats, stream_generate
+
+    setup_logging(verbose)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        if video:
+            prompt = "Describe this video in detail."
+        elif images:
+            prompt = "Describe this image in detail."
+        else:
+            raise UserError("give a --prompt (and --image/--video to ask about pictures)")
+    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
+    inputs = processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message, video=video,
+                       num_frames=num_frames, exif_transpose=exif_transpose)
+    if verbose:
+        click.echo(f"Template: {processor.template.name}", err=True)
+        if inputs["num_tiles"]:
+            click.echo(f"Tiles per image/frame: {inputs['num_tiles']} ({sum(inputs['num_tiles'])} in all)", err=True)
+        click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
+    last = None
+    for last in stream_generate(model, processor, prompt, inputs=inputs,
+                                **sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+                                                  seed)):
+        click.echo(last.text, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if verbose and last is not None:
+        click.echo("=" * 10 + "\n" + format_stats(last), err=True)

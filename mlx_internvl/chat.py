@@ -1,0 +1,146 @@
+"""A multi-turn conversation with images, kept the way upstream `chat(..., history=...)` keeps it.
+
+The history is a list of (question, answer) pairs; a question keeps the `<image>` placeholders it was asked with,
+and every turn renders the whole conversation again with the template, so the prompt of turn k is exactly
+upstream's. Images may be added in any turn: an image added in turn 1 is prefixed `<image>\\n` (several:
+`Image-1: <image>\\n...`), one added later is prefixed `Image-k: <image>\\n` in that turn's question, k counting
+all images of the conversation. Tiles are concatenated in prompt order.
+
+What is not upstream's is only the work saved: the KV cache of the previous turn is kept, trimmed to the longest
+token prefix it shares with the new prompt, and each image is encoded once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, _clamp_max_tokens, make_sampling, stream_tokens
+from .images import ImageInput
+from .processing import (add_image_placeholders, add_video_placeholders, expand_image_placeholders, frame_to_tile,
+                         image_to_tiles, load_image)
+from .errors import UserError
+from .templates import build_query
+
+
+class ChatSession:
+    """`session.ask("...", images=[...])` -> reply; history, images and the KV cache carry over between turns."""
+
+    def __init__(self, model, processor, system_message: Optional[str] = None, max_tiles=None,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: Optional[float] = None,
+                 seed: Optional[int] = None, num_frames: int = 8, exif_transpose: bool = False,
+                 prefill_step_size: int = 2048):
+        self.model, self.processor = model, processor
+        self.system_message = system_message
+        self.max_tiles = max_tiles
+        self.max_tokens = max_tokens
+        self.num_frames = num_frames
+        self.exif_transpose = exif_transpose
+        self.prefill_step_size = prefill_step_size
+        self.sampler, self.logits_processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty,
+                                                             seed=seed)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the conversation: history, images, and the KV cache."""
+        self.history: List[Tuple[str, str]] = []
+        self._tiles: List = []  # per image (or frame), [T, S, S, 3] numpy tiles, in prompt order
+        self._features: List[Optional[mx.array]] = []  # per image, [T*n, D], computed on first use
+        self._cache = None
+        self._cache_ids: List[int] = []  # the token ids whose keys/values the cache holds
+        self._prompt_len = 0  # how many of them were prompt (the rest were generated)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._tiles)
+
+    def _add_media(self, question: str, images: Sequence[ImageInput], video) -> str:
+        """Tile the new images (and video frames) and put their placeholders into this turn's question."""
+        new = [image_to_tiles(load_image(im, self.exif_transpose), self.processor.config, self.max_tiles)
+               for im in images]
+        if new:
+            question = add_image_placeholders(question, len(new), first_turn=True, start=self.num_images + 1)
+        if video is not None:
+            from .video import load_video_frames
+
+            frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, self.num_frames)
+            question = add_video_placeholders(question, len(frames))
+            new += [frame_to_tile(f, self.processor.config) for f in frames]
+        self._tiles += new
+        self._features += [None] * len(new)
+        return question
+
+    def _image_features(self, n_rows: int) -> Optional[mx.array]:
+        """The last `n_rows` image-token rows of the conversation (the ones not already in the KV cache)."""
+        if n_rows == 0:
+            return None
+        per_tile = self.processor.config.num_image_token
+        rows, parts = 0, []
+        for i in range(len(self._tiles) - 1, -1, -1):
+            if self._features[i] is None:
+                feats = self.model.extract_feature(mx.array(self._tiles[i]))
+                self._features[i] = feats.reshape(-1, feats.shape[-1])
+            parts.insert(0, self._features[i])
+            rows += self._tiles[i].shape[0] * per_tile
+            if rows >= n_rows:
+                break
+        return mx.concatenate(parts)[-n_rows:]
+
+    def stream(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
+               max_tokens: Optional[int] = None) -> Iterator[GenerationResponse]:
+        """Stream the reply to `question`; the turn is added to the history when the reply is complete."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        proc = self.processor
+        n_before = len(self._tiles)
+        done = False
+        try:
+            question = self._add_media(question, list(images or []), video)
+            system = self.system_message if self.system_message is not None else proc.system_message
+            query = build_query(proc.template, question, self.history, system)
+            num_tiles = [t.shape[0] for t in self._tiles]
+            if query.count("<image>") != len(num_tiles):
+                raise UserError(f"the conversation has {query.count('<image>')} <image> placeholder(s) for "
+                                f"{len(num_tiles)} image(s); put one <image> per new image in the question, or none")
+            ids = proc.tokenizer.encode(expand_image_placeholders(query, num_tiles, proc.config.num_image_token))
+            max_tokens = _clamp_max_tokens(proc, len(ids), max_tokens or self.max_tokens)
+
+            common = 0
+            if self._cache is not None and can_trim_prompt_cache(self._cache):
+                limit = min(len(self._cache_ids), len(ids) - 1)  # at least one new token must be run
+                while common < limit and self._cache_ids[common] == ids[common]:
+                    # An image token the model itself generated must not pass for a new image's token.
+                    if common >= self._prompt_len and ids[common] == proc.image_token_id:
+                        break
+                    common += 1
+                trim_prompt_cache(self._cache, len(self._cache_ids) - common)
+            else:
+                self._cache = self.model.make_cache()
+            self._cache_ids, self._prompt_len = ids[:common], len(ids)
+            suffix = ids[common:]
+            feats = self._image_features(sum(1 for t in suffix if t == proc.image_token_id))
+            generated: List[int] = []
+            text = ""
+            try:
+                for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
+                                       logits_processors=self.logits_processors, prompt_cache=self._cache,
+                                       prefill_step_size=self.prefill_step_size, num_tiles=num_tiles,
+                                       on_token=generated.append):
+                    text += r.text
+                    yield r
+            finally:
+                # Keep the ids in step with what the cache now holds (prompt + tokens fed back), even if stopped.
+                self._cache_ids = (ids + generated)[: self._cache[0].offset]
+            self.history.append((question, text.strip()))
+            done = True
+        finally:
+            if not done:  # an interrupted or failed turn leaves the conversation as it was (and the cache unused)
+                del self._tiles[n_before:], self._features[n_before:]
+                self._cache, self._cache_ids = None, []
+
+    def ask(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
+            max_tokens: Optional[int] = None) -> str:
+        """The whole reply to `question` (stripped, as upstream)."""
+        return "".join(r.text for r in self.stream(question, images, video, max_tokens)).strip()

@@ -1,0 +1,109 @@
+"""Video files to frames, sampled the way the official model card's `load_video` samples them.
+
+Decoding uses PyAV (the optional `[video]` extra; upstream uses decord, which has no macOS arm64 wheels). Frame k of
+`num_segments` is `int(start + seg/2 + round(seg*k))` with `seg = (end - start) / num_segments` over frame indices
+`[0, len-1]` (numpy's round-half-to-even, as upstream), optionally limited to a `bound` of (start, end) seconds.
+Each frame later becomes one 448x448 tile (`processing.frame_to_tile`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+logger = logging.getLogger("mlx_internvl")
+DEFAULT_NUM_FRAMES = 8  # the model-card video examples use 8 segments
+
+
+def frame_indices(num_frames_in_video: int, fps: float, num_segments: int,
+                  bound: Optional[Tuple[float, float]] = None, first_idx: int = 0) -> List[int]:
+    """The model card's `get_index`: `num_segments` frame indices spread over the video (or over `bound`)."""
+    if num_segments < 1:
+        raise UserError(f"num_frames must be at least 1, got {num_segments}")
+    max_frame = num_frames_in_video - 1
+    start, end = bound if bound else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]
+
+
+def _av():
+    try:
+        import av
+    except ImportError as e:
+        raise UserError("video input needs PyAV: pip install 'mlx-internvl[video]' (or pip install av)") from e
+    return av
+
+
+def _open(path: Path):
+    av = _av()
+    if not path.exists():
+        raise UserError(f"video {path}: no such file")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise UserError(f"video {path}: not a readable video file ({e})") from e
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"video {path}: has no video stream")
+    return container
+
+
+def video_info(path: Union[str, Path]) -> Tuple[int, float]:
+    """(frame count, average frames per second) of the first video stream."""
+    path = Path(path).expanduser()
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        n = stream.frames
+        if not n:  # some containers carry no frame count: count the packets instead (no decoding)
+            n = sum(1 for p in container.demux(stream) if p.size)
+    finally:
+        container.close()
+    if n <= 0 or fps <= 0:
+        raise UserError(f"video {path}: no frames or no frame rate could be read")
+    return n, fps
+
+
+def _decode(path: Path, wanted: Sequence[int]) -> Tuple[dict, int]:
+    av = _av()
+    targets, last = set(wanted), max(wanted)
+    frames, n = {}, 0
+    container = _open(path)
+    try:
+        for i, frame in enumerate(container.decode(video=0)):
+            n = i + 1
+            if i in targets:
+                frames[i] = frame.to_image()  # RGB24 PIL image
+            if i >= last:
+                break
+    except av.error.FFmpegError as e:
+        raise UserError(f"video {path}: decoding failed at frame {n} ({e})") from e
+    finally:
+        container.close()
+    return frames, n
+
+
+def load_video_frames(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES,
+                      bound: Optional[Tuple[float, float]] = None) -> List[Image.Image]:
+    """`num_frames` RGB frames of the video at `path`, at the model card's frame indices."""
+    path = Path(path).expanduser()
+    total, fps = video_info(path)
+    idx = frame_indices(total, fps, num_frames, bound)
+    frames, decoded = _decode(path, idx)
+    if len(frames) < len(set(idx)):
+        # The container's frame count was larger than what decodes: sample again over the frames that exist.
+        logger.warning("video %s: %d frames decode, the container said %d; resampling", path, decoded, total)
+        if decoded == 0:
+            raise UserError(f"video {path}: no frame could be decoded")
+        idx = frame_indices(decoded, fps, num_frames, bound)
+        frames, _ = _decode(path, idx)
+    return [frames[i] for i in idx]

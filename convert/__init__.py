@@ -1,5 +1,6 @@
 """Checkpoint conversion between the Hugging Face layouts and MLX (installed as `mlx_internvl.convert`)."""
 
 from .convert import convert
+from .export import export_hf
 
-__all__ = ["convert"]
+__all__ = ["convert", "export_hf"]

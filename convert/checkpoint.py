@@ -88,6 +88,11 @@ class Checkpoint:
             if key not in self._open(f):
                 raise CheckpointError(f"{f}: {INDEX_NAME} says it holds {key!r}, but it does not. The shard is stale.")
 
+    def release(self) -> None:
+        """Forget the lazy source arrays. Arrays already handed out keep working, and once an output that uses
+        one is evaluated its source's memory can be freed instead of staying pinned here for the whole run."""
+        self._tensors.clear()
+
     def keys(self) -> List[str]:
         return sorted(self.key_to_file)
 

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List
 
 import mlx.core as mx
 
+from mlx_internvl.errors import CheckpointError
+
 # transformers (-hf): both the current (`model.` prefixed) and the legacy key prefixes become the legacy ones.
 HF_PREFIXES = [
     (r"^model\.vision_tower\.", "vision_tower."),
@@ -110,6 +112,12 @@ def join_wqkv(q: mx.array, k: mx.array, v: mx.array, n_heads: int, n_kv_heads: i
     return mx.concatenate([q, k, v], axis=1).reshape((n_heads + 2 * n_kv_heads) * head_dim, *rest)
 
 
+def split_gate_up(w: mx.array):
+    """Fused experts `[E, 2I, H]` (gate rows, then up rows) -> stacked gate `[E, I, H]` and up `[E, I, H]`."""
+    half = w.shape[1] // 2
+    return w[:, :half], w[:, half:]
+
+
 @dataclass
 class Entry:
     """One output tensor: computed by `fn` from the source tensors named in `sources`."""
@@ -155,6 +163,16 @@ def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) ->
                     [src], lambda w, i=i: split_wqkv(w, h, kv, d)[i]
                 )
             continue
+        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.gate_up_proj$", key)
+        if m:
+            # transformers >= 5 in memory: [E, 2I, H] with gate rows first.
+            plan[f"{m.group(1)}.switch_mlp.gate_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[0])
+            plan[f"{m.group(1)}.switch_mlp.up_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[1])
+            continue
+        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.down_proj$", key)
+        if m:
+            plan[f"{m.group(1)}.switch_mlp.down_proj.weight"] = Entry([src], _identity)  # already [E, H, I]
+            continue
         m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight$", key)
         if m:
             groups.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = src
@@ -169,11 +187,12 @@ def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) ->
             if set(parts) != {"q", "k", "v"}:
                 missing = sorted({"q", "k", "v"} - set(parts))
                 present = next(iter(parts.values()))
-                raise KeyError(f"{present}: the checkpoint lacks the matching {', '.join(m + '_proj' for m in missing)}")
+                lacking = ", ".join(m + "_proj" for m in missing)
+                raise CheckpointError(f"{present}: the checkpoint lacks the matching {lacking}")
             plan[key] = Entry([parts["q"], parts["k"], parts["v"]], fuse_qkv)
         else:
             n = llm_config.get("num_experts")
             if n is not None and sorted(parts) != list(range(n)):
-                raise KeyError(f"{key}: expected experts 0..{n - 1}, found {sorted(parts)}")
+                raise CheckpointError(f"{key}: expected experts 0..{n - 1}, found {sorted(parts)}")
             plan[key] = Entry([parts[e] for e in sorted(parts)], lambda *xs: mx.stack(xs))
     return plan

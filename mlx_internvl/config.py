@@ -26,6 +26,13 @@ ARCHITECTURES = {
     "InternLM2ForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
 }
+# Language models of released InternVL checkpoints that have no MLX path yet, with the reason.
+UNSUPPORTED = {
+    "GptOssForCausalLM": "InternVL3.5-GPT-OSS (GptOssForCausalLM) is not supported yet: its language model needs "
+                         "attention sinks, alternating sliding-window layers and YaRN rope, which this port does not "
+                         "implement",
+}
+UNSUPPORTED["gpt_oss"] = UNSUPPORTED["GptOssForCausalLM"]
 # `text_config.model_type` (transformers layout) -> mlx-lm model_type.
 TEXT_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "llama": "llama", "phi3": "phi3"}
 
@@ -184,6 +191,8 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
     if source == "original":
         archs = llm.get("architectures") or []
         arch = archs[0] if archs else None
+        if arch in UNSUPPORTED:
+            raise UserError(f"{UNSUPPORTED[arch]} (llm_config.architectures[0] is {arch!r}).")
         if arch not in ARCHITECTURES:
             raise UserError(
                 f"llm_config.architectures[0] is {arch!r}, which mlx-internvl does not support. "
@@ -192,6 +201,8 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
         model_type = ARCHITECTURES[arch]
     else:
         mt = llm.get("model_type")
+        if mt in UNSUPPORTED:
+            raise UserError(f"{UNSUPPORTED[mt]} (text_config.model_type is {mt!r}).")
         if mt not in TEXT_MODEL_TYPES:
             raise UserError(
                 f"text_config.model_type is {mt!r}, which mlx-internvl does not support. "
@@ -269,6 +280,13 @@ def detect_format(config: dict, path: str = "config.json") -> str:
     )
 
 
+def _normalize_at(llm: dict, source: str, path: str) -> tuple:
+    try:
+        return normalize_llm_config(llm, source=source)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
     """Build a `ModelConfig` from an original or `-hf` config.json dict."""
     fmt = detect_format(config, path)
@@ -281,7 +299,7 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
         vc = dict(config["vision_config"])
         vision = VisionConfig.from_dict(vc)
         image_size = config.get("force_image_size") or vision.image_size
-        llm, arch = normalize_llm_config(config["llm_config"], source="original")
+        llm, arch = _normalize_at(config["llm_config"], "original", path)
         return ModelConfig(
             vision_config=vision,
             llm_config=llm,
@@ -306,7 +324,7 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy != "default":
         raise UserError(f"{path}: vision_feature_select_strategy {strategy!r} is not supported (expected 'default').")
-    llm, arch = normalize_llm_config(config["text_config"], source="hf")
+    llm, arch = _normalize_at(config["text_config"], "hf", path)
     return ModelConfig(
         vision_config=vision,
         llm_config=llm,

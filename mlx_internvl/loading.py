@@ -7,7 +7,6 @@ checkpoint's remote code (`*.py`) is imported or even downloaded.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -21,8 +20,6 @@ from .model import InternVLChatModel
 
 MLX_FORMAT_VERSION = 1
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-# What a hub download fetches: weights, configs and tokenizer files, never remote code.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
 def parse_dtype(dtype: Union[None, str, mx.Dtype]) -> Optional[mx.Dtype]:
@@ -34,30 +31,19 @@ def parse_dtype(dtype: Union[None, str, mx.Dtype]) -> Optional[mx.Dtype]:
 
 
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
-    """A local directory as is; otherwise a hub repo id, downloaded (or found in the cache) with huggingface-hub."""
+    """A local directory as is; otherwise a hub repo id, downloaded (or found in the cache) with huggingface-hub.
+    Hub errors (offline, unreachable, no such repo) are `UserError`s that say what to do; see `mlx_internvl.hub`."""
+    from .hub import download, is_repo_id
+
     p = Path(path_or_repo).expanduser()
     if p.exists():
         if not p.is_dir():
             raise UserError(f"{p}: expected a model directory, got a file")
         return p
     text = str(path_or_repo)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_repo_id(text):
         raise UserError(f"{text}: no such directory, and it is not a hub repo id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError as e:
-        raise UserError(
-            f"{text}: not in the local Hugging Face cache and the hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}. "
-            "Connect to the internet once, or pass a local model directory."
-        ) from e
-    except (RepositoryNotFoundError, HFValidationError) as e:
-        raise UserError(f"{text}: no such model repository on the Hugging Face hub") from e
-    except OSError as e:
-        raise UserError(f"{text}: download failed ({e}). Check the network or pass a local directory.") from e
+    return download(text, revision)
 
 
 def build_model(config: ModelConfig) -> InternVLChatModel:
@@ -78,9 +64,10 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: Dict[str, 
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def load_weights_checked(model: nn.Module, weights: Dict[str, mx.array], source=None) -> None:
+def load_weights_checked(model: nn.Module, weights: Dict[str, mx.array], source=None,
+                         config_path: str = "config.json") -> None:
     """`model.load_weights(strict=True)`, but every missing, unexpected or misshapen key is listed, with the file
-    (and source key) it came from when `source(key)` can tell."""
+    (and source key) it came from when `source(key)` can tell, and `config_path` named as the other side."""
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -96,8 +83,11 @@ def load_weights_checked(model: nn.Module, weights: Dict[str, mx.array], source=
             lines.append(f"unexpected {len(unexpected)} tensors: "
                          + ", ".join(k + where(k) for k in unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
         for k in wrong[:8]:
-            lines.append(f"{k}{where(k)} has shape {tuple(weights[k].shape)}, config.json implies {tuple(expected[k])}")
-        raise CheckpointError("weights do not match config.json: " + "; ".join(lines))
+            lines.append(f"{k}{where(k)} has shape {tuple(weights[k].shape)}, the config implies {tuple(expected[k])}")
+        raise CheckpointError(
+            f"the weights do not match {config_path}: " + "; ".join(lines)
+            + ". Use the config.json that came with these weights (or the weights that belong to it)."
+        )
     model.load_weights(list(weights.items()), strict=True)
 
 
@@ -126,6 +116,7 @@ def hf_weights(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None):
         if dtype is not None and mx.issubdtype(arr.dtype, mx.floating):
             arr = arr.astype(dtype)
         weights[key] = arr
+    ckpt.release()
 
     def source(key):
         entry = plan.get(key)
@@ -181,11 +172,13 @@ def load_model(
             apply_quantization(model, config.quantization, weights)
         if dtype is not None:
             weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-        load_weights_checked(model, weights, lambda k: origin.get(k))
+        load_weights_checked(model, weights, lambda k: origin.get(k), str(path / "config.json"))
     else:
         config, weights, source = hf_weights(path, raw, dtype)
         model = build_model(config)
-        load_weights_checked(model, weights, source)
+        load_weights_checked(model, weights, source, str(path / "config.json"))
+    # Where tokenizer files (and, for export, remote code) can be found again.
+    model.source_path = path
     if not lazy:
         mx.eval(model.parameters())
     return model, path

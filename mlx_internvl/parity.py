@@ -1,35 +1,49 @@
-"""Stage-by-stage comparison of the MLX model with the torch reference.
+"""Stage-by-stage comparison of the MLX model with the torch reference (the library behind `mlx-internvl parity`).
 
 Both sides produce the same named stages from the same processor outputs:
 vision_features `[P, 1+N, C]` (ViT hidden state at the selected layer, CLS first), image_features `[P, n, D]`
-(after pixel shuffle + mlp1), inputs_embeds `[1, L, D]` (image rows merged), logits `[1, L, V]`, and
-greedy_tokens (a fixed number of greedy steps, no early stop, each side with its own KV cache).
+(after pixel shuffle + mlp1), inputs_embeds `[B, L, D]` (image rows merged), logits `[B, L, V]`, and a fixed number
+of greedy steps (no early stop, each side with its own KV cache): greedy_tokens `[B, n]` and decode_logits
+`[B, n, V]`, the logits each token was picked from.
+
+Because the torch side may need a CUDA/NPU box and the MLX side a Mac, the work splits in two halves:
+`dump_reference` (torch; writes the processor inputs and the reference stages to one .npz) and `compare_dump`
+(MLX; reads the inputs from that file). `run_parity` does both in one process.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import json
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-STAGES = ("vision_features", "image_features", "inputs_embeds", "logits")
+from .errors import UserError
+
+STAGES = ("vision_features", "image_features", "inputs_embeds", "logits", "decode_logits")
 
 
-def greedy_tokens(model, input_ids: mx.array, pixel_values: Optional[mx.array], n: int) -> np.ndarray:
-    """`n` greedy tokens from the MLX model with mlx-lm's KV cache (prefill from merged embeddings)."""
+def greedy_tokens(model, input_ids: mx.array, pixel_values: Optional[mx.array], n: int):
+    """Greedy decoding with mlx-lm's KV cache (prefill from merged embeddings), exactly `n` steps.
+
+    Returns tokens `[B, n]` and the logits each token was picked from, `[B, n, V]` (float32).
+    """
     cache = model.make_cache()
     logits = model(input_ids, pixel_values=pixel_values, cache=cache)
-    tok = mx.argmax(logits[:, -1], axis=-1)
-    out = [tok]
-    for _ in range(n - 1):
-        logits = model(tok[:, None], cache=cache)
-        tok = mx.argmax(logits[:, -1], axis=-1)
-        out.append(tok)
-    return np.array(mx.concatenate(out))
+    tokens, steps = [], []
+    for i in range(n):
+        if i:
+            logits = model(tokens[-1][:, None], cache=cache)
+        last = logits[:, -1].astype(mx.float32)
+        steps.append(last)
+        tokens.append(mx.argmax(last, axis=-1))
+    return np.array(mx.stack(tokens, axis=1)), np.array(mx.stack(steps, axis=1))
 
 
-def mlx_stages(model, input_ids: mx.array, pixel_values: Optional[mx.array], max_new_tokens: int = 16) -> Dict[str, np.ndarray]:
+def mlx_stages(model, input_ids: mx.array, pixel_values: Optional[mx.array],
+               max_new_tokens: int = 16) -> Dict[str, np.ndarray]:
     out: Dict[str, np.ndarray] = {}
     feats = None
     if pixel_values is not None:
@@ -42,7 +56,7 @@ def mlx_stages(model, input_ids: mx.array, pixel_values: Optional[mx.array], max
     out["inputs_embeds"] = np.array(embeds.astype(mx.float32))
     out["logits"] = np.array(model(input_ids, input_embeddings=embeds).astype(mx.float32))
     if max_new_tokens:
-        out["greedy_tokens"] = greedy_tokens(model, input_ids, pixel_values, max_new_tokens)
+        out["greedy_tokens"], out["decode_logits"] = greedy_tokens(model, input_ids, pixel_values, max_new_tokens)
     return out
 
 
@@ -61,9 +75,185 @@ def compare(reference: Dict[str, np.ndarray], ours: Dict[str, np.ndarray]) -> di
         report[name] = {"shape": list(ref.shape), "max_abs": err, "rel": err / scale if scale else err,
                         "ref_max_abs_value": scale}
     if "greedy_tokens" in reference and "greedy_tokens" in ours:
-        a, b = np.asarray(reference["greedy_tokens"]), np.asarray(ours["greedy_tokens"])
-        n = min(len(a), len(b))
-        mism = [i for i in range(n) if a[i] != b[i]]
-        report["greedy_tokens"] = {"n": int(n), "agree": int(n - len(mism)), "first_mismatch": mism[0] if mism else None,
+        a, b = np.atleast_2d(reference["greedy_tokens"]), np.atleast_2d(ours["greedy_tokens"])
+        steps = min(a.shape[1], b.shape[1])
+        if a.shape[0] != b.shape[0]:
+            report["greedy_tokens"] = {"error": f"batch mismatch: {a.shape[0]} vs {b.shape[0]}"}
+            return report
+        same = a[:, :steps] == b[:, :steps]
+        bad = np.flatnonzero(~same.all(axis=0))
+        report["greedy_tokens"] = {"n": int(same.size), "agree": int(same.sum()),
+                                   "first_mismatch": int(bad[0]) if bad.size else None,
                                    "reference": a.tolist(), "mlx": b.tolist()}
     return report
+
+
+# ---- the parity harness: inputs, the two halves, the report ----
+
+def prepare_inputs(model_path: Union[str, Path], images: Sequence[Union[str, Path]], prompt: str,
+                   max_tiles: Optional[int] = None) -> dict:
+    """The processor's output for one request, as numpy: input_ids `[1, L]`, pixel_values `[P, S, S, 3]` or None,
+    plus num_tiles, the prompt text and the `<IMG_CONTEXT>` id. Works for HF directories of either layout and for
+    converted MLX directories."""
+    from .config import config_from_hf
+    from .loading import read_config
+    from .processing import Processor
+
+    path = Path(model_path)
+    raw, _ = read_config(path)
+    config = config_from_hf(raw, str(path / "config.json"))
+    processor = Processor.from_pretrained(path, config)
+    out = processor(prompt, images=list(images) or None, max_tiles=max_tiles)
+    pixels = out["pixel_values"]
+    return {
+        "input_ids": np.array(out["input_ids"], dtype=np.int32),
+        "pixel_values": None if pixels is None else np.array(pixels, dtype=np.float32),
+        "num_tiles": list(out["num_tiles"]),
+        "prompt": out["prompt"],
+        "image_token_id": int(processor.image_token_id),
+    }
+
+
+def reference_stages(model_path: Union[str, Path], inputs: dict, device: Optional[str] = None,
+                     dtype: str = "float32", tokens: int = 16) -> tuple:
+    """The torch side: transformers' InternVL on `device`, every stage. Returns (stages, info)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise UserError("the torch side of parity needs torch and transformers: "
+                        "pip install 'mlx-internvl[torch]'") from e
+    from .reference import ReferenceModel
+
+    ref = ReferenceModel.from_pretrained(model_path, device=device, dtype=dtype,
+                                         image_token_id=inputs["image_token_id"])
+    stages = ref.run_stages(inputs["input_ids"], inputs["pixel_values"], tokens)
+    info = {"device": ref.device, "dtype": dtype, "torch": torch.__version__,
+            "transformers": transformers.__version__, "ps_version": ref.ps_version}
+    return stages, info
+
+
+def mlx_side(model_path: Union[str, Path], inputs: dict, dtype: Optional[str] = "float32", tokens: int = 16) -> dict:
+    """The MLX side: load (HF directories are converted in memory) and run every stage on the given inputs."""
+    from .loading import load_model
+
+    model, _ = load_model(model_path, dtype=dtype)
+    model.image_token_id = inputs["image_token_id"]
+    pixels = inputs.get("pixel_values")
+    return mlx_stages(model, mx.array(inputs["input_ids"]), None if pixels is None else mx.array(pixels), tokens)
+
+
+def _versions() -> dict:
+    import mlx_lm
+
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+
+
+def build_report(model_path, inputs: dict, ref: dict, ours: dict, ref_info: dict, mlx_dtype) -> dict:
+    stages = compare(ref, ours)
+    return {
+        "model": str(model_path),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "num_tiles": [int(n) for n in inputs["num_tiles"]],
+        "reference": ref_info,
+        "mlx": dict(_versions(), dtype=mlx_dtype),
+        "stages": {k: v for k, v in stages.items() if k != "greedy_tokens"},
+        "greedy_tokens": stages.get("greedy_tokens"),
+    }
+
+
+def run_parity(model_path, images: Sequence = (), prompt: str = "Describe the image.", device: Optional[str] = None,
+               dtype: str = "float32", max_tiles: Optional[int] = None, tokens: int = 16) -> dict:
+    """Both sides in this process: processor inputs, torch stages, MLX stages, and their comparison."""
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    inputs = prepare_inputs(path, images, prompt, max_tiles)
+    ref, info = reference_stages(path, inputs, device, dtype, tokens)
+    ours = mlx_side(path, inputs, dtype, tokens)
+    return build_report(path, inputs, ref, ours, info, dtype)
+
+
+def dump_reference(model_path, out: Union[str, Path], images: Sequence = (), prompt: str = "Describe the image.",
+                   device: Optional[str] = None, dtype: str = "float32", max_tiles: Optional[int] = None,
+                   tokens: int = 16) -> Path:
+    """The torch half: write the processor inputs and every reference stage to `out` (.npz, no pickles)."""
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    inputs = prepare_inputs(path, images, prompt, max_tiles)
+    stages, info = reference_stages(path, inputs, device, dtype, tokens)
+    meta = dict(info, model=str(path), prompt=inputs["prompt"], num_tiles=inputs["num_tiles"],
+                image_token_id=inputs["image_token_id"], tokens=tokens)
+    arrays = {"input_ids": inputs["input_ids"], "meta": np.array(json.dumps(meta))}
+    if inputs["pixel_values"] is not None:
+        arrays["pixel_values"] = inputs["pixel_values"]
+    arrays.update({f"ref_{k}": v for k, v in stages.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial.npz")
+    np.savez(tmp, **arrays)  # uncompressed: float noise hardly compresses and zlib is slow on large logits
+    tmp.replace(out)
+    return out
+
+
+def read_dump(path: Union[str, Path]) -> tuple:
+    """(inputs, reference stages, meta) from a file written by `dump_reference`."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        meta = json.loads(str(data["meta"]))
+        inputs = {"input_ids": data["input_ids"],
+                  "pixel_values": data["pixel_values"] if "pixel_values" in data else None,
+                  "num_tiles": meta["num_tiles"], "image_token_id": meta["image_token_id"]}
+        ref = {k[len("ref_"):]: data[k] for k in data.files if k.startswith("ref_")}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; write it with `mlx-internvl parity dump`") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a stages file written by `mlx-internvl parity dump` ({e})") from e
+    return inputs, ref, meta
+
+
+def compare_dump(model_path, dump: Union[str, Path], dtype: Optional[str] = None) -> dict:
+    """The MLX half: run the model on the inputs stored in `dump` and compare with its reference stages.
+    `dtype` defaults to the one the reference ran in."""
+    from .loading import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    inputs, ref, meta = read_dump(dump)
+    dtype = dtype or meta.get("dtype", "float32")
+    ours = mlx_side(path, inputs, dtype, int(meta.get("tokens", 16)))
+    keep = ("device", "dtype", "torch", "transformers", "ps_version", "model")
+    info = {k: meta[k] for k in keep if k in meta}
+    return build_report(path, inputs, ref, ours, info, dtype)
+
+
+def format_report(report: dict) -> str:
+    """The report as a small text table: per stage max-abs and relative error, then greedy-token agreement."""
+    ref, ours = report["reference"], report["mlx"]
+    lines = [
+        f"model: {report['model']}",
+        f"reference: torch {ref.get('torch')} / transformers {ref.get('transformers')} on {ref.get('device')} "
+        f"({ref.get('dtype')}); mlx {ours['mlx']} / mlx-lm {ours['mlx_lm']} ({ours['dtype']})",
+        f"prompt: {report['prompt_tokens']} tokens, tiles per image: {report['num_tiles'] or 'no image'}",
+        "",
+        f"{'stage':<16} {'shape':<18} {'max-abs':>10} {'relative':>10}",
+    ]
+    for name, row in report["stages"].items():
+        if "error" in row:
+            lines.append(f"{name:<16} {row['error']}: reference {row['shape_ref']}, mlx {row['shape_mlx']}")
+            continue
+        shape = "x".join(str(d) for d in row["shape"])
+        lines.append(f"{name:<16} {shape:<18} {row['max_abs']:>10.2e} {row['rel']:>10.2e}")
+    tok = report.get("greedy_tokens")
+    if tok and "error" not in tok:
+        first = "none" if tok["first_mismatch"] is None else f"step {tok['first_mismatch']}"
+        lines += ["", f"greedy tokens: {tok['agree']}/{tok['n']} identical (first mismatch: {first})"]
+    elif tok:
+        lines += ["", f"greedy tokens: {tok['error']}"]
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Union[str, Path]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)

@@ -1,0 +1,313 @@
+"""`mlx-internvl export`: an MLX model (or a model in memory, e.g. after LoRA fusing) back to a Hugging Face layout.
+
+For CUDA users: the result loads with transformers (`layout="hf"`: `InternVLForConditionalGeneration`) or with the
+checkpoint's own remote code (`layout="original"`: `InternVLChatModel`, `trust_remote_code=True`; the `*.py` files
+are carried over from the source when it had them). Notable steps:
+- quantized layers are dequantized (`mx.dequantize`, the values the quantized model computes with);
+- original layout undoes every change `convert` made: InternLM2's grouped `wqkv` and names, per-expert MoE keys,
+  `mlp1.0/1/3`, the torch conv layout;
+- `-hf` layout writes what transformers' own `save_pretrained` writes (legacy prefixes `vision_tower.`,
+  `language_model.model.`, per-expert MoE keys), which `from_pretrained` maps onto its current names;
+- the output is written in a temporary sibling directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_internvl.config import ModelConfig
+from mlx_internvl.errors import UserError
+from mlx_internvl.loading import parse_dtype
+
+from .convert import copy_remote_code, save_weights, staged_output
+from .keymap import conv_ohwi_to_oihw, join_wqkv, rename
+
+LAYOUTS = ("original", "hf")
+DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+HF_TEXT_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                 "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
+ORIGINAL_TEXT_TYPES = dict(HF_TEXT_TYPES, InternLM2ForCausalLM="internlm2")
+# Files that describe the tokenizer and generation; the image-processor configs only fit their own layout.
+SHARED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
+LAYOUT_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+# ours -> original OpenGVLab names (vision keys are already the original ones).
+TO_ORIGINAL = [
+    (r"^mlp1\.layer_norm\.",                     "mlp1.0."),
+    (r"^mlp1\.linear_1\.",                       "mlp1.1."),
+    (r"^mlp1\.linear_2\.",                       "mlp1.3."),
+]
+TO_INTERNLM2 = [
+    (r"\.model\.embed_tokens\.", ".model.tok_embeddings."),
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"^language_model\.lm_head\.", "language_model.output."),
+]
+# ours -> transformers (legacy prefixes, as its save_pretrained writes them).
+TO_HF = [
+    (r"^vision_model\.", "vision_tower."),
+    (r"\.encoder\.layers\.", ".encoder.layer."),
+    (r"\.embeddings\.class_embedding$", ".embeddings.cls_token"),
+    (r"\.embeddings\.position_embedding$", ".embeddings.position_embeddings"),
+    (r"\.embeddings\.patch_embedding\.", ".embeddings.patch_embeddings.projection."),
+    (r"\.ls(\d)$", r".lambda_\1"),
+    (r"\.attn\.proj\.", ".attention.projection_layer."),
+    (r"\.attn\.", ".attention."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+    (r"^mlp1\.", "multi_modal_projector."),
+]
+
+
+def float_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """All parameters as a flat dict, quantized layers dequantized to `weight` (the model is not modified)."""
+    flat = dict(tree_flatten(model.parameters()))
+    for name, module in model.named_modules():
+        if "scales" not in module or not hasattr(module, "bits"):
+            continue
+        prefix = f"{name}." if name else ""
+        flat[prefix + "weight"] = mx.dequantize(module["weight"], module["scales"], module.get("biases"),
+                                                module.group_size, module.bits, getattr(module, "mode", "affine"))
+        flat.pop(prefix + "scales")
+        flat.pop(prefix + "biases", None)
+    return flat
+
+
+def _unstack_experts(key: str, w: mx.array, out: Dict[str, mx.array]) -> bool:
+    """`...mlp.switch_mlp.gate_proj.weight [E, I, H]` -> `...mlp.experts.E.gate_proj.weight` for every expert."""
+    m = re.match(r"^(.*\.mlp)\.switch_mlp\.(\w+)\.weight$", key)
+    if not m:
+        return False
+    for e in range(w.shape[0]):
+        out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = w[e]
+    return True
+
+
+def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[str, mx.array]:
+    """Our flat float weights -> the OpenGVLab key names and layouts (lazy; nothing is evaluated here)."""
+    llm = config.llm_config
+    internlm2 = config.source_llm_architecture == "InternLM2ForCausalLM"
+    out, qkv = {}, {}
+    for key, w in weights.items():
+        if key == "vision_model.embeddings.patch_embedding.weight":
+            w = conv_ohwi_to_oihw(w)
+        key = rename(key, TO_ORIGINAL)
+        if key.startswith("language_model.") and _unstack_experts(key, w, out):
+            continue
+        if internlm2 and key.startswith("language_model."):
+            m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+            if m:
+                qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = w
+                continue
+            key = rename(key, TO_INTERNLM2)
+        out[key] = w
+    h, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+    d = llm.get("head_dim") or llm["hidden_size"] // h
+    for (prefix, kind), parts in qkv.items():
+        out[f"{prefix}.attention.wqkv.{kind}"] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
+    return out
+
+
+def hf_tensors(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Our flat float weights -> transformers' names (legacy prefixes) and layouts (lazy)."""
+    out = {}
+    for key, w in weights.items():
+        if key.startswith("language_model."):
+            if not _unstack_experts(key, w, out):
+                out[key] = w
+            continue
+        if key == "vision_model.embeddings.patch_embedding.weight":
+            w = conv_ohwi_to_oihw(w)
+        key = rename(key, TO_HF)
+        m = re.match(r"^(.*\.attention)\.qkv\.(weight|bias)$", key)
+        if m:
+            # fused rows are [q | k | v], C each
+            for name, part in zip("qkv", mx.split(w, 3, axis=0)):
+                out[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = part
+            continue
+        out[key] = w
+    return out
+
+
+def _rope_for_config(llm: dict) -> dict:
+    """mlx-lm spells the scaling type twice (`type` and `rope_type`); configs for other loaders get one, `type`."""
+    rs = llm.get("rope_scaling")
+    if not rs:
+        return {}
+    rs = {k: v for k, v in rs.items() if k != "rope_type"}
+    return {"rope_scaling": rs}
+
+
+def original_config(config: ModelConfig, dtype_name: str, remote_code: bool) -> dict:
+    llm = {k: v for k, v in config.llm_config.items() if k not in ("model_type", "rope_scaling")}
+    arch = config.source_llm_architecture or {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                              "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM",
+                                              "phi3": "Phi3ForCausalLM"}[config.model_type]
+    llm.update(_rope_for_config(config.llm_config))
+    if arch == "InternLM2ForCausalLM":
+        llm["bias"] = bool(llm.pop("attention_bias", False))
+        llm.pop("mlp_bias", None)
+    llm.update(architectures=[arch], model_type=ORIGINAL_TEXT_TYPES[arch], torch_dtype=dtype_name)
+    vision = dict(config.vision_config.to_dict(), architectures=["InternVisionModel"], model_type="intern_vit_6b",
+                  drop_path_rate=0.0, use_flash_attn=False, torch_dtype=dtype_name)
+    out = {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "downsample_ratio": config.downsample_ratio,
+        "dynamic_image_size": config.dynamic_image_size,
+        "force_image_size": config.force_image_size,
+        "max_dynamic_patch": config.max_dynamic_patch,
+        "min_dynamic_patch": config.min_dynamic_patch,
+        "ps_version": config.ps_version,
+        "select_layer": config.select_layer,
+        "template": config.template,
+        "use_thumbnail": config.use_thumbnail,
+        "tie_word_embeddings": bool(llm.get("tie_word_embeddings", False)),
+        "torch_dtype": dtype_name,
+        "vision_config": vision,
+        "llm_config": llm,
+    }
+    if remote_code:
+        out["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                           "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                           "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
+    for key in ("system_message", "eos_token_id"):
+        if getattr(config, key) is not None:
+            out[key] = getattr(config, key)
+    return out
+
+
+def check_exportable(config: ModelConfig, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "hf" and config.ps_version == "v1":
+        raise UserError(
+            "this model uses ps_version 'v1' (the InternVL 1.5 token order), which transformers' InternVL cannot "
+            "represent; export it with --layout original instead"
+        )
+
+
+def hf_config(config: ModelConfig, dtype_name: str, image_token_id: int) -> dict:
+    vc = config.vision_config
+    text = {k: v for k, v in config.llm_config.items() if k != "rope_scaling"}
+    text.update(_rope_for_config(config.llm_config))
+    text["model_type"] = HF_TEXT_TYPES.get(config.source_llm_architecture or "", config.model_type)
+    text["torch_dtype"] = dtype_name
+    tie = bool(text.get("tie_word_embeddings", False))
+    out = {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "downsample_ratio": config.downsample_ratio,
+        "image_token_id": image_token_id,
+        "image_seq_length": config.num_image_token,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": config.select_layer,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": tie,
+        "torch_dtype": dtype_name,
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": vc.hidden_size, "num_hidden_layers": vc.num_hidden_layers,
+            "num_attention_heads": vc.num_attention_heads, "intermediate_size": vc.intermediate_size,
+            "attention_bias": vc.qkv_bias, "use_qk_norm": vc.qk_normalization, "norm_type": vc.norm_type,
+            "layer_norm_eps": vc.layer_norm_eps, "image_size": [vc.image_size, vc.image_size],
+            "patch_size": [vc.patch_size, vc.patch_size], "num_channels": vc.num_channels,
+            "hidden_act": vc.hidden_act, "use_mean_pooling": True, "use_absolute_position_embeddings": True,
+            "layer_scale_init_value": 0.1, "attention_dropout": 0.0, "projection_dropout": 0.0,
+            "hidden_dropout_prob": 0.0, "torch_dtype": dtype_name,
+        },
+        "text_config": text,
+        # Not read by transformers; kept so that mlx-internvl picks the same prompt template when loading it back.
+        "template": config.template,
+    }
+    if config.system_message is not None:
+        out["system_message"] = config.system_message
+    return out
+
+
+def _image_token_id(model, config: ModelConfig, src: Optional[Path]) -> int:
+    tid = getattr(model, "image_token_id", None) or config.image_token_id
+    if tid is None and src is not None:
+        from mlx_internvl.tokenizer import load_tokenizer
+
+        tid = load_tokenizer(src).convert_tokens_to_ids("<IMG_CONTEXT>")
+    if tid is None:
+        raise UserError("the model has no image_token_id and no tokenizer to read it from; load the model with "
+                        "mlx_internvl.load() or export from its directory")
+    return int(tid)
+
+
+def export_hf(
+    model_or_path: Union[nn.Module, str, Path],
+    out_dir: Union[str, Path],
+    layout: str = "original",
+    dtype: Optional[str] = None,
+    force: bool = False,
+) -> Path:
+    """Write `model_or_path` (an `InternVLChatModel`, or an MLX directory written by `convert`) to `out_dir` as a
+    Hugging Face checkpoint in `layout` ('original' or 'hf'), dequantized, in `dtype` (default: the weights' own
+    float dtype). Tokenizer files come from the model's source directory (`model.source_path`, set by `load`)."""
+    if layout not in LAYOUTS:
+        raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
+    if isinstance(model_or_path, (str, Path)):
+        from mlx_internvl.loading import load_model, read_config
+
+        path = Path(model_or_path).expanduser()
+        _, fmt = read_config(path)
+        if fmt != "mlx":
+            raise UserError(f"{path} is a Hugging Face checkpoint ({fmt} layout), not an MLX directory; "
+                            "convert it first, or load it with mlx_internvl.load() and export the model")
+        model, _ = load_model(path, lazy=True)
+    else:
+        model = model_or_path
+    config: ModelConfig = model.config
+    check_exportable(config, layout)
+    src = getattr(model, "source_path", None)
+    src = Path(src) if src is not None else None
+    target = parse_dtype(dtype)
+    image_token_id = _image_token_id(model, config, src) if layout == "hf" else None
+
+    weights = float_weights(model)
+    if target is None:
+        floats = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+        target = mx.bfloat16 if mx.bfloat16 in floats else (mx.float16 if mx.float16 in floats else mx.float32)
+    weights = {k: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
+    dtype_name = DTYPE_NAMES[target]
+    has_code = src is not None and any(src.glob("*.py"))
+    if layout == "original":
+        tensors = original_tensors(weights, config)
+        cfg = original_config(config, dtype_name, remote_code=has_code)
+    else:
+        tensors = hf_tensors(weights)
+        cfg = hf_config(config, dtype_name, image_token_id)
+    # Only the lazy graph refers to the parameters now, so each is freed once the tensor it feeds is written
+    # (when the caller passed a model object, the caller still holds it).
+    del weights, model
+
+    with staged_output(out, force) as tmp:
+        save_weights(tensors, tmp, metadata={"format": "pt"}, desc="exporting")
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+        if src is not None:
+            names = SHARED_FILES + (LAYOUT_FILES if config.source_format == layout else ())
+            for name in names:
+                if (src / name).exists():
+                    shutil.copyfile(src / name, tmp / name)
+            if layout == "original" and has_code:
+                copy_remote_code(src, tmp)
+    return out

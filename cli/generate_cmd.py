@@ -94,9 +94,15 @@ def printable_prompt(prompt: str) -> str:
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
 @click.option("--prompt", "-p", default=None,
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
+@click.option("--kv-bits", type=click.Choice(["2", "3", "4", "6", "8"]), default=None,
+              help="Quantize the KV cache (saves memory on long video prompts).")
+@click.option("--max-kv-size", type=int, default=None,
+              help="Rotating KV cache of this many tokens (long chats; may evict image tokens).")
+@click.option("--prefill-step-size", type=int, default=2048, show_default=True,
+              help="Prompt tokens per prefill chunk (smaller lowers peak memory).")
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
             top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, verbose, images, video,
-            prompt):
+            prompt, kv_bits, max_kv_size, prefill_step_size):
     """Answer one prompt about images or a video, streaming the reply."""
     from mlx_internvl.errors import UserError
     from mlx_internvl.generate import format_stats, stream_generate
@@ -121,6 +127,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs,
+                                kv_bits=int(kv_bits) if kv_bits else None, max_kv_size=max_kv_size,
+                                prefill_step_size=prefill_step_size,
                                 **sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
                                                   seed)):
         click.echo(last.text, nl=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from functools import lru_cache
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -100,13 +101,14 @@ def embedding_layer(lm: nn.Module) -> nn.Module:
     return lm.model.embed_tokens
 
 
-def _accepts_input_embeddings(lm: nn.Module) -> bool:
-    return "input_embeddings" in inspect.signature(type(lm).__call__).parameters
+@lru_cache(maxsize=None)
+def _accepts_input_embeddings(model_class: type) -> bool:
+    return "input_embeddings" in inspect.signature(model_class.__call__).parameters
 
 
 def forward_embeddings(lm: nn.Module, embeddings: mx.array, cache: Optional[list] = None) -> mx.array:
     """Logits `[B, L, V]` from input embeddings `[B, L, D]`, with mlx-lm's KV cache."""
-    if _accepts_input_embeddings(lm):
+    if _accepts_input_embeddings(type(lm)):
         return lm(None, cache=cache, input_embeddings=embeddings)
     # Same steps as the backbone's own forward, starting after the token-embedding lookup.
     inner = lm.model

@@ -81,12 +81,30 @@ def _clamp_max_tokens(processor, prompt_len: int, max_tokens: int) -> int:
 def stream_tokens(model, processor, input_ids: List[int], image_features: Optional[mx.array], *,
                   max_tokens: int, sampler=None, logits_processors=None, prompt_cache=None,
                   prefill_step_size: int = 2048, num_tiles: Sequence[int] = (),
-                  on_token: Optional[Callable[[int], None]] = None) -> Iterator[GenerationResponse]:
+                  on_token: Optional[Callable[[int], None]] = None, kv_bits: Optional[int] = None,
+                  kv_group_size: int = 64, quantized_kv_start: int = 0,
+                  max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
     """Stream a reply to `input_ids` (1-D list) whose `<IMG_CONTEXT>` positions take `image_features` rows.
 
     `prompt_cache` (mlx-lm KV caches) may already hold a prefix of the conversation; then `input_ids` is only the
-    part after it. `on_token` sees every token that entered the cache."""
+    part after it. `on_token` sees every token that entered the cache. KV-cache options are mlx-lm's: `kv_bits`
+    quantizes the cache once it holds `quantized_kv_start` tokens; `max_kv_size` makes it a rotating cache that
+    keeps the first 4 and the last tokens (image tokens in the middle of a long prompt can be evicted)."""
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if kv_bits is not None:
+        if kv_bits not in (2, 3, 4, 6, 8):
+            raise UserError(f"kv_bits must be one of 2, 3, 4, 6, 8, got {kv_bits}")
+        llm = model.config.llm_config
+        head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
+        if kv_group_size not in (32, 64, 128) or head_dim % kv_group_size:
+            raise UserError(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}; "
+                            f"got {kv_group_size}")
+    if max_kv_size is not None and prompt_cache is None:
+        if max_kv_size < 8:
+            raise UserError(f"max_kv_size must be at least 8, got {max_kv_size}")
+        prompt_cache = make_prompt_cache(model.language_model, max_kv_size=max_kv_size)
 
     tokenizer = processor.tokenizer
     eos = set(tokenizer.eos_token_ids)
@@ -95,7 +113,8 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
     tic = time.perf_counter()
     embeds = model.get_input_embeddings(ids[None], image_features=image_features)[0]
     steps = generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
-                          prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, input_embeddings=embeds)
+                          prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, input_embeddings=embeds,
+                          kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     detok = tokenizer.detokenizer
     detok.reset()
     prompt_tps, n, token = 0.0, 0, None
@@ -140,7 +159,8 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                     repetition_penalty: Optional[float] = None, seed: Optional[int] = None, max_tiles=None,
                     system_message: Optional[str] = None, history=None, prefill_step_size: int = 2048,
-                    exif_transpose: bool = False, inputs: Optional[dict] = None) -> Iterator[GenerationResponse]:
+                    exif_transpose: bool = False, inputs: Optional[dict] = None, kv_bits: Optional[int] = None,
+                    kv_group_size: int = 64, max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `inputs` may be the processor's output for this request, computed beforehand."""
@@ -153,7 +173,8 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     sampler, processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
     yield from stream_tokens(model, processor, ids, _features(model, inputs["pixel_values"]), max_tokens=max_tokens,
                              sampler=sampler, logits_processors=processors, prefill_step_size=prefill_step_size,
-                             num_tiles=inputs["num_tiles"])
+                             num_tiles=inputs["num_tiles"], kv_bits=kv_bits, kv_group_size=kv_group_size,
+                             max_kv_size=max_kv_size)
 
 
 def generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,

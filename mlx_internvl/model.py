@@ -96,6 +96,9 @@ class InternVLChatModel(nn.Module):
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits `[B, L, V]`. Pass `pixel_values` (or precomputed `image_features`) on the prefill step only."""
+        if input_embeddings is None and pixel_values is None and image_features is None:
+            # Text-only steps (every decode step) take the backbone's own path: no per-token cost over mlx-lm.
+            return self.language_model(input_ids, cache=cache)
         if input_embeddings is None:
             input_embeddings = self.get_input_embeddings(input_ids, pixel_values, image_features)
         return forward_embeddings(self.language_model, input_embeddings, cache)

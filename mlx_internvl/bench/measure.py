@@ -1,0 +1,219 @@
+"""One benchmark measurement: a preset, a dtype, one side (MLX or torch), run in a fresh process.
+
+Each (side, preset, dtype) runs in its own subprocess so that peak memory (MLX allocator peak and the process's peak
+RSS) belongs to that run alone and one side's caches cannot help the other. Both sides do the same work on the same
+shapes: random weights, random pixels, a prompt of `text_tokens` random text ids around `<img><IMG_CONTEXT>*256T</img>`.
+
+Measured (all wall-clock, after one warm-up of each path):
+- load_s: loading the model from disk (MLX: a converted directory; torch: `from_pretrained` of an -hf directory);
+- vision_ms_per_tile: ViT + pixel shuffle + mlp1 on 13 tiles, divided by 13;
+- ttft_s[T]: pixels -> image features -> merged embeddings -> prefill -> first token, for T tiles;
+- prefill_tps[T]: prompt tokens / (ttft - vision time);
+- decode_tps: tokens/s over `decode_tokens` greedy steps after the first token (no early stop);
+- plain_decode_tps (MLX only): mlx-lm's own `generate_step` on the bare language model, same weights, a text prompt
+  of the same length — the VLM must add nothing per token;
+- bandwidth_gbs (MLX only): a streaming read of 1 GiB; decode_bw_fraction = decode_tps / (bandwidth / bytes read per
+  token), bytes = all language-model weights except the embedding table.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DECODE_TOKENS = 128
+TEXT_TOKENS = 32
+
+
+def prompt_ids(image_token_id: int, tiles: int, text_tokens: int = TEXT_TOKENS, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    head = rng.integers(1000, 20000, size=text_tokens // 2).tolist()
+    tail = rng.integers(1000, 20000, size=text_tokens - text_tokens // 2).tolist()
+    image = [image_token_id - 2] + [image_token_id] * (256 * tiles) + [image_token_id - 1]
+    return head + image + tail
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def measure_bandwidth() -> float:
+    """GB/s of a reduction over 1 GiB (best of 5): the memory-read rate one decode step can hope for."""
+    import mlx.core as mx
+
+    x = mx.ones((1 << 28,), dtype=mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        mx.eval(x.sum())
+        best = min(best, time.perf_counter() - t)
+    del x
+    return (1 << 30) / best / 1e9
+
+
+def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS, load_time=True) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.generate import generate_step
+
+    from mlx_internvl.bench.presets import PRESETS, random_model, weight_bytes
+    from mlx_internvl.convert.convert import quantize, save_weights
+    from mlx_internvl.loading import load_model, save_config
+
+    base = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "4bit": mx.float16}[dtype]
+    out = {"side": "mlx", "preset": preset, "dtype": dtype, "device": str(mx.default_device())}
+    model = random_model(preset, base)
+    if dtype == "4bit":
+        model.config.quantization = quantize(model, 4, 64)
+        mx.eval(model.parameters())
+    if load_time:
+        tmp = Path(tempfile.mkdtemp(prefix="mlx-internvl-bench-"))
+        try:
+            save_weights(dict(tree_flatten(model.parameters())), tmp)
+            save_config(model.config, tmp)
+            del model
+            mx.clear_cache()
+            t = time.perf_counter()
+            model, _ = load_model(tmp)
+            out["load_s"] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    image_token_id = PRESETS[preset]["image_token_id"]
+    model.image_token_id = image_token_id
+    mx.reset_peak_memory()
+
+    def one(t_tiles: int, n_decode: int):
+        ids = prompt_ids(image_token_id, t_tiles)
+        pv = mx.random.normal((t_tiles, 448, 448, 3), key=mx.random.key(1))
+        mx.eval(pv)
+        t0 = time.perf_counter()
+        feats = model.extract_feature(pv)
+        mx.eval(feats)
+        t_vis = time.perf_counter() - t0
+        arr = mx.array(ids, dtype=mx.int32)
+        embeds = model.get_input_embeddings(arr[None], image_features=feats)[0]
+        steps = generate_step(arr, model, max_tokens=n_decode + 1, input_embeddings=embeds)
+        next(steps)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        dec = n / (time.perf_counter() - t1) if n else float("nan")
+        return len(ids), t_vis, ttft, dec
+
+    one(1, 2)  # warm-up: compiles kernels, touches weights
+    out["ttft_s"], out["prefill_tps"] = {}, {}
+    for t_tiles in tiles:
+        n_tok, t_vis, ttft, dec = one(t_tiles, decode_tokens if t_tiles == tiles[0] else 1)
+        out["ttft_s"][t_tiles] = ttft
+        out["prefill_tps"][t_tiles] = n_tok / (ttft - t_vis)
+        if t_tiles == tiles[0]:
+            out["decode_tps"] = dec
+            out["prompt_tokens_decode"] = n_tok
+        out["vision_ms_per_tile"] = 1e3 * t_vis / t_tiles
+
+    # Plain mlx-lm on the bare backbone, same weights and prompt length, text only.
+    n_prompt = out["prompt_tokens_decode"]
+    ids = mx.array(prompt_ids(image_token_id, tiles[0])[:n_prompt], dtype=mx.int32) % 20000
+    steps = generate_step(ids, model.language_model, max_tokens=decode_tokens + 1)
+    next(steps)
+    t1 = time.perf_counter()
+    n = sum(1 for _ in steps)
+    out["plain_decode_tps"] = n / (time.perf_counter() - t1)
+
+    out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    out["peak_rss_gb"] = peak_rss_gb()
+    out["bandwidth_gbs"] = measure_bandwidth()
+    out["decode_bytes_per_token"] = weight_bytes(model)
+    limit = out["bandwidth_gbs"] * 1e9 / out["decode_bytes_per_token"]
+    out["decode_bw_fraction"] = out["decode_tps"] / limit
+    return out
+
+
+def run_torch(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS, load_time=True,
+              device: str = "cpu") -> dict:
+    import numpy as np
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from mlx_internvl.bench.presets import PRESETS, torch_config_kwargs
+
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    out = {"side": "torch", "preset": preset, "dtype": dtype, "device": device,
+           "torch_threads": torch.get_num_threads()}
+    torch.manual_seed(0)
+    config = InternVLConfig(**torch_config_kwargs(preset))
+    model = InternVLForConditionalGeneration(config).to(tdtype)
+    if load_time:
+        tmp = Path(tempfile.mkdtemp(prefix="mlx-internvl-bench-torch-"))
+        try:
+            model.save_pretrained(str(tmp))
+            del model
+            t = time.perf_counter()
+            model = InternVLForConditionalGeneration.from_pretrained(str(tmp), dtype=tdtype,
+                                                                     attn_implementation="sdpa")
+            out["load_s"] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model.to(device).eval()
+    image_token_id = PRESETS[preset]["image_token_id"]
+
+    def one(t_tiles: int, n_decode: int):
+        ids = torch.tensor([prompt_ids(image_token_id, t_tiles)], device=device)
+        g = torch.Generator().manual_seed(1)
+        pv = torch.randn((t_tiles, 3, 448, 448), generator=g).to(device, tdtype)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            feats = model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+            _ = feats.sum().item()
+            t_vis = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            o = model(input_ids=ids, pixel_values=pv, use_cache=True)
+            tok = o.logits[:, -1].argmax(-1, keepdim=True)
+            tok.item()
+            ttft = time.perf_counter() - t0
+            past = o.past_key_values
+            t1 = time.perf_counter()
+            for _ in range(n_decode):
+                o = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                tok = o.logits[:, -1].argmax(-1, keepdim=True)
+                tok.item()
+            dec = n_decode / (time.perf_counter() - t1) if n_decode else float("nan")
+        return ids.shape[1], t_vis, ttft, dec
+
+    one(1, 2)
+    out["ttft_s"], out["prefill_tps"] = {}, {}
+    for t_tiles in tiles:
+        n_tok, t_vis, ttft, dec = one(t_tiles, decode_tokens if t_tiles == tiles[0] else 0)
+        # torch's forward does the vision pass again inside; TTFT is that one call.
+        out["ttft_s"][t_tiles] = ttft
+        out["prefill_tps"][t_tiles] = n_tok / max(ttft - t_vis, 1e-9)
+        if t_tiles == tiles[0]:
+            out["decode_tps"] = dec
+        out["vision_ms_per_tile"] = 1e3 * t_vis / t_tiles
+    out["peak_rss_gb"] = peak_rss_gb()
+    del np
+    return out
+
+
+def main(argv=None):
+    """`python -m mlx_internvl.bench.measure SIDE PRESET DTYPE JSON_ARGS` -> one JSON line on stdout."""
+    argv = argv or sys.argv[1:]
+    side, preset, dtype = argv[:3]
+    kwargs = json.loads(argv[3]) if len(argv) > 3 else {}
+    if "tiles" in kwargs:
+        kwargs["tiles"] = tuple(kwargs["tiles"])
+    result = (run_mlx if side == "mlx" else run_torch)(preset, dtype, **kwargs)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,12 +30,15 @@ DECODE_TOKENS = 128
 TEXT_TOKENS = 32
 
 
-def prompt_ids(image_token_id: int, tiles: int, text_tokens: int = TEXT_TOKENS, seed: int = 0):
+def prompt_ids(image_token_id: int, tiles: int, vocab_size: int, text_tokens: int = TEXT_TOKENS, seed: int = 0):
+    """Random text ids (below the image tokens and inside the vocabulary) around one image block."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    head = rng.integers(1000, 20000, size=text_tokens // 2).tolist()
-    tail = rng.integers(1000, 20000, size=text_tokens - text_tokens // 2).tolist()
+    hi = min(20000, vocab_size, image_token_id - 2)
+    lo = hi // 20
+    head = rng.integers(lo, hi, size=text_tokens // 2).tolist()
+    tail = rng.integers(lo, hi, size=text_tokens - text_tokens // 2).tolist()
     image = [image_token_id - 2] + [image_token_id] * (256 * tiles) + [image_token_id - 1]
     return head + image + tail
 
@@ -87,11 +90,12 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     image_token_id = PRESETS[preset]["image_token_id"]
+    vocab = PRESETS[preset]["llm"]["vocab_size"]
     model.image_token_id = image_token_id
     mx.reset_peak_memory()
 
     def one(t_tiles: int, n_decode: int):
-        ids = prompt_ids(image_token_id, t_tiles)
+        ids = prompt_ids(image_token_id, t_tiles, vocab)
         pv = mx.random.normal((t_tiles, 448, 448, 3), key=mx.random.key(1))
         mx.eval(pv)
         t0 = time.perf_counter()
@@ -121,7 +125,8 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
 
     # Plain mlx-lm on the bare backbone, same weights and prompt length, text only.
     n_prompt = out["prompt_tokens_decode"]
-    ids = mx.array(prompt_ids(image_token_id, tiles[0])[:n_prompt], dtype=mx.int32) % 20000
+    ids = mx.array([t if t != image_token_id else 1 for t in prompt_ids(image_token_id, tiles[0], vocab)][:n_prompt],
+                   dtype=mx.int32)
     steps = generate_step(ids, model.language_model, max_tokens=decode_tokens + 1)
     next(steps)
     t1 = time.perf_counter()
@@ -164,9 +169,10 @@ def run_torch(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKEN
             shutil.rmtree(tmp, ignore_errors=True)
     model.to(device).eval()
     image_token_id = PRESETS[preset]["image_token_id"]
+    vocab = PRESETS[preset]["llm"]["vocab_size"]
 
     def one(t_tiles: int, n_decode: int):
-        ids = torch.tensor([prompt_ids(image_token_id, t_tiles)], device=device)
+        ids = torch.tensor([prompt_ids(image_token_id, t_tiles, vocab)], device=device)
         g = torch.Generator().manual_seed(1)
         pv = torch.randn((t_tiles, 3, 448, 448), generator=g).to(device, tdtype)
         with torch.no_grad():

@@ -50,7 +50,7 @@ PRESETS["internvl3-1b"]["llm"]["rope_scaling"] = {"type": "dynamic", "rope_type"
 
 def preset_config(name: str) -> ModelConfig:
     p = PRESETS[name]
-    return ModelConfig(vision_config=VisionConfig(**VIT_300M), llm_config=copy.deepcopy(p["llm"]),
+    return ModelConfig(vision_config=VisionConfig(**p.get("vision", VIT_300M)), llm_config=copy.deepcopy(p["llm"]),
                        template="internvl2_5", image_token_id=p["image_token_id"], ps_version="v2",
                        source_format="original", source_llm_architecture=p["arch"])
 
@@ -83,9 +83,11 @@ def torch_config_kwargs(name: str) -> dict:
     if "rope_scaling" in llm:
         text["rope_scaling"] = {"rope_type": "dynamic", "factor": llm["rope_scaling"]["factor"]}
     text.setdefault("pad_token_id", 0)
-    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  image_size=448, patch_size=14, norm_type="layer_norm", layer_norm_eps=1e-6, attention_bias=True,
-                  use_qk_norm=False)
+    v = p.get("vision", VIT_300M)
+    vision = dict(hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+                  num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+                  image_size=v["image_size"], patch_size=v["patch_size"], norm_type=v["norm_type"],
+                  layer_norm_eps=v["layer_norm_eps"], attention_bias=v["qkv_bias"], use_qk_norm=v["qk_normalization"])
     return dict(vision_config=vision, text_config=text, image_token_id=p["image_token_id"],
                 tie_word_embeddings=False)
 

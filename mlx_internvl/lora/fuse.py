@@ -1,0 +1,82 @@
+"""Merging adapters into the base weights, and writing the result as an MLX model or a Hugging Face checkpoint.
+
+Each `LoRALinear`/`DoRALinear` is replaced by mlx-lm's own `fuse()` result (`W + scale * B^T A^T`, DoRA row
+renormalisation included). On a quantized base the fused weight is quantized again with the base's settings
+(mlx-lm's behaviour, which rounds the update into the 4/8-bit grid) unless `dequantize=True`, which also turns
+every other quantized layer back into a full-precision one. The MLX directory is written under a temporary name
+and renamed when complete, like `convert`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import UserError
+from .adapters import adapter_modules
+
+
+def fuse_adapters(model, dequantize: bool = False):
+    """Replace every adapter layer of `model` by its merged layer (in place); returns the model."""
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in adapter_modules(model)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize and model.config.quantization:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)
+        model.config.quantization = None
+    model.unfreeze()
+    return model
+
+
+def save_mlx_model(model, source_dir: Path, out: Path, force: bool = False) -> Path:
+    """Write `model` as a converted MLX directory (weights, config, the source's tokenizer files), atomically."""
+    from ..convert.convert import copy_tokenizer_files, save_weights, staged_output
+    from ..loading import save_config
+
+    out = Path(out).expanduser()
+    with staged_output(out, force) as tmp:
+        save_weights(dict(tree_flatten(model.parameters())), tmp)
+        save_config(model.config, tmp)
+        copy_tokenizer_files(Path(source_dir), tmp)
+    return out
+
+
+def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], out: Optional[Union[str, Path]] = None,
+         dequantize: bool = False, export_hf: Optional[str] = None, export_peft: Optional[Union[str, Path]] = None,
+         dtype: Optional[str] = None, force: bool = False) -> dict:
+    """Fuse `adapter_path` into `model_path` and write `out`: an MLX model directory (loadable with
+    `mlx_internvl.load`), or with `export_hf` ('original' | 'hf') a dequantized Hugging Face checkpoint of that
+    layout for transformers / LMDeploy / vLLM. `export_peft` also writes the unfused adapters in PEFT format.
+    Returns the paths written, by kind ('mlx' | 'hf', 'peft').
+    """
+    from ..loading import load, resolve_model_path
+
+    if out is None and export_peft is None:
+        raise UserError("nothing to write: give --out (and --export-hf for a Hugging Face checkpoint) or --export-peft")
+    if export_hf not in (None, "original", "hf"):
+        raise UserError(f"--export-hf {export_hf!r}: use 'original' (OpenGVLab layout) or 'hf' (transformers)")
+    for target in (out, export_peft):
+        if target is not None and Path(target).expanduser().exists() and not force:
+            raise UserError(f"{target} already exists. Delete it or pass --force to replace it.")
+    written = {}
+    if export_peft is not None:
+        from .peft import export_peft as write_peft
+
+        written["peft"] = write_peft(adapter_path, export_peft, base_model=str(model_path), force=force)
+    if out is None:
+        return written
+    source = resolve_model_path(model_path)
+    model, _ = load(source, dtype=dtype, adapter_path=adapter_path)
+    fuse_adapters(model, dequantize=dequantize)
+    if export_hf is None:
+        written["mlx"] = save_mlx_model(model, source, Path(out), force)
+        return written
+    from ..convert.export import export_hf as write_hf
+
+    # The model in memory keeps `source_path`, so the export takes tokenizer files (and remote code) from the source.
+    written["hf"] = write_hf(model, out, layout=export_hf, force=force)
+    return written

@@ -1,0 +1,360 @@
+"""The LoRA training loop: mlx-lm's trainer shape, with token-weighted accumulation and exact resume.
+
+- One compiled step (`mx.compile(inputs=state, outputs=state)` over model, optimizer and RNG state) computes the
+  summed cross-entropy over answer tokens and its gradient, adds it to the running gradient of the optimizer step,
+  and on the last microbatch scales by `world / total answer tokens`, averages over processes
+  (`mlx.nn.utils.average_gradients`) and applies AdamW. The update is therefore the gradient of the mean loss per
+  answer token over the whole effective batch (microbatches x processes), however the tokens are split — unlike
+  mlx-lm, which averages per-microbatch means. That is what makes a 2-process run equal a 1-process run with twice
+  the accumulation.
+- Optimizer step s uses global microbatches (s-1)*A*W ... s*A*W-1 of the stream; process r takes every W-th.
+- Image features enter through a precomputed gather index, so nothing in the step reads values back to the host.
+- Gradient checkpointing recomputes each decoder layer (and ViT layer when it is trained) in the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_map
+
+from ..backbones import forward_embeddings
+from ..errors import UserError
+from .adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, save_json, trainable_weights
+from .batching import Batcher, val_batches
+from .curve import LossLog
+from .data import BadLine, Dataset
+from .render import encode_sample
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+
+# Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
+STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum")
+
+
+@dataclass
+class TrainingArgs:
+    batch_size: int = 1  # samples per microbatch, per process
+    grad_accum: int = 1  # microbatches per optimizer step, per process
+    lr: float = 1e-4
+    warmup: int = 0  # optimizer steps of linear warmup from 0
+    min_lr: float = 0.0  # where the cosine decay ends
+    weight_decay: float = 0.0
+    iters: Optional[int] = None  # optimizer steps; default: `epochs` worth
+    epochs: Optional[float] = None  # default 1 when iters is not given
+    max_length: int = 4096
+    max_tiles: Optional[int] = None  # tiles per image (split over images in multi-image samples)
+    val_every: int = 100  # optimizer steps between validations (0: only first and last)
+    val_batches: int = -1  # -1: the whole validation set
+    save_every: int = 100
+    report_every: int = 10
+    grad_checkpoint: bool = False
+    seed: int = 0
+    compile: bool = True
+    keep_checkpoints: int = 2
+    skip_bad: bool = False
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    start_step: int
+    train_loss: Optional[float] = None
+    val_losses: List[tuple] = field(default_factory=list)  # (step, loss)
+    tokens_per_second: Optional[float] = None
+    peak_memory_gb: Optional[float] = None
+    skipped: List[str] = field(default_factory=list)
+    truncated: int = 0
+
+
+def encode_dataset(data: Dataset, processor, args: TrainingArgs):
+    """(encoded samples, problems, number truncated); a bad sample becomes a 'file:line: why' problem."""
+    encoded, problems = [], list(data.problems)
+    for s in data.samples:
+        try:
+            encoded.append(encode_sample(s, processor, args.max_tiles, args.max_length))
+        except BadLine as e:
+            problems.append(f"{s.where}: {e}")
+        except UserError as e:
+            problems.append(f"{s.where}: {e}")
+    return encoded, problems, sum(e.truncated for e in encoded)
+
+
+def training_logits(model, batch: dict, frozen_features: bool) -> mx.array:
+    """Logits `[B, L, V]` with image features merged by the batch's gather index (no host sync)."""
+    embeds = model.embed_tokens(batch["ids"])
+    if "pixel_values" in batch:
+        feats = model.extract_feature(batch["pixel_values"].astype(embeds.dtype))
+        feats = feats.reshape(-1, feats.shape[-1])
+        if frozen_features:
+            feats = mx.stop_gradient(feats)
+        rows = feats[batch["image_index"]].astype(embeds.dtype)
+        embeds = mx.where(batch["image_mask"][..., None], rows, embeds)
+    return forward_embeddings(model.language_model, embeds)
+
+
+def loss_sum(model, batch: dict, frozen_features: bool = True):
+    """(summed cross-entropy over answer tokens, number of answer tokens); token t is predicted from tokens < t."""
+    logits = training_logits(model, batch, frozen_features)[:, :-1]
+    weights = batch["mask"][:, 1:]
+    ce = nn.losses.cross_entropy(logits, batch["ids"][:, 1:]) * weights
+    return ce.astype(mx.float32).sum(), weights.sum()
+
+
+@contextmanager
+def grad_checkpointing(layer_types):
+    """Recompute these layer classes' forward passes in the backward pass (class-wide, restored on exit)."""
+    saved = {cls: cls.__call__ for cls in layer_types}
+
+    def wrap(fn):
+        def call(self, *args, **kwargs):
+            def inner(params, *a, **k):
+                self.update(params)
+                return fn(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        return call
+
+    for cls, fn in saved.items():
+        cls.__call__ = wrap(fn)
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.__call__ = fn
+
+
+def make_step(model, optimizer, frozen_features: bool = True, compile: bool = True):
+    """`(step, state)`: `step(batch, prev_grad, do_update, scale) -> (ce_sum, n_answer_tokens, grad or None)`.
+
+    The gradient of the summed cross-entropy is added to `prev_grad`; with `do_update` the total is multiplied by
+    `scale` (world / answer tokens of the whole step), averaged over processes and applied. `state` is what the
+    compiled function reads and writes (model, optimizer, RNG); evaluate it after each call.
+    """
+    value_and_grad = nn.value_and_grad(model, partial(loss_sum, frozen_features=frozen_features))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(batch, prev_grad, do_update, scale):
+        (ce, ntok), grad = value_and_grad(model, batch)
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        if do_update:
+            grad = average_gradients(tree_map(lambda g: g * scale, grad))
+            optimizer.update(model, grad)
+            grad = None
+        return ce, ntok, grad
+
+    return (mx.compile(step, inputs=state, outputs=state) if compile else step), state
+
+
+def make_optimizer(args: TrainingArgs, total_steps: int):
+    decay = max(1, total_steps - args.warmup)
+    schedule = optim.cosine_decay(args.lr, decay, end=args.min_lr)
+    if args.warmup:
+        schedule = optim.join_schedules([optim.linear_schedule(0.0, args.lr, args.warmup), schedule], [args.warmup])
+    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+
+
+def total_steps(args: TrainingArgs, n_batches: int, world: int) -> int:
+    if args.iters is not None:
+        if args.iters < 1:
+            raise UserError(f"--iters must be at least 1, got {args.iters}")
+        return args.iters
+    epochs = 1.0 if args.epochs is None else args.epochs
+    if epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {epochs}")
+    return max(1, math.ceil(epochs * n_batches / (args.grad_accum * world)))
+
+
+def evaluate(model, batcher: Optional[Batcher], limit: int, group, frozen: bool) -> Optional[float]:
+    """Mean cross-entropy per answer token over the validation batches (split across processes)."""
+    if batcher is None:
+        return None
+    total, count = mx.array(0.0), mx.array(0.0)
+    for k in val_batches(batcher, limit)[group.rank():: group.size()]:
+        batch, _ = batcher.batch(k)
+        ce, n = loss_sum(model, batch, frozen)
+        total, count = total + ce, count + n
+        mx.eval(total, count)
+    if group.size() > 1:
+        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
+    return (total / mx.maximum(count, 1)).item()
+
+
+def _layer_types(model, lora: LoraConfig):
+    types = {type(model.language_model.layers[0])}
+    if lora.train_vision:
+        types.add(type(model.vision_model.encoder.layers[0]))
+    return types
+
+
+def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
+          val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
+          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`."""
+    from tqdm import tqdm
+
+    args = args or TrainingArgs()
+    if args.grad_accum < 1:
+        raise UserError(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    out = Path(adapter_path).expanduser()
+    say = log if rank == 0 else (lambda *_: None)
+
+    encoded, problems, truncated = encode_dataset(train_data, processor, args)
+    _report_problems("training data", problems, encoded, args.skip_bad, say)
+    if truncated:
+        say(f"{truncated} training sample(s) were cut to --max-length {args.max_length} (after their images).")
+    val_batcher = None
+    if val_data is not None:
+        val_enc, val_problems, _ = encode_dataset(val_data, processor, args)
+        _report_problems("validation data", val_problems, val_enc, args.skip_bad, say)
+        val_batcher = Batcher(val_enc, args.batch_size, processor.config, _pad_id(processor),
+                              processor.image_token_id, shuffle=False)
+    batcher = Batcher(encoded, args.batch_size, processor.config, _pad_id(processor), processor.image_token_id,
+                      seed=args.seed)
+    steps = total_steps(args, len(batcher), world)
+    settings = {k: v for k, v in asdict(args).items()}
+    settings["world_size"] = world
+
+    sweep_partial(out)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise UserError(f"{out} already holds a training run (up to {checkpoint.name}). Pass --resume to continue "
+                        "it, or choose a new --adapter-path.")
+    if resume and checkpoint is None:
+        say(f"--resume: no checkpoint in {out} yet; starting from step 0.")
+    if checkpoint is not None:
+        # The adapter layout is the one the run started with; LoRA options given now do not apply.
+        lora = LoraConfig.from_json(read_adapter_config(out))
+    mx.random.seed(args.seed)  # LoRA A-matrix init: the same on every process
+    targets = apply_lora(model, lora)
+    lora.targets, lora.num_layers = targets, lora.num_layers or len(model.language_model.layers)
+    frozen = not (lora.train_vision or lora.train_projector)
+    n_train = sum(v.size for v in trainable_weights(model).values())
+    optimizer = make_optimizer(args, steps)
+    optimizer.init(model.trainable_parameters())
+
+    start, consumed = 0, 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        _check_same_stream(state["settings"], settings, checkpoint)
+        start, consumed = state["step"], state["microbatches"]
+        say(f"Resuming from {checkpoint} (step {start}, {consumed} microbatches consumed).")
+    elif rank == 0:
+        save_json(out / CONFIG_FILE, lora.to_json(base_model=base_model,
+                                                  base_quantization=processor.config.quantization))
+    log_file = LossLog(out, enabled=rank == 0)
+    log_file.start(start)
+    say(f"Training {n_train / 1e6:.3f}M parameters ({', '.join(targets)}"
+        f"{'; vision LoRA' if lora.train_vision else ''}"
+        f"{'; projector ' + lora.train_projector if lora.train_projector else ''}) on {len(encoded)} samples, "
+        f"{len(batcher)} microbatches/epoch, {steps} steps x {args.grad_accum} accumulation x {world} process(es).")
+
+    step_fn, state = make_step(model, optimizer, frozen, args.compile)
+    result = TrainResult(out, steps, start, skipped=problems, truncated=truncated)
+    per_step = args.grad_accum * world
+    mx.reset_peak_memory()
+    model.train()
+    if val_batcher is not None and start == 0:
+        _validate(model, val_batcher, args, group, frozen, 0, optimizer, log_file, result, say)
+    bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="lora")
+    window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
+    with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
+        for s in range(start + 1, steps + 1):
+            tic = time.perf_counter()
+            first = consumed
+            answer_tokens = sum(batcher.loss_tokens(first + j) for j in range(per_step))
+            if answer_tokens == 0:
+                raise UserError(f"step {s}: its microbatches have no answer tokens")
+            scale = mx.array(world / answer_tokens, dtype=mx.float32)
+            grad, ce_sum = None, mx.array(0.0)
+            for j in range(args.grad_accum):
+                k = first + j * world + rank
+                batch, n_inputs = batcher.batch(k)
+                mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
+                ce, _, grad = step_fn(batch, grad, j == args.grad_accum - 1, scale)
+                ce_sum = ce_sum + ce
+                mx.eval(state, ce_sum, grad)
+                window_inputs += n_inputs
+            consumed = first + per_step
+            if world > 1:
+                ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
+            window_ce += ce_sum.item()
+            window_tok += answer_tokens
+            window_time += time.perf_counter() - tic
+            bar.update(1)
+            if s % args.report_every == 0 or s == steps:
+                result.train_loss = window_ce / window_tok
+                result.tokens_per_second = window_inputs * world / window_time
+                result.peak_memory_gb = mx.get_peak_memory() / 1e9
+                lr = float(optimizer.learning_rate.item())
+                bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
+                                peak_gb=f"{result.peak_memory_gb:.2f}")
+                log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
+                             tokens_per_second=f"{result.tokens_per_second:.1f}",
+                             peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+                window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
+            if val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == steps):
+                _validate(model, val_batcher, args, group, frozen, s, optimizer, log_file, result, say, bar)
+            if s % args.save_every == 0 or s == steps:
+                if rank == 0:
+                    save_checkpoint(out, model, optimizer, s, consumed, settings, args.keep_checkpoints)
+                    log_file.plot()
+                if world > 1:
+                    mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
+            if on_step is not None:
+                on_step(s, {"loss": ce_sum.item() / answer_tokens, "answer_tokens": answer_tokens})
+    bar.close()
+    model.eval()
+    say(f"Adapters: {out / 'adapters.safetensors'} (step {steps}); loss curve: {out / 'loss.csv'}, {out / 'loss.png'}")
+    return result
+
+
+def _validate(model, batcher, args, group, frozen, step, optimizer, log_file, result, say, bar=None):
+    model.eval()
+    val = evaluate(model, batcher, args.val_batches, group, frozen)
+    model.train()
+    result.val_losses.append((step, val))
+    lr = float(optimizer.learning_rate.item())
+    log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",
+                 peak_memory_gb=f"{mx.get_peak_memory() / 1e9:.3f}")
+    (bar.write if bar is not None and not bar.disable else say)(f"step {step}: validation loss {val:.4f}")
+
+
+def _pad_id(processor) -> int:
+    pad = getattr(processor.tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else int(processor.eos_token_id)
+
+
+def _report_problems(what: str, problems: List[str], encoded, skip_bad: bool, say) -> None:
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
+    if not encoded:
+        raise UserError(f"{what}: no usable sample; {len(problems)} problem(s):\n  {shown}")
+    if not skip_bad:
+        raise UserError(f"{what}: {len(problems)} bad sample(s):\n  {shown}\nFix them, or pass --skip-bad to "
+                        "train on the rest.")
+    say(f"{what}: skipping {len(problems)} bad sample(s):\n  {shown}")
+
+
+def _check_same_stream(saved: dict, now: dict, where: Path) -> None:
+    diff = [f"{k}: {saved.get(k)} then, {now.get(k)} now" for k in STREAM_SETTINGS if saved.get(k) != now.get(k)]
+    if diff:
+        raise UserError(f"--resume from {where}: these settings changed, so the run cannot continue where it stopped "
+                        f"({'; '.join(diff)}). Use the original values, or a new --adapter-path.")

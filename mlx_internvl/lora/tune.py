@@ -1,0 +1,37 @@
+"""`finetune`: the whole of `mlx-internvl lora` as one library call (load, optionally quantize, train)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from .adapters import LoraConfig
+from .data import load_dataset
+from .trainer import TrainingArgs, TrainResult, train
+
+PathLike = Union[str, Path]
+
+
+def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], adapter_path: PathLike,
+             val: Optional[Union[PathLike, Sequence[PathLike]]] = None, root: Optional[PathLike] = None,
+             lora: Optional[LoraConfig] = None, args: Optional[TrainingArgs] = None, resume: bool = False,
+             quantize_bits: Optional[int] = None, q_group_size: int = 64, dtype: Optional[str] = None,
+             on_step: Optional[Callable] = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
+    and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
+    before training (QLoRA); a base converted with `--quantize` is used as it is."""
+    from ..loading import load
+
+    train_data = load_dataset(data, root)
+    val_data = load_dataset(val, root) if val else None
+    model, processor = load(model_path, dtype=dtype)
+    if quantize_bits:
+        from ..convert.convert import quantize
+
+        if model.config.quantization:
+            log(f"{model_path} is already quantized ({model.config.quantization.get('bits')}-bit); "
+                "--quantize is ignored.")
+        else:
+            model.config.quantization = quantize(model, quantize_bits, q_group_size)
+    return train(model, processor, train_data, adapter_path, lora or LoraConfig(), args or TrainingArgs(),
+                 val_data=val_data, resume=resume, base_model=str(model_path), on_step=on_step, log=log)

@@ -9,9 +9,10 @@ Measured (all wall-clock, after one warm-up of each path):
 - vision_ms_per_tile: ViT + pixel shuffle + mlp1 on 13 tiles, divided by 13;
 - ttft_s[T]: pixels -> image features -> merged embeddings -> prefill -> first token, for T tiles;
 - prefill_tps[T]: prompt tokens / (ttft - vision time);
-- decode_tps: tokens/s over `decode_tokens` greedy steps after the first token (no early stop);
+- decode_tps: tokens/s over `decode_tokens` greedy steps after the first token (no early stop), after the prompt
+  with the first tile count (MLX: median of `decode_repeats` runs);
 - plain_decode_tps (MLX only): mlx-lm's own `generate_step` on the bare language model, same weights, a text prompt
-  of the same length — the VLM must add nothing per token;
+  of the same length, its runs alternating with the VLM's (median) — the VLM must add nothing per token;
 - bandwidth_gbs (MLX only): a streaming read of 1 GiB (MLX on the GPU, numpy on the CPU); decode_bw_fraction = decode_tps / (bandwidth / bytes read per
   token), bytes = all language-model weights except the embedding table.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -71,7 +73,8 @@ def measure_bandwidth() -> float:
     return (1 << 30) / best / 1e9
 
 
-def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS, load_time=True) -> dict:
+def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS, load_time=True,
+            decode_repeats: int = 3) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.generate import generate_step
@@ -103,7 +106,7 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
     model.image_token_id = image_token_id
     mx.reset_peak_memory()
 
-    def one(t_tiles: int, n_decode: int):
+    def one(t_tiles: int):
         ids = prompt_ids(image_token_id, t_tiles, vocab)
         pv = mx.random.normal((t_tiles, 448, 448, 3), key=mx.random.key(1))
         mx.eval(pv)
@@ -113,34 +116,41 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
         t_vis = time.perf_counter() - t0
         arr = mx.array(ids, dtype=mx.int32)
         embeds = model.get_input_embeddings(arr[None], image_features=feats)[0]
-        steps = generate_step(arr, model, max_tokens=n_decode + 1, input_embeddings=embeds)
+        next(generate_step(arr, model, max_tokens=1, input_embeddings=embeds))
+        return arr, embeds, t_vis, time.perf_counter() - t0
+
+    def decode_tps(lm, arr, embeds=None) -> float:
+        kw = {} if embeds is None else {"input_embeddings": embeds}
+        steps = generate_step(arr, lm, max_tokens=decode_tokens + 1, **kw)
         next(steps)
-        ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         n = sum(1 for _ in steps)
-        dec = n / (time.perf_counter() - t1) if n else float("nan")
-        return len(ids), t_vis, ttft, dec
+        return n / (time.perf_counter() - t1)
 
-    one(1, 2)  # warm-up: compiles kernels, touches weights
+    one(1)  # warm-up: compiles kernels, touches weights
     out["ttft_s"], out["prefill_tps"] = {}, {}
     for t_tiles in tiles:
-        n_tok, t_vis, ttft, dec = one(t_tiles, decode_tokens if t_tiles == tiles[0] else 1)
+        arr, embeds, t_vis, ttft = one(t_tiles)
         out["ttft_s"][t_tiles] = ttft
-        out["prefill_tps"][t_tiles] = n_tok / (ttft - t_vis)
-        if t_tiles == tiles[0]:
-            out["decode_tps"] = dec
-            out["prompt_tokens_decode"] = n_tok
+        out["prefill_tps"][t_tiles] = arr.size / (ttft - t_vis)
         out["vision_ms_per_tile"] = 1e3 * t_vis / t_tiles
+        if t_tiles == tiles[0]:
+            decode_prompt = (arr, embeds)
 
-    # Plain mlx-lm on the bare backbone, same weights and prompt length, text only.
-    n_prompt = out["prompt_tokens_decode"]
-    ids = mx.array([t if t != image_token_id else 1 for t in prompt_ids(image_token_id, tiles[0], vocab)][:n_prompt],
-                   dtype=mx.int32)
-    steps = generate_step(ids, model.language_model, max_tokens=decode_tokens + 1)
-    next(steps)
-    t1 = time.perf_counter()
-    n = sum(1 for _ in steps)
-    out["plain_decode_tps"] = n / (time.perf_counter() - t1)
+    # Decode after the image prompt of the first tile count, and plain mlx-lm on the bare backbone (same weights,
+    # a text prompt of the same length), alternating order over `decode_repeats` runs; medians are reported, so
+    # machine drift does not decide the VLM/mlx-lm comparison.
+    arr, embeds = decode_prompt
+    text = mx.array([t if t != image_token_id else 1 for t in arr.tolist()], dtype=mx.int32)
+    runs = {"vlm": [], "plain": []}
+    for r in range(decode_repeats):
+        order = ("vlm", "plain") if r % 2 == 0 else ("plain", "vlm")
+        for side in order:
+            runs[side].append(decode_tps(model, arr, embeds) if side == "vlm" else decode_tps(model.language_model, text))
+    out["prompt_tokens_decode"] = arr.size
+    out["decode_runs_tps"], out["plain_decode_runs_tps"] = runs["vlm"], runs["plain"]
+    out["decode_tps"] = statistics.median(runs["vlm"])
+    out["plain_decode_tps"] = statistics.median(runs["plain"])
 
     out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
     out["peak_rss_gb"] = peak_rss_gb()

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
+from ..convert.convert import staged_output
 from ..errors import UserError
 from .adapters import ADAPTER_FILE, read_adapter_config
 
@@ -125,16 +125,7 @@ def export_peft(adapter_path: Union[str, Path], out_dir: Union[str, Path], base_
         "init_lora_weights": True,
         "base_model_name_or_path": base_model or cfg.get("base_model"),
     }
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out, force=True) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,17 +14,16 @@ state are the whole state of a run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..convert.convert import staged_output
 from ..errors import UserError
-from .adapters import (ADAPTER_FILE, check_adapter_weights, current_umask, save_adapters, save_json,
+from .adapters import (ADAPTER_FILE, check_adapter_weights, save_adapters, save_json,
                        trainable_weights)
 
 POINTER = "training_state.json"
@@ -36,20 +35,12 @@ def save_checkpoint(adapter_dir: Path, model, optimizer, step: int, microbatches
     root = Path(adapter_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
-    try:
+    with staged_output(final, force=True) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_FILE), trainable_weights(model),
                             metadata={"format": "mlx-internvl-adapters"})
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         with open(tmp / "state.json", "w") as f:
             json.dump({"step": step, "microbatches": microbatches, "settings": settings}, f, indent=2)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 directories
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     save_adapters(model, adapter_dir)
     save_json(Path(adapter_dir) / POINTER, {"latest": f"checkpoints/{final.name}", "step": step})
     kept = sorted(p for p in root.glob("step-*") if p.is_dir())
@@ -74,9 +65,10 @@ def latest_checkpoint(adapter_dir: Path) -> Optional[Path]:
 
 
 def sweep_partial(adapter_dir: Path) -> None:
-    """Remove checkpoint directories a killed run left half-written."""
-    for p in (Path(adapter_dir) / "checkpoints").glob(".step-*.partial-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove checkpoint directories a killed run left half-written (or moved aside while replacing one)."""
+    for pattern in (".step-*.partial-*", ".step-*.old-*"):
+        for p in (Path(adapter_dir) / "checkpoints").glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

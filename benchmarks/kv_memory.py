@@ -1,0 +1,65 @@
+"""KV-cache options and chunked prefill on a long prompt: cache size, peak memory, prefill and decode speed.
+
+The options are mlx-lm's, passed through by `generate`/`stream_generate` and the CLI (`--kv-bits`,
+`--kv-group-size`, `--max-kv-size`, `--prefill-step-size`). Full-size preset with random weights; a prompt of
+`--prompt` tokens stands for a long video prompt (16 frames are 4096 image tokens). Each variant runs in this one
+process after a warm-up; MLX's peak is reset before each.
+
+    python benchmarks/kv_memory.py --preset internvl2_5-1b --prompt 2048 --tokens 16
+"""
+
+import argparse
+import time
+
+import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_internvl.bench.presets import random_model
+
+VARIANTS = {
+    "default (fp cache, prefill 2048)": {},
+    "prefill step 512": {"prefill_step_size": 512},
+    "kv_bits 8": {"kv_bits": 8, "quantized_kv_start": 0},
+    "kv_bits 4": {"kv_bits": 4, "quantized_kv_start": 0},
+    "max_kv_size 1024 (rotating)": {"max_kv_size": 1024},
+}
+
+
+def run(model, ids, n, kw):
+    kw = dict(kw)
+    cache = make_prompt_cache(model.language_model, max_kv_size=kw.pop("max_kv_size", None))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    t = time.perf_counter()
+    steps = generate_step(ids, model, max_tokens=n + 1, prompt_cache=cache, **kw)
+    next(steps)
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    k = sum(1 for _ in steps)
+    dec = k / (time.perf_counter() - t)
+    return ttft, dec, sum(c.nbytes for c in cache), mx.get_peak_memory() - base
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="internvl2_5-1b")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=16)
+    a = p.parse_args()
+    model = random_model(a.preset, getattr(mx, a.dtype))
+    ids = mx.array([1000 + (i * 7919) % 20000 for i in range(a.prompt)], dtype=mx.int32)
+    run(model, ids[:64], 2, {})  # warm-up
+    print(f"{a.preset} {a.dtype} {mx.default_device()}, prompt {a.prompt} tokens, then {a.tokens} decode tokens")
+    print("| variant | KV cache MB | peak over weights MB | time to first token s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    for name, kw in VARIANTS.items():
+        ttft, dec, kv, peak = run(model, ids, a.tokens, kw)
+        print(f"| {name} | {kv / 1e6:.0f} | {peak / 1e6:.0f} | {ttft:.1f} | {dec:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -167,7 +167,7 @@ def build(case: Case, root: Path) -> Built:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if case.tie:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-    orig_state = hf_state_to_original(state, hf_cfg["text_config"]["model_type"], hf_cfg["text_config"], internlm2)
+    orig_state = hf_state_to_original(state, hf_cfg["text_config"], internlm2)
     orig_state = _split_fused_experts(orig_state)
     save_file({k: v.contiguous() for k, v in orig_state.items()}, str(orig_dir / "model.safetensors"),
               metadata={"format": "pt"})

@@ -69,7 +69,6 @@ def measure_bandwidth() -> float:
         t = time.perf_counter()
         read()
         best = min(best, time.perf_counter() - t)
-    del x
     return (1 << 30) / best / 1e9
 
 

@@ -111,7 +111,7 @@ def original_to_hf(state: Dict[str, torch.Tensor], llm_config: dict) -> Dict[str
     return out
 
 
-def hf_state_to_original(state: Dict[str, torch.Tensor], text_model_type: str, llm_config: dict,
+def hf_state_to_original(state: Dict[str, torch.Tensor], llm_config: dict,
                          internlm2: bool = False) -> Dict[str, torch.Tensor]:
     """transformers InternVL tensors (current or legacy prefixes) -> original-layout tensors.
 

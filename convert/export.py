@@ -13,9 +13,7 @@ are carried over from the source when it had them). Notable steps:
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -25,21 +23,16 @@ from mlx.utils import tree_flatten
 
 from mlx_internvl.config import ModelConfig
 from mlx_internvl.errors import UserError
-from mlx_internvl.loading import parse_dtype
+from mlx_internvl.files import (LAYOUT_FILES, TOKENIZER_FILES, check_new_output, copy_model_files, save_json,
+                                save_weights, staged_output)
+from mlx_internvl.weights import DTYPE_NAMES, cast_floats, load_mlx_model, parse_dtype, read_config
 
-from .convert import copy_remote_code, save_weights, staged_output
 from .keymap import conv_ohwi_to_oihw, join_wqkv, rename
 
 LAYOUTS = ("original", "hf")
-DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
 HF_TEXT_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
                  "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
 ORIGINAL_TEXT_TYPES = dict(HF_TEXT_TYPES, InternLM2ForCausalLM="internlm2")
-# Files that describe the tokenizer and generation; the image-processor configs only fit their own layout.
-SHARED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
-LAYOUT_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
-
 # ours -> original OpenGVLab names (vision keys are already the original ones).
 TO_ORIGINAL = [
     (r"^mlp1\.layer_norm\.",                     "mlp1.0."),
@@ -237,16 +230,31 @@ def hf_config(config: ModelConfig, dtype_name: str, image_token_id: int) -> dict
     return out
 
 
-def _image_token_id(model, config: ModelConfig, src: Optional[Path]) -> int:
-    tid = getattr(model, "image_token_id", None) or config.image_token_id
-    if tid is None and src is not None:
-        from mlx_internvl.tokenizer import load_tokenizer
+def _image_token_id(config: ModelConfig) -> int:
+    if config.image_token_id is None:
+        raise UserError("the model config has no image_token_id (its directory has no tokenizer that knows "
+                        "<IMG_CONTEXT>), which the -hf layout must record; export it with --layout original")
+    return int(config.image_token_id)
 
-        tid = load_tokenizer(src).convert_tokens_to_ids("<IMG_CONTEXT>")
-    if tid is None:
-        raise UserError("the model has no image_token_id and no tokenizer to read it from; load the model with "
-                        "mlx_internvl.load() or export from its directory")
-    return int(tid)
+
+def _model_of(model_or_path: Union[nn.Module, str, Path]) -> nn.Module:
+    if not isinstance(model_or_path, (str, Path)):
+        return model_or_path
+    path = Path(model_or_path).expanduser()
+    raw, fmt = read_config(path)
+    if fmt != "mlx":
+        raise UserError(f"{path} is a Hugging Face checkpoint ({fmt} layout), not an MLX directory; "
+                        "convert it first, or load it with mlx_internvl.load() and export the model")
+    return load_mlx_model(path, raw)
+
+
+def _export_dtype(weights: Dict[str, mx.array], dtype: Optional[str]) -> mx.Dtype:
+    """`dtype`, or else the widest-spread 16-bit float of the weights (bfloat16 before float16), else float32."""
+    target = parse_dtype(dtype)
+    if target is None:
+        floats = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+        target = mx.bfloat16 if mx.bfloat16 in floats else (mx.float16 if mx.float16 in floats else mx.float32)
+    return target
 
 
 def export_hf(
@@ -258,56 +266,29 @@ def export_hf(
 ) -> Path:
     """Write `model_or_path` (an `InternVLChatModel`, or an MLX directory written by `convert`) to `out_dir` as a
     Hugging Face checkpoint in `layout` ('original' or 'hf'), dequantized, in `dtype` (default: the weights' own
-    float dtype). Tokenizer files come from the model's source directory (`model.source_path`, set by `load`)."""
+    float dtype). Tokenizer files come from the model's source directory (`config.source_path`, set on load)."""
     if layout not in LAYOUTS:
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
-    if isinstance(model_or_path, (str, Path)):
-        from mlx_internvl.loading import load_model, read_config
-
-        path = Path(model_or_path).expanduser()
-        _, fmt = read_config(path)
-        if fmt != "mlx":
-            raise UserError(f"{path} is a Hugging Face checkpoint ({fmt} layout), not an MLX directory; "
-                            "convert it first, or load it with mlx_internvl.load() and export the model")
-        model, _ = load_model(path, lazy=True)
-    else:
-        model = model_or_path
+    check_new_output(out, force)
+    model = _model_of(model_or_path)
     config: ModelConfig = model.config
     check_exportable(config, layout)
-    src = getattr(model, "source_path", None)
-    src = Path(src) if src is not None else None
-    target = parse_dtype(dtype)
-    image_token_id = _image_token_id(model, config, src) if layout == "hf" else None
-
+    src = model.source_path
     weights = float_weights(model)
-    if target is None:
-        floats = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
-        target = mx.bfloat16 if mx.bfloat16 in floats else (mx.float16 if mx.float16 in floats else mx.float32)
-    weights = {k: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
-    dtype_name = DTYPE_NAMES[target]
+    target = _export_dtype(weights, dtype)
+    weights = cast_floats(weights, target)
     has_code = src is not None and any(src.glob("*.py"))
     if layout == "original":
-        tensors = original_tensors(weights, config)
-        cfg = original_config(config, dtype_name, remote_code=has_code)
+        tensors, cfg = original_tensors(weights, config), original_config(config, DTYPE_NAMES[target], has_code)
     else:
-        tensors = hf_tensors(weights)
-        cfg = hf_config(config, dtype_name, image_token_id)
+        tensors, cfg = hf_tensors(weights), hf_config(config, DTYPE_NAMES[target], _image_token_id(config))
     # Only the lazy graph refers to the parameters now, so each is freed once the tensor it feeds is written
     # (when the caller passed a model object, the caller still holds it).
     del weights, model
-
     with staged_output(out, force) as tmp:
         save_weights(tensors, tmp, metadata={"format": "pt"}, desc="exporting")
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, ensure_ascii=False)
-        if src is not None:
-            names = SHARED_FILES + (LAYOUT_FILES if config.source_format == layout else ())
-            for name in names:
-                if (src / name).exists():
-                    shutil.copyfile(src / name, tmp / name)
-            if layout == "original" and has_code:
-                copy_remote_code(src, tmp)
+        save_json(tmp / "config.json", cfg)
+        names = TOKENIZER_FILES + (LAYOUT_FILES if config.source_format == layout else ())
+        copy_model_files(src, tmp, names, remote_code=layout == "original" and has_code)
     return out

@@ -108,6 +108,8 @@ class ModelConfig(_FromDict):
     source_llm_architecture: Optional[str] = None
     quantization: Optional[dict] = None
     eos_token_id: Any = None
+    # The directory this model was loaded from (tokenizer files, remote code for export); set on load, not saved.
+    source_path: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -30,7 +30,8 @@ from mlx.utils import tree_map
 
 from ..backbones import forward_embeddings
 from ..errors import UserError
-from .adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, save_json, trainable_weights
+from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
+from ..files import save_json
 from .batching import Batcher, val_batches
 from .curve import LossLog
 from .data import BadLine, Dataset

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from .adapters import LoraConfig
+from ..adapters import LoraConfig
+from ..loading import load
+from ..weights import quantize
 from .data import load_dataset
 from .trainer import TrainingArgs, TrainResult, train
 
@@ -20,14 +22,10 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
     """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
     and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
     before training (QLoRA); a base converted with `--quantize` is used as it is."""
-    from ..loading import load
-
     train_data = load_dataset(data, root)
     val_data = load_dataset(val, root) if val else None
     model, processor = load(model_path, dtype=dtype)
     if quantize_bits:
-        from ..convert.convert import quantize
-
         if model.config.quantization:
             log(f"{model_path} is already quantized ({model.config.quantization.get('bits')}-bit); "
                 "--quantize is ignored.")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -29,7 +27,9 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from ..errors import UserError
+from .errors import UserError
+from .files import save_json, save_safetensors
+from .weights import weight_mismatches
 
 logger = logging.getLogger("mlx_internvl")
 ADAPTER_FILE = "adapters.safetensors"
@@ -144,39 +144,6 @@ def trainable_weights(model) -> Dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` and move the result over `path` in one rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the result normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=metadata or {}))
-
-
-def save_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-
-    atomic_write(path, write)
-
-
 def save_adapters(model, adapter_dir: Union[str, Path]) -> Path:
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)
     path = Path(adapter_dir) / ADAPTER_FILE
@@ -198,20 +165,10 @@ def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
 
 
 def check_adapter_weights(model, weights: Dict[str, mx.array], where: str) -> None:
-    expected = trainable_weights(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [k for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: " + ", ".join(unexpected[:6])
-                         + (" ..." if len(unexpected) > 6 else ""))
-        parts += [f"{k} has shape {tuple(weights[k].shape)}, the model needs {tuple(expected[k].shape)}"
-                  for k in wrong[:6]]
-        raise UserError(f"{where}: adapter tensors do not fit this model ({'; '.join(parts)}). Was it trained on a "
+    expected = {k: v.shape for k, v in trainable_weights(model).items()}
+    problems = weight_mismatches(expected, weights, limit=6)
+    if problems:
+        raise UserError(f"{where}: adapter tensors do not fit this model ({problems}). Was it trained on a "
                         "different base model?")
 
 

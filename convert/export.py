@@ -21,50 +21,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_internvl.config import ModelConfig
+from mlx_internvl.config import HF_TEXT_ARCHITECTURES, LANGUAGE_MODELS, ModelConfig
 from mlx_internvl.errors import UserError
 from mlx_internvl.files import (LAYOUT_FILES, TOKENIZER_FILES, check_new_output, copy_model_files, save_json,
                                 save_weights, staged_output)
 from mlx_internvl.weights import DTYPE_NAMES, cast_floats, load_mlx_model, parse_dtype, read_config
 
-from .keymap import conv_ohwi_to_oihw, join_wqkv, rename
+from .keymap import HF_VISION, INTERNLM2, ORIGINAL, conv_ohwi_to_oihw, join_wqkv
 
 LAYOUTS = ("original", "hf")
-HF_TEXT_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                 "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
-ORIGINAL_TEXT_TYPES = dict(HF_TEXT_TYPES, InternLM2ForCausalLM="internlm2")
-# ours -> original OpenGVLab names (vision keys are already the original ones).
-TO_ORIGINAL = [
-    (r"^mlp1\.layer_norm\.",                     "mlp1.0."),
-    (r"^mlp1\.linear_1\.",                       "mlp1.1."),
-    (r"^mlp1\.linear_2\.",                       "mlp1.3."),
-]
-TO_INTERNLM2 = [
-    (r"\.model\.embed_tokens\.", ".model.tok_embeddings."),
-    (r"\.self_attn\.o_proj\.", ".attention.wo."),
-    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
-    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
-    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
-    (r"\.input_layernorm\.", ".attention_norm."),
-    (r"\.post_attention_layernorm\.", ".ffn_norm."),
-    (r"^language_model\.lm_head\.", "language_model.output."),
-]
-# ours -> transformers (legacy prefixes, as its save_pretrained writes them).
-TO_HF = [
-    (r"^vision_model\.", "vision_tower."),
-    (r"\.encoder\.layers\.", ".encoder.layer."),
-    (r"\.embeddings\.class_embedding$", ".embeddings.cls_token"),
-    (r"\.embeddings\.position_embedding$", ".embeddings.position_embeddings"),
-    (r"\.embeddings\.patch_embedding\.", ".embeddings.patch_embeddings.projection."),
-    (r"\.ls(\d)$", r".lambda_\1"),
-    (r"\.attn\.proj\.", ".attention.projection_layer."),
-    (r"\.attn\.", ".attention."),
-    (r"\.norm1\.", ".layernorm_before."),
-    (r"\.norm2\.", ".layernorm_after."),
-    (r"^mlp1\.", "multi_modal_projector."),
-]
-
-
 def float_weights(model: nn.Module) -> Dict[str, mx.array]:
     """All parameters as a flat dict, quantized layers dequantized to `weight` (the model is not modified)."""
     flat = dict(tree_flatten(model.parameters()))
@@ -97,7 +62,7 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
     for key, w in weights.items():
         if key == "vision_model.embeddings.patch_embedding.weight":
             w = conv_ohwi_to_oihw(w)
-        key = rename(key, TO_ORIGINAL)
+        key = ORIGINAL.to_theirs(key)
         if key.startswith("language_model.") and _unstack_experts(key, w, out):
             continue
         if internlm2 and key.startswith("language_model."):
@@ -105,12 +70,12 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
             if m:
                 qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = w
                 continue
-            key = rename(key, TO_INTERNLM2)
+            key = INTERNLM2.to_theirs(key)
         out[key] = w
     h, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
     d = llm.get("head_dim") or llm["hidden_size"] // h
     for (prefix, kind), parts in qkv.items():
-        out[f"{prefix}.attention.wqkv.{kind}"] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
+        out[INTERNLM2.to_theirs(f"{prefix}.self_attn.wqkv.{kind}")] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
     return out
 
 
@@ -124,7 +89,7 @@ def hf_tensors(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
             continue
         if key == "vision_model.embeddings.patch_embedding.weight":
             w = conv_ohwi_to_oihw(w)
-        key = rename(key, TO_HF)
+        key = HF_VISION.to_theirs(key)
         m = re.match(r"^(.*\.attention)\.qkv\.(weight|bias)$", key)
         if m:
             # fused rows are [q | k | v], C each
@@ -146,14 +111,12 @@ def _rope_for_config(llm: dict) -> dict:
 
 def original_config(config: ModelConfig, dtype_name: str, remote_code: bool) -> dict:
     llm = {k: v for k, v in config.llm_config.items() if k not in ("model_type", "rope_scaling")}
-    arch = config.source_llm_architecture or {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                              "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM",
-                                              "phi3": "Phi3ForCausalLM"}[config.model_type]
+    arch = config.source_llm_architecture or HF_TEXT_ARCHITECTURES[config.model_type]
     llm.update(_rope_for_config(config.llm_config))
     if arch == "InternLM2ForCausalLM":
         llm["bias"] = bool(llm.pop("attention_bias", False))
         llm.pop("mlp_bias", None)
-    llm.update(architectures=[arch], model_type=ORIGINAL_TEXT_TYPES[arch], torch_dtype=dtype_name)
+    llm.update(architectures=[arch], model_type=LANGUAGE_MODELS[arch].original_type, torch_dtype=dtype_name)
     vision = dict(config.vision_config.to_dict(), architectures=["InternVisionModel"], model_type="intern_vit_6b",
                   drop_path_rate=0.0, use_flash_attn=False, torch_dtype=dtype_name)
     out = {
@@ -197,7 +160,8 @@ def hf_config(config: ModelConfig, dtype_name: str, image_token_id: int) -> dict
     vc = config.vision_config
     text = {k: v for k, v in config.llm_config.items() if k != "rope_scaling"}
     text.update(_rope_for_config(config.llm_config))
-    text["model_type"] = HF_TEXT_TYPES.get(config.source_llm_architecture or "", config.model_type)
+    arch = config.source_llm_architecture
+    text["model_type"] = LANGUAGE_MODELS[arch].hf_type if arch in LANGUAGE_MODELS else config.model_type
     text["torch_dtype"] = dtype_name
     tie = bool(text.get("tie_word_embeddings", False))
     out = {

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import logging
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -39,9 +41,6 @@ def describe(source) -> str:
 
 
 def _read_url(url: str) -> bytes:
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as r:
             return r.read()

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..errors import UserError
+from PIL import Image, UnidentifiedImageError
 
-USER, ASSISTANT = 0, 1
-ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+from ..errors import UserError
+from ..images import open_image
+from ..templates import ASSISTANT, ROLES, USER
 
 
 @dataclass
@@ -303,8 +304,6 @@ def load_dataset(paths: Union[str, Path, Sequence[Union[str, Path]]],
 
 def open_image_ref(ref: str):
     """A PIL image for a resolved reference (path, URL or `data:` URL)."""
-    from ..images import open_image
-
     if ref.startswith("data:"):
         try:
             payload = base64.b64decode(ref.split(",", 1)[1])
@@ -316,8 +315,6 @@ def open_image_ref(ref: str):
 
 def image_size(ref: str) -> Tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels (remote images are fetched)."""
-    from PIL import Image, UnidentifiedImageError
-
     if _is_remote(ref):
         im = open_image_ref(ref)
         return im.size

@@ -104,6 +104,14 @@ def test_no_import_circle():
     assert cycles(edges) == []
 
 
+def test_no_import_circle_even_through_imports_inside_functions():
+    mods = modules()
+    edges = {name: {t for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for t in targets(node, name, pkg, mods)} - {name}
+             for name, (tree, pkg) in mods.items()}
+    assert cycles(edges) == []
+
+
 def test_the_checker_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

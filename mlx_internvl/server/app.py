@@ -1,0 +1,257 @@
+"""The FastAPI app: OpenAI routes, the web chat page, and the rules every request passes (key, size, slots).
+
+A request is parsed and rendered (media fetched, decoded, tiled, tokenized) on a worker thread, then handed to the
+engine's generation thread; its results come back through an asyncio queue. Streams are FastAPI's native SSE
+(`fastapi.sse`). Every failure is an OpenAI-shaped error with its status; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Job, Sampling
+from .media import MediaPolicy
+from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
+from .render import Renderer
+
+
+@dataclass
+class ServerConfig:
+    """Everything `serve()` and `mlx-internvl serve` take, as one value."""
+
+    model: str
+    revision: Optional[str] = None
+    adapter_path: Optional[str] = None
+    dtype: Optional[str] = None
+    template: Optional[str] = None
+    model_name: Optional[str] = None  # the id clients use; default: the --model argument
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    allowed_origins: Sequence[str] = ()
+    allow_remote_images: bool = False
+    allow_local_images: Optional[str] = None
+    max_tiles: Optional[int] = None
+    num_frames: int = 8
+    max_request_mb: float = 50.0
+    max_image_mb: float = 20.0
+    remote_timeout_s: float = 10.0
+    vision_cache_size: int = 32
+    prompt_cache_size: int = 16
+    decode_concurrency: int = 8
+    max_queue: int = 32
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    prefill_step_size: int = 512
+    served_names: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.model_name = self.model_name or str(self.model)
+
+
+def _error(e: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 past `limit`. A moderately oversized body is read to its end (and dropped) before the
+    answer, so that clients which send the whole body before reading get the 413 instead of a broken pipe."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
+                            "(--max-request-mb)", None, "request_too_large")
+    if int(request.headers.get("content-length") or 0) > 8 * limit:
+        raise too_big
+    body, total = bytearray(), 0
+    async for block in request.stream():
+        total += len(block)
+        if total > 8 * limit:
+            break
+        if total <= limit:
+            body += block
+    if total > limit:
+        raise too_big
+    return bytes(body)
+
+
+def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
+    """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
+    if engine is None:
+        from ..loading import load
+
+        engine = Engine(lambda: load(cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path, revision=cfg.revision,
+                                     template=cfg.template),
+                        decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
+                        prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
+                        prefill_step_size=cfg.prefill_step_size)
+        engine.start()
+    processor = engine.processor
+    policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
+                         local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
+                         max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
+    renderer = Renderer(processor, policy, cfg.max_tiles, cfg.num_frames, cfg.max_tokens)
+    vocab = engine.model.config.llm_config["vocab_size"]
+    limit = int(cfg.max_request_mb * (1 << 20))
+    names = {cfg.model_name}
+    app = FastAPI(title="mlx-internvl", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.config = engine, cfg
+    created = int(time.time())
+    if cfg.allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _error(APIError(e.status_code, msg, None, code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return _error(APIError(400, str(e.errors()[0].get("msg", e))))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        return _error(APIError(500, f"internal error: {type(e).__name__}"))
+
+    def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+
+    @app.get("/health")
+    async def health():
+        ok = engine.alive
+        body = {"status": "ok" if ok else "dead", "model": cfg.model_name, "inflight": engine.inflight,
+                "stats": engine.stats}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": created,
+                                            "owned_by": "mlx-internvl"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        req = parse_request(await _read_body(request, limit), vocab)
+        if req.model not in names:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}",
+                           "model", "model_not_found")
+        if not engine.try_reserve():
+            raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
+                           None, "server_busy")
+        try:
+            prompt = await anyio.to_thread.run_sync(renderer.render, req)
+        except BaseException:
+            engine.release()
+            raise
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev):
+            if ev[0] in ("done", "error"):
+                engine.release()
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        sampling = Sampling(temperature=cfg.temperature if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                            logit_bias=req.logit_bias)
+        job = Job(prompt, sampling, emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
+        engine.submit(job)
+        cid = new_id()
+
+        async def next_event():
+            while True:  # wake up now and then to notice a client that went away
+                try:
+                    return await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if not engine.alive:
+                        raise APIError(503, "the generation thread has stopped; restart the server", None,
+                                       "engine_stopped") from None
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise
+
+        try:
+            first = await next_event()
+        except asyncio.TimeoutError:
+            return JSONResponse({}, status_code=499)
+        if first[0] == "error":
+            raise first[1]
+        if req.stream:
+            return EventSourceResponse(_stream(job, first, next_event, cid, cfg.model_name, req),
+                                       headers={"Cache-Control": "no-cache"})
+        text, logprobs, ev = "", [], first
+        while True:
+            if ev[0] == "delta":
+                text += ev[1]
+                logprobs += ev[2]
+            elif ev[0] == "done":
+                return completion(cid, cfg.model_name, text, ev[1], ev[2],
+                                  logprobs if req.logprobs else None)
+            else:
+                raise ev[1]
+            try:
+                ev = await next_event()
+            except asyncio.TimeoutError:
+                return JSONResponse({}, status_code=499)
+
+    return app
+
+
+async def _stream(job: Job, first, next_event, cid: str, model: str, req):
+    """SSE events: a role chunk, content chunks, the finish chunk, the usage chunk if asked, then `[DONE]`."""
+    created = int(time.time())
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def sse(obj) -> bytes:
+        return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
+
+    try:
+        yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
+        ev = first
+        while True:
+            if ev[0] == "delta":
+                yield sse(chunk(cid, model, created, {"content": ev[1]}, None, ev[2] if req.logprobs else None,
+                                include_usage=with_usage))
+            elif ev[0] == "done":
+                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
+                if with_usage:
+                    yield sse(usage_chunk(cid, model, created, ev[2]))
+                break
+            else:  # an error after the stream started: OpenAI's streams carry it as an error object
+                yield sse(ev[1].body())
+                break
+            ev = await next_event()
+        yield format_sse_event(data_str="[DONE]")
+    finally:
+        job.cancelled.set()  # no-op when finished; stops generation when the client went away

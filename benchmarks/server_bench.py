@@ -22,20 +22,21 @@ import threading
 import time
 from pathlib import Path
 
-import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 import mlx.core as mx
+
+import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from chat_reuse import processor_for  # noqa: E402
-from server_util import IMG1, IMG2, user  # noqa: E402
 
 from mlx_internvl.bench.presets import random_model  # noqa: E402
 from mlx_internvl.server import running  # noqa: E402
 from mlx_internvl.server.app import ServerConfig, create_app  # noqa: E402
 from mlx_internvl.server.engine import Engine  # noqa: E402
+from server_util import IMG1, IMG2, user  # noqa: E402
 
 
 def shallow(preset: str, layers: int) -> str:

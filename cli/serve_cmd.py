@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import click
 
+from mlx_internvl.errors import UserError
+
 from .generate_cmd import DEFAULT_MODEL, setup_logging
+
+try:
+    from mlx_internvl.server import serve
+except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
+    serve, MISSING = None, e
 
 
 @click.command(name="serve")
@@ -52,8 +59,8 @@ from .generate_cmd import DEFAULT_MODEL, setup_logging
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /."""
-    from mlx_internvl.server import serve
-
+    if serve is None:
+        raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
     setup_logging(verbose)
     click.echo(f"Loading {model_path}; then serving on http://{options['host']}:{options['port']} "
                "(chat page at /, API at /v1)", err=True)

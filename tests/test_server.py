@@ -4,14 +4,13 @@ the package's own types, greedy replies equal `generate()` / `ChatSession` token
 options, stop strings, cancellation and the busy answer behave."""
 
 import json
-import threading
 import time
 import urllib.request
 
 import pytest
 
 from builders import Case
-from server_util import IMG1, IMG2, data_url, serving, user
+from server_util import IMG1, IMG2, serving, user
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -128,7 +127,7 @@ def test_multi_turn_equals_chat_session_and_reuses_caches(client, tiny, server):
     _, model, processor = tiny
     session = ChatSession(model, processor, max_tiles=2, max_tokens=N)
     turns = [("What is in the image?", [IMG1]), ("And in this one?", [IMG2]), ("Thanks. Which is brighter?", [])]
-    messages, before = [], dict(server[1].state.engine.stats)
+    messages, before, prev_total = [], dict(server[1].state.engine.stats), 0
     for i, (question, images) in enumerate(turns):
         expected = session.ask(question, images=images)
         messages.append(user(question, *images))

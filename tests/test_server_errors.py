@@ -25,7 +25,7 @@ def test_bad_requests_get_4xx_and_the_server_lives(build_case, tmp_path):
         print(table(rows))
         expected = {"malformed JSON": 400, "huge body (2 MB, limit 1 MB)": 413, "wrong API key": 401,
                     "unknown model": 404, "unknown route": 404}
-        for what, status, code, message, seconds in rows:
+        for what, status, _code, message, seconds in rows:
             assert status == expected.get(what, 400), (what, status, message)
             assert message and "Traceback" not in message, what
             assert seconds < 10, what  # the trickling download is cut at its 1 s deadline

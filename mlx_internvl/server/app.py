@@ -8,8 +8,11 @@ engine's generation thread; its results come back through an asyncio queue. Stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,13 +20,18 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import anyio
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Job, Sampling
+from ..errors import UserError
+from ..loading import load
+from ..sampling import SamplingOptions
+from .engine import Engine, Job
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
 from .render import Renderer
@@ -90,8 +98,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
     if engine is None:
-        from ..loading import load
-
         engine = Engine(lambda: load(cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path, revision=cfg.revision,
                                      template=cfg.template),
                         decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
@@ -110,8 +116,6 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.state.engine, app.state.config = engine, cfg
     created = int(time.time())
     if cfg.allowed_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
@@ -165,6 +169,14 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
         if req.model not in names:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}",
                            "model", "model_not_found")
+        try:
+            sampling = SamplingOptions(
+                temperature=cfg.temperature if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+        except UserError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
         if not engine.try_reserve():
             raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
                            None, "server_busy")
@@ -181,10 +193,6 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
                 engine.release()
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
-        sampling = Sampling(temperature=cfg.temperature if req.temperature is None else req.temperature,
-                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
-                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                            logit_bias=req.logit_bias)
         job = Job(prompt, sampling, emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
         engine.submit(job)
         cid = new_id()
@@ -255,3 +263,36 @@ async def _stream(job: Job, first, next_event, cid: str, model: str, req):
         yield format_sse_event(data_str="[DONE]")
     finally:
         job.cancelled.set()  # no-op when finished; stops generation when the client went away
+
+
+def serve(model: str, **options) -> None:
+    """Serve `model` until interrupted. Options are `ServerConfig`'s fields (host, port, api_key, max_tiles, ...)."""
+    cfg = ServerConfig(model=model, **options)
+    app = create_app(cfg)
+    print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        app.state.engine.close()
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
+    """Run `app` with uvicorn on a background thread; yields the base URL (port 0: a free port). The app's engine is
+    closed on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.engine.close()

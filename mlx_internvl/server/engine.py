@@ -11,6 +11,7 @@ joins mlx-lm's `BatchGenerator` (continuous batching: decode steps run all activ
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,8 +21,14 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_p
 
+from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
+from ..sampling import SamplingOptions
+from .protocol import APIError, usage
 from .render import Prompt
 
 logger = logging.getLogger("mlx_internvl.server")
@@ -29,19 +36,9 @@ MODEL_KEY = "model"
 
 
 @dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict] = None
-
-
-@dataclass
 class Job:
     prompt: Prompt
-    sampling: Sampling
+    sampling: SamplingOptions
     emit: Callable[[tuple], None]  # thread-safe: ("delta", text, logprobs) / ("done", reason, usage) / ("error", e)
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs
@@ -58,8 +55,6 @@ class Job:
 def seeded_sampler(temperature: float, top_p: float, seed: int):
     """mlx-lm's sampling (its top-p filter, then a categorical draw at `temperature`) from the request's own random
     key, so a seeded reply does not depend on what else is in the batch."""
-    from mlx_lm.sample_utils import apply_top_p
-
     key = mx.random.key(seed)
 
     def sample(logprobs):
@@ -81,7 +76,7 @@ class Engine:
         self.decode_concurrency, self.max_queue = decode_concurrency, max_queue
         self.prompt_cache_size, self.vision_cache_size = prompt_cache_size, vision_cache_size
         self.prefill_step_size = prefill_step_size
-        self._inbox: "queue.Queue[Job]" = queue.Queue()
+        self._inbox: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._inflight = 0
         self._stop = threading.Event()
@@ -128,17 +123,14 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            from mlx_lm.generate import BatchGenerator
-            from mlx_lm.models.cache import LRUPromptCache
-            from mlx_lm.generate import StopSequences
-
             self.model, self.processor = self._load()
             self._stream = mx.default_stream(mx.default_device())
             tok = self.processor.tokenizer
             self._skip = special_token_ids(tok)
-            self._stop_tokens = StopSequences([(t,) for t in sorted(tok.eos_token_ids)])
+            self._eos = sorted(tok.eos_token_ids)
+            self._stop_tokens = StopSequences([(t,) for t in self._eos])
             self._prompts = LRUPromptCache(max_size=self.prompt_cache_size)
-            self._features: "OrderedDict[tuple, mx.array]" = OrderedDict()
+            self._features: OrderedDict[tuple, mx.array] = OrderedDict()
             self._new_batch = lambda: BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                                                      prefill_batch_size=self.decode_concurrency,
                                                      stream=self._stream)
@@ -193,9 +185,6 @@ class Engine:
         self._batch.close()
 
     def _fail(self, job: Job, e: Exception) -> None:
-        from ..errors import UserError
-        from .protocol import APIError
-
         if isinstance(e, UserError):
             e = APIError(400, str(e))
         elif not isinstance(e, APIError):
@@ -204,8 +193,6 @@ class Engine:
         job.emit(("error", e))
 
     def _finish(self, job: Job, reason: str) -> None:
-        from .protocol import usage
-
         if reason != "cancelled":
             end = len(job.text.rstrip())
             if job.lead is None:
@@ -241,21 +228,15 @@ class Engine:
                 break
         return mx.concatenate(parts)[-n_rows:] if len(parts) > 1 else parts[0][-n_rows:]
 
-    def _make_sampling(self, s: Sampling):
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-        if s.seed is not None and s.temperature > 0:
-            sampler = seeded_sampler(s.temperature, s.top_p, s.seed)
-        else:
-            sampler = make_sampler(temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0)
-        bias = {int(k): v for k, v in (s.logit_bias or {}).items()} or None
-        return sampler, make_logits_processors(logit_bias=bias, presence_penalty=s.presence_penalty,
-                                               frequency_penalty=s.frequency_penalty)
+    def _make_sampling(self, opts: SamplingOptions):
+        """mlx-lm's sampler and logits processors for a request (made here: they hold MLX arrays)."""
+        sampler, processors = dataclasses.replace(opts, seed=None).make(special_tokens=self._eos)
+        if opts.seed is not None and opts.temperature > 0:
+            sampler = seeded_sampler(opts.temperature, opts.top_p, opts.seed)
+        return sampler, processors
 
     def _start_prefill(self, job: Job):
         """(job, iterator of prefill chunks, join) for a job; `join()` puts it into the decode batch."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
         p = job.prompt
         cache, rest = self._prompts.fetch_nearest_cache(MODEL_KEY, p.keyed)
         if cache is None:

@@ -1,11 +1,11 @@
 """OpenAI messages -> the prompt `ChatSession` would build for the same conversation: the server's one adapter to
 the library's conversation code.
 
-Everything the prompt depends on goes through the functions `ChatSession` uses (`add_image_placeholders`,
-`add_video_placeholders`, `build_query`, `expand_image_placeholders`, the processor's tokenizer and length check),
-in the same order: each user turn's new images are prefixed `<image>\\n` (the first turn with one image) or
-`Image-k: <image>\\n` with k counting every image of the conversation, then its video frames; assistant turns are
-the answers of the history. So a client that resends the whole history gets upstream `chat(history=...)`'s prompt.
+Everything the prompt depends on goes through what `ChatSession` uses (`add_image_placeholders`,
+`add_video_placeholders`, `chat_messages`, the processor's one `Renderer`, `clamp_max_tokens`), in the same
+order: each user turn's new images are prefixed `<image>\\n` (the first turn with one image) or
+`Image-k: <image>\\n` with k counting every image of the conversation, then its video frames; assistant turns
+are the answers of the history. So a client that resends the whole history gets upstream `chat(history=...)`'s prompt.
 
 Besides the ids, a *keyed* copy is made for the prompt cache: each image's `<IMG_CONTEXT>` tokens are replaced by
 a negative id derived from the image's content hash, so two conversations share a cached prefix only if their
@@ -25,10 +25,9 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from ..errors import UserError
-from ..generate import _clamp_max_tokens
-from ..processing import (add_image_placeholders, add_video_placeholders, expand_image_placeholders, frame_to_tile,
-                          image_to_tiles)
-from ..templates import build_query
+from ..processing import add_image_placeholders, add_video_placeholders, frame_to_tile, image_to_tiles
+from ..templates import ASSISTANT, USER, chat_messages
+from ..video import load_video_frames
 from .media import Media, MediaPolicy, decode_image, fetch
 from .protocol import APIError, ChatRequest, ImagePart, TextPart, VideoPart
 
@@ -62,7 +61,7 @@ class Renderer:
                  default_max_tokens: int = 1024, known_size: int = 4096):
         self.processor, self.policy = processor, policy
         self.max_tiles, self.num_frames, self.default_max_tokens = max_tiles, num_frames, default_max_tokens
-        self._known: "OrderedDict[Tuple, int]" = OrderedDict()  # image key -> tile count, to skip re-decoding
+        self._known: OrderedDict[Tuple, int] = OrderedDict()  # image key -> tile count, to skip re-decoding
         self._known_size = known_size
         self._lock = threading.Lock()
 
@@ -88,8 +87,6 @@ class Renderer:
         return ImageSpec(key, tiles.shape[0], tiles, load)
 
     def _video(self, part: VideoPart, param: str, num_frames: int) -> List[ImageSpec]:
-        from ..video import load_video_frames
-
         media: Media = fetch(part.video_url.url, param, self.policy)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "video"
@@ -122,15 +119,15 @@ class Renderer:
                     raise APIError(400, f"{where}: a system message can only hold text", where)
                 system.append(text)
                 continue
-            role = 0 if m.role == "user" else 1
-            if not turns and role == 1:
+            role = USER if m.role == "user" else ASSISTANT
+            if not turns and role == ASSISTANT:
                 raise APIError(400, f"{where}: the conversation must start with a user message", where)
             images, n_videos = [], 0
             for j, p in enumerate(parts):
                 param = f"{where}.content.{j}"
                 if isinstance(p, TextPart):
                     continue
-                if role == 1:
+                if role == ASSISTANT:
                     raise APIError(400, f"{param}: assistant messages can only hold text", param)
                 if isinstance(p, ImagePart):
                     images.append(self._image(p, param + ".image_url", max_tiles))
@@ -144,12 +141,12 @@ class Renderer:
                 turns[-1][2] += images
             else:
                 turns.append([role, text, images])
-        if not turns or turns[-1][0] != 0:
+        if not turns or turns[-1][0] != USER:
             raise APIError(400, "messages: the last message must be a user message (the turn to answer)", "messages")
 
         history, question, specs = [], None, []
         for role, text, media in turns:
-            if role == 1:
+            if role == ASSISTANT:
                 history.append((question, text.strip()))
                 continue
             stills = [s for s in media if isinstance(s, ImageSpec)]
@@ -160,28 +157,19 @@ class Renderer:
             if frames:
                 question = add_video_placeholders(question, len(frames))
             specs += stills + frames
-        system_message = "\n".join(system) if system else proc.system_message
-        query = build_query(proc.template, question, history, system_message)
         num_tiles = [s.num_tiles for s in specs]
-        if query.count("<image>") != len(specs):
-            raise APIError(400, f"messages: the conversation has {query.count('<image>')} <image> placeholder(s) for "
-                                f"{len(specs)} image(s)/frame(s); write one <image> per image of a message, or none",
-                           "messages", "placeholder_mismatch")
-        ids = proc.tokenizer.encode(expand_image_placeholders(query, num_tiles, proc.config.num_image_token))
-        per_tile = proc.config.num_image_token
-        if sum(1 for t in ids if t == proc.image_token_id) != sum(num_tiles) * per_tile:
-            raise APIError(400, "messages: the text contains image-context tokens of its own; remove "
-                                "'<IMG_CONTEXT>' from the messages", "messages", "placeholder_mismatch")
         try:
-            max_tokens = _clamp_max_tokens(proc, len(ids), req.max_completion_tokens or req.max_tokens
-                                           or self.default_max_tokens)
+            rendered = proc.renderer.render(chat_messages(question, history), num_tiles,
+                                            "\n".join(system) if system else None)
+        except UserError as e:
+            raise APIError(400, f"messages: {e}", "messages", "placeholder_mismatch") from None
+        ids = rendered.ids
+        try:
+            max_tokens = proc.clamp_max_tokens(len(ids), req.max_completion_tokens or req.max_tokens
+                                               or self.default_max_tokens)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages", "context_length_exceeded") from None
-        keyed, k = list(ids), 0
-        positions = [i for i, t in enumerate(ids) if t == proc.image_token_id]
-        for spec in specs:
-            pid = spec.pseudo_id
-            for pos in positions[k:k + spec.num_tiles * per_tile]:
-                keyed[pos] = pid
-            k += spec.num_tiles * per_tile
+        keyed = list(ids)
+        for spec, (start, end) in zip(specs, rendered.image_spans):
+            keyed[start:end] = [spec.pseudo_id] * (end - start)
         return Prompt(ids, keyed, specs, max_tokens)

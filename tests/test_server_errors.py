@@ -1,17 +1,41 @@
 """Every bad request gets a clear OpenAI-shaped 4xx, quickly, and the server keeps serving (the README's table of
 bad requests is printed by `python tests/server_bad_requests.py` from the same cases)."""
 
+import contextlib
 import json
+import threading
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from builders import Case
-from server_bad_requests import KEY, run, strict_options, table
+from server_bad_requests import KEY, image_message, run, send, strict_options, table
 from server_util import IMG1, serving
 
 pytest.importorskip("fastapi")
+
+
+@contextlib.contextmanager
+def photo_server(data: bytes):
+    class Photo(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Photo)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/photo.jpg"
+    finally:
+        srv.shutdown()
 
 
 def test_bad_requests_get_4xx_and_the_server_lives(build_case, tmp_path):
@@ -41,6 +65,10 @@ def test_bad_requests_get_4xx_and_the_server_lives(build_case, tmp_path):
             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.load(r)["choices"][0]["message"]["role"] == "assistant"
+        # ... and so does a remote image that arrives in time (a local HTTP server)
+        with photo_server(IMG1.read_bytes()) as photo_url:
+            status, reply = send(strict, dict(image_message(photo_url), max_tokens=3))
+        assert status == 200 and reply["usage"]["prompt_tokens"] > 100, reply
         with urllib.request.urlopen(strict + "/health") as r:
             assert json.load(r)["status"] == "ok"
 

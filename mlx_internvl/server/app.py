@@ -95,6 +95,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+@dataclass
+class _Server:
+    """What the route handlers share (kept on `app.state.server`)."""
+
+    cfg: ServerConfig
+    engine: Engine
+    renderer: Renderer
+    vocab: int
+    limit: int
+    created: int
+
+    def check_key(self, request: Request) -> None:
+        if self.cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    def sampling(self, req) -> SamplingOptions:
+        try:
+            return SamplingOptions(
+                temperature=self.cfg.temperature if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+        except UserError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
+
+
 def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
     if engine is None:
@@ -104,136 +134,139 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
                         prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
                         prefill_step_size=cfg.prefill_step_size)
         engine.start()
-    processor = engine.processor
     policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
                          local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
                          max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
-    renderer = Renderer(processor, policy, cfg.max_tiles, cfg.num_frames, cfg.max_tokens)
-    vocab = engine.model.config.llm_config["vocab_size"]
-    limit = int(cfg.max_request_mb * (1 << 20))
-    names = {cfg.model_name}
     app = FastAPI(title="mlx-internvl", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config = engine, cfg
-    created = int(time.time())
+    app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
+                                                     cfg.max_tokens),
+                               engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
+                               int(time.time()))
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal)
+    app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
+    return app
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return _error(e)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return _error(APIError(e.status_code, msg, None, code))
+async def _api_error(request: Request, e: APIError):
+    return _error(e)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e):
-        return _error(APIError(400, str(e.errors()[0].get("msg", e))))
 
-    @app.exception_handler(Exception)
-    async def _internal(request, e):
-        return _error(APIError(500, f"internal error: {type(e).__name__}"))
+async def _http_error(request: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+    return _error(APIError(e.status_code, msg, None, code))
 
-    def check_key(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
-                           "invalid_api_key")
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+async def _validation_error(request: Request, e: RequestValidationError):
+    return _error(APIError(400, str(e.errors()[0].get("msg", e))))
 
-    @app.get("/health")
-    async def health():
-        ok = engine.alive
-        body = {"status": "ok" if ok else "dead", "model": cfg.model_name, "inflight": engine.inflight,
-                "stats": engine.stats}
-        return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": created,
-                                            "owned_by": "mlx-internvl"}]}
+async def _internal(request: Request, e: Exception):
+    return _error(APIError(500, f"internal error: {type(e).__name__}"))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_key(request)
-        req = parse_request(await _read_body(request, limit), vocab)
-        if req.model not in names:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}",
-                           "model", "model_not_found")
+
+async def _page():
+    return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+
+
+async def _health(request: Request):
+    st: _Server = request.app.state.server
+    ok = st.engine.alive
+    body = {"status": "ok" if ok else "dead", "model": st.cfg.model_name, "inflight": st.engine.inflight,
+            "stats": st.engine.stats}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def _models(request: Request):
+    st: _Server = request.app.state.server
+    st.check_key(request)
+    return {"object": "list", "data": [{"id": st.cfg.model_name, "object": "model", "created": st.created,
+                                        "owned_by": "mlx-internvl"}]}
+
+
+async def _chat_completions(request: Request):
+    st: _Server = request.app.state.server
+    st.check_key(request)
+    req = parse_request(await _read_body(request, st.limit), st.vocab)
+    if req.model != st.cfg.model_name:
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
+                       "model", "model_not_found")
+    sampling = st.sampling(req)
+    if not st.engine.try_reserve():
+        raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
+                       None, "server_busy")
+    try:
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req)
+    except BaseException:
+        st.engine.release()
+        raise
+    events = _Events(request, st.engine)
+    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
+    events.job = job
+    st.engine.submit(job)
+    try:
+        first = await events.next()
+    except asyncio.TimeoutError:  # the client left
+        return JSONResponse({}, status_code=499)
+    if first[0] == "error":
+        raise first[1]
+    if req.stream:
+        return EventSourceResponse(_stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+                                   headers={"Cache-Control": "no-cache"})
+    return await _collect(first, events, st.cfg.model_name, req)
+
+
+class _Events:
+    """A job's events, from the generation thread to this request's event loop."""
+
+    def __init__(self, request: Request, engine: Engine):
+        self.request, self.engine, self.job = request, engine, None
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, ev) -> None:  # called on the generation thread
+        if ev[0] in ("done", "error"):
+            self.engine.release()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    async def next(self):
+        while True:  # wake up now and then to notice a client that went away
+            try:
+                return await asyncio.wait_for(self.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if not self.engine.alive:
+                    raise APIError(503, "the generation thread has stopped; restart the server", None,
+                                   "engine_stopped") from None
+                if await self.request.is_disconnected():
+                    self.job.cancelled.set()
+                    raise
+
+
+async def _collect(ev, events: _Events, model: str, req):
+    """The whole reply as one `chat.completion`."""
+    text, logprobs = "", []
+    while True:
+        if ev[0] == "delta":
+            text += ev[1]
+            logprobs += ev[2]
+        elif ev[0] == "done":
+            return completion(new_id(), model, text, ev[1], ev[2], logprobs if req.logprobs else None)
+        else:
+            raise ev[1]
         try:
-            sampling = SamplingOptions(
-                temperature=cfg.temperature if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
-        except UserError as e:
-            raise APIError(400, str(e), None, "invalid_value") from None
-        if not engine.try_reserve():
-            raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
-                           None, "server_busy")
-        try:
-            prompt = await anyio.to_thread.run_sync(renderer.render, req)
-        except BaseException:
-            engine.release()
-            raise
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev):
-            if ev[0] in ("done", "error"):
-                engine.release()
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-        job = Job(prompt, sampling, emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
-        engine.submit(job)
-        cid = new_id()
-
-        async def next_event():
-            while True:  # wake up now and then to notice a client that went away
-                try:
-                    return await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if not engine.alive:
-                        raise APIError(503, "the generation thread has stopped; restart the server", None,
-                                       "engine_stopped") from None
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        raise
-
-        try:
-            first = await next_event()
+            ev = await events.next()
         except asyncio.TimeoutError:
             return JSONResponse({}, status_code=499)
-        if first[0] == "error":
-            raise first[1]
-        if req.stream:
-            return EventSourceResponse(_stream(job, first, next_event, cid, cfg.model_name, req),
-                                       headers={"Cache-Control": "no-cache"})
-        text, logprobs, ev = "", [], first
-        while True:
-            if ev[0] == "delta":
-                text += ev[1]
-                logprobs += ev[2]
-            elif ev[0] == "done":
-                return completion(cid, cfg.model_name, text, ev[1], ev[2],
-                                  logprobs if req.logprobs else None)
-            else:
-                raise ev[1]
-            try:
-                ev = await next_event()
-            except asyncio.TimeoutError:
-                return JSONResponse({}, status_code=499)
-
-    return app
 
 
 async def _stream(job: Job, first, next_event, cid: str, model: str, req):

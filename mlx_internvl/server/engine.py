@@ -142,7 +142,7 @@ class Engine:
         self.ready.set()
         active = {}  # uid -> (job, detokenizer)
         waiting: List[Job] = []
-        prefilling = None  # (job, steps iterator, finish callable)
+        prefilling = None  # (job, prefill chunks, join)
         while not self._stop.is_set():
             idle = not active and prefilling is None and not waiting
             try:
@@ -159,30 +159,37 @@ class Engine:
                 except Exception as e:
                     self._fail(job, e)
             if prefilling is not None:
-                job, steps, join = prefilling
-                try:
-                    if job.cancelled.is_set():
-                        prefilling = None
-                        self._finish(job, "cancelled")
-                    elif next(steps, None) is None:
-                        prefilling = None
-                        uid, detok = join()
-                        active[uid] = (job, detok)
-                        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
-                except Exception as e:
-                    prefilling = None
-                    self._fail(job, e)
+                prefilling = self._prefill_chunk(prefilling, active)
             if active:
-                try:
-                    self._decode_step(active)
-                except Exception as e:  # a broken batch fails its jobs, never the server
-                    logger.error("decode step failed: %s", traceback.format_exc())
-                    for job, _ in active.values():
-                        self._fail(job, e)
-                    active.clear()
-                    self._batch.close()
-                    self._batch = self._new_batch()
+                self._decode_or_fail(active)
         self._batch.close()
+
+    def _prefill_chunk(self, prefilling, active: dict):
+        """Run one prefill chunk; a job whose prompt is done joins the batch. Returns what is still prefilling."""
+        job, steps, join = prefilling
+        try:
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+                return None
+            if next(steps, None) is not None:
+                return prefilling
+            uid, detok = join()
+            active[uid] = (job, detok)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+        except Exception as e:
+            self._fail(job, e)
+        return None
+
+    def _decode_or_fail(self, active: dict) -> None:
+        try:
+            self._decode_step(active)
+        except Exception as e:  # a broken batch fails its jobs, never the server
+            logger.error("decode step failed: %s", traceback.format_exc())
+            for job, _ in active.values():
+                self._fail(job, e)
+            active.clear()
+            self._batch.close()
+            self._batch = self._new_batch()
 
     def _fail(self, job: Job, e: Exception) -> None:
         if isinstance(e, UserError):

@@ -101,9 +101,8 @@ class Renderer:
             specs.append(ImageSpec((media.digest, num_frames, i), 1, tiles, lambda t=tiles: t))
         return specs
 
-    def render(self, req: ChatRequest) -> Prompt:
-        """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop)."""
-        proc = self.processor
+    def _turns(self, req: ChatRequest) -> Tuple[List[str], List[list]]:
+        """(system texts, [role, text, media] turns with consecutive same-role messages merged); media fetched."""
         max_tiles = req.max_tiles if req.max_tiles is not None else self.max_tiles
         num_frames = req.num_frames or self.num_frames
         system: List[str] = []
@@ -143,7 +142,12 @@ class Renderer:
                 turns.append([role, text, images])
         if not turns or turns[-1][0] != USER:
             raise APIError(400, "messages: the last message must be a user message (the turn to answer)", "messages")
+        return system, turns
 
+    def render(self, req: ChatRequest) -> Prompt:
+        """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop)."""
+        proc = self.processor
+        system, turns = self._turns(req)
         history, question, specs = [], None, []
         for role, text, media in turns:
             if role == ASSISTANT:

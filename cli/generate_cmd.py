@@ -82,6 +82,38 @@ def sampling_options(f):
     ])
 
 
+def draft_options(f):
+    """Speculative decoding and a prompt-cache file (`generate` and `chat`)."""
+    return _apply(f, [
+        click.option("--draft-model", default=None,
+                     help="A smaller InternVL with the same tokenizer (directory or hub id) for speculative decoding, "
+                          "e.g. InternVL3-1B for InternVL3-8B."),
+        click.option("--draft-quantize", type=click.Choice(["4", "8"]), default=None,
+                     callback=lambda ctx, param, v: None if v is None else int(v),
+                     help="Speculative decoding with the model's own language model quantized to 4 or 8 bits as the "
+                          "draft (no second download)."),
+        click.option("--num-draft-tokens", type=click.IntRange(1, 64), default=3, show_default=True,
+                     help="Tokens the draft proposes per pass of the model."),
+        click.option("--prompt-cache-file", type=click.Path(dir_okay=False), default=None,
+                     help="A file from `mlx-internvl cache-prompt`: start from its cached prompt (the request must "
+                          "extend it: same images, question starting with the cached text)."),
+    ])
+
+
+def load_extras(model, processor, dtype, draft_model=None, draft_quantize=None, num_draft_tokens=3,
+                prompt_cache_file=None, group=None):
+    """(draft or None, loaded prompt-cache file or None) for `draft_options`."""
+    if group is not None and (draft_model or draft_quantize or prompt_cache_file):
+        raise UserError("--draft-model, --draft-quantize and --prompt-cache-file run in one process; they are not "
+                        "available under mlx.launch")
+    from mlx_internvl.prompt_cache import PromptCacheFile
+    from mlx_internvl.speculative import load_draft
+
+    draft = load_draft(model, processor, draft_model, draft_quantize, num_draft_tokens, dtype=dtype)
+    cache_file = PromptCacheFile.load(prompt_cache_file, model) if prompt_cache_file else None
+    return draft, cache_file
+
+
 def option_values(options: dict):
     """`(SamplingOptions, KVOptions)` from the command's `sampling_options` (unset ones keep their defaults)."""
     def value(cls):
@@ -134,8 +166,10 @@ def default_prompt(prompt, images, video) -> str:
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
 @click.option("--prompt", "-p", default=None,
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
+@draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, verbose, images, video, prompt, **options):
+            exif_transpose, verbose, images, video, prompt, draft_model, draft_quantize, num_draft_tokens,
+            prompt_cache_file, **options):
     """Answer one prompt about images or a video, streaming the reply."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
@@ -145,6 +179,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     inputs = run(lambda: processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message,
                                    video=video, num_frames=num_frames, exif_transpose=exif_transpose))
+    draft, cache_file = load_extras(model, processor, dtype, draft_model, draft_quantize, num_draft_tokens,
+                                    prompt_cache_file, group)
     if verbose:
         click.echo(f"Template: {processor.template.name}", err=True)
         if inputs["num_tiles"]:
@@ -152,11 +188,13 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
-                                kv=kv):
+                                kv=kv, draft=draft, prompt_cache_file=cache_file):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()
     if verbose and last is not None:
         click.echo("=" * 10 + "\n" + format_stats(last), err=True)
+        if draft is not None:
+            click.echo(draft.stats.summary(), err=True)
     if group is not None:
         group.close()

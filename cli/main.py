@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "parity": "parity_cmd",
     "generate": "generate_cmd",
     "chat": "chat_cmd",
+    "cache-prompt": "cache_prompt_cmd",
     "lora": "lora_cmd",
     "fuse": "fuse_cmd",
     "bench": "bench_cmd",

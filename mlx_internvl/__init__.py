@@ -8,7 +8,9 @@ from .loading import load, load_model
 from .model import InternVLChatModel, merge_image_features
 from .processing import Processor, dynamic_preprocess
 from .projector import pixel_shuffle
+from .prompt_cache import PromptCacheFile, save_prompt_cache_file
 from .sampling import KVOptions, SamplingOptions
+from .speculative import Draft
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,9 @@ __all__ = [
     "stream_generate",
     "batch_generate",
     "ChatSession",
+    "Draft",
+    "PromptCacheFile",
+    "save_prompt_cache_file",
     "SamplingOptions",
     "KVOptions",
 ]

@@ -7,7 +7,10 @@ upstream's. Images may be added in any turn: an image added in turn 1 is prefixe
 all images of the conversation. Tiles are concatenated in prompt order.
 
 What is not upstream's is only the work saved: the KV cache of the previous turn is kept, trimmed to the longest
-token prefix it shares with the new prompt, and each image is encoded once.
+token prefix it shares with the new prompt, and each image is encoded once. A `prompt_cache_file` (see
+`prompt_cache.py`) starts the first turn (and the first turn after `clear()`) from a cached prompt, which that turn
+must extend; a `draft` (see `speculative.py`) decodes every turn speculatively, its KV cache kept beside the
+target's.
 """
 
 from __future__ import annotations
@@ -30,10 +33,18 @@ class ChatSession:
 
     def __init__(self, model, processor, system_message: Optional[str] = None, max_tiles=None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
-                 kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False, **options):
+                 kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False, draft=None,
+                 prompt_cache_file=None, **options):
         """`sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`, `kv_bits=8`) apply to every
-        turn; a seed seeds once, here."""
+        turn; a seed seeds once, here. `draft`: a `speculative.Draft`; `prompt_cache_file`: a path or a loaded
+        `prompt_cache.PromptCacheFile`."""
         self.model, self.processor = model, processor
+        self.draft = draft
+        self.prompt_cache_file = None
+        if prompt_cache_file is not None:
+            from .prompt_cache import as_prompt_cache
+
+            self.prompt_cache_file = as_prompt_cache(prompt_cache_file, model)
         self.system_message = system_message
         self.max_tiles = max_tiles
         self.max_tokens = max_tokens
@@ -49,6 +60,7 @@ class ChatSession:
         self.history: List[Tuple[str, str]] = []
         self._tiles: List = []  # per image (or frame), [T, S, S, 3] numpy tiles, in prompt order
         self._features: List[Optional[mx.array]] = []  # per image, [T*n, D], computed on first use
+        self._draft_features: List[Optional[mx.array]] = []  # the same for a draft with its own ViT
         self._cache = None
         self._cache_ids: List[int] = []  # the token ids whose keys/values the cache holds
         self._prompt_len = 0  # how many of them were prompt (the rest were generated)
@@ -69,23 +81,45 @@ class ChatSession:
             new += [frame_to_tile(f, self.processor.config) for f in frames]
         self._tiles += new
         self._features += [None] * len(new)
+        self._draft_features += [None] * len(new)
         return question
 
-    def _image_features(self, n_rows: int) -> Optional[mx.array]:
-        """The last `n_rows` image-token rows of the conversation (the ones not already in the KV cache)."""
-        if n_rows == 0:
+    def _image_rows(self, start: int, stop: int, draft: bool = False) -> Optional[mx.array]:
+        """Image-token rows [start, stop) of the conversation, encoding (once) only the images that overlap them;
+        `draft=True`: the draft's features."""
+        if stop <= start:
             return None
+        own = draft and not self.draft.shares_vision
+        model, store = (self.draft.model, self._draft_features) if own else (self.model, self._features)
         per_tile = self.processor.config.num_image_token
-        rows, parts = 0, []
-        for i in range(len(self._tiles) - 1, -1, -1):
-            if self._features[i] is None:
-                feats = self.model.extract_feature(mx.array(self._tiles[i]))
-                self._features[i] = feats.reshape(-1, feats.shape[-1])
-            parts.insert(0, self._features[i])
-            rows += self._tiles[i].shape[0] * per_tile
-            if rows >= n_rows:
-                break
-        return mx.concatenate(parts)[-n_rows:]
+        row, parts = 0, []
+        for i, tiles in enumerate(self._tiles):
+            n = tiles.shape[0] * per_tile
+            if row + n > start and row < stop:
+                if store[i] is None:
+                    feats = model.extract_feature(mx.array(tiles))
+                    store[i] = feats.reshape(-1, feats.shape[-1])
+                parts.append(store[i][max(start - row, 0): stop - row])
+            row += n
+        return mx.concatenate(parts)
+
+    def _new_cache(self, ids: List[int]) -> Tuple[list, int]:
+        """A cache for a first turn: empty, or the prompt-cache file's (which `ids` must extend); with a draft,
+        the draft's cache follows the target's, filled to the same length."""
+        if self.prompt_cache_file is None:
+            cache, common = self.kv.make_cache(self.model), 0
+        else:
+            from .prompt_cache import image_hashes
+
+            common = self.prompt_cache_file.prefix_length(ids, image_hashes(self._tiles, []))
+            cache = self.prompt_cache_file.fresh_cache()
+        if self.draft is not None:
+            d_cache = self.draft.model.make_cache()
+            n_rows = sum(1 for t in ids[:common] if t == self.processor.image_token_id)
+            self.draft.prefill_draft(ids[:common], self._image_rows(0, n_rows, draft=True), d_cache,
+                                     self.kv.prefill_step_size)
+            cache = cache + d_cache
+        return cache, common
 
     def stream(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
                max_tokens: Optional[int] = None) -> Iterator[GenerationResponse]:
@@ -109,26 +143,31 @@ class ChatSession:
                     common += 1
                 trim_prompt_cache(self._cache, len(self._cache_ids) - common)
             else:
-                self._cache = self.kv.make_cache(self.model)
+                self._cache, common = self._new_cache(ids)
             self._cache_ids, self._prompt_len = ids[:common], len(ids)
             suffix = ids[common:]
-            feats = self._image_features(sum(1 for t in suffix if t == proc.image_token_id))
+            n_rows = sum(1 for t in ids if t == proc.image_token_id)
+            first = n_rows - sum(1 for t in suffix if t == proc.image_token_id)
+            feats = self._image_rows(first, n_rows)
+            draft_feats = self._image_rows(first, n_rows, draft=True) if self.draft is not None else None
             generated: List[int] = []
             text = ""
             try:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
                                        logits_processors=self.logits_processors, prompt_cache=self._cache,
-                                       kv=self.kv, num_tiles=num_tiles, on_token=generated.append):
+                                       kv=self.kv, num_tiles=num_tiles, on_token=generated.append,
+                                       draft=self.draft, draft_features=draft_feats):
                     text += r.text
                     yield r
             finally:
                 # Keep the ids in step with what the cache now holds (prompt + tokens fed back), even if stopped.
-                self._cache_ids = (ids + generated)[: self._cache[0].offset]
+                held = self._cache[0].offset if self.draft is None else self.draft.align(self.model, self._cache)
+                self._cache_ids = (ids + generated)[:held]
             self.history.append((question, text.strip()))
             done = True
         finally:
             if not done:  # an interrupted or failed turn leaves the conversation as it was (and the cache unused)
-                del self._tiles[n_before:], self._features[n_before:]
+                del self._tiles[n_before:], self._features[n_before:], self._draft_features[n_before:]
                 self._cache, self._cache_ids = None, []
 
     def ask(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,

@@ -57,20 +57,31 @@ class BatchResult:
 def stream_tokens(model, processor, input_ids: List[int], image_features: Optional[mx.array], *,
                   max_tokens: int, sampler=None, logits_processors=None, prompt_cache=None,
                   kv: Optional[KVOptions] = None, num_tiles: Sequence[int] = (),
-                  on_token: Optional[Callable[[int], None]] = None) -> Iterator[GenerationResponse]:
+                  on_token: Optional[Callable[[int], None]] = None, draft=None,
+                  draft_features: Optional[mx.array] = None) -> Iterator[GenerationResponse]:
     """Stream a reply to `input_ids` (1-D list) whose `<IMG_CONTEXT>` positions take `image_features` rows.
 
     `prompt_cache` (mlx-lm KV caches) may already hold a prefix of the conversation; then `input_ids` is only the
-    part after it. `on_token` sees every token that entered the cache. `kv` holds the cache settings."""
+    part after it. `on_token` sees every token that entered the cache. `kv` holds the cache settings.
+    `draft` (a `speculative.Draft`) decodes speculatively; then `prompt_cache` is the combined cache of both models
+    (`draft.make_cache`) and `draft_features` the draft's image features."""
     kv = kv or KVOptions()
     kv.check(model)
-    if prompt_cache is None and kv.max_kv_size is not None:
-        prompt_cache = kv.make_cache(model)
     tic = time.perf_counter()
-    ids = mx.array(input_ids, dtype=mx.int32)
-    embeds = model.get_input_embeddings(ids[None], image_features=image_features)[0]
-    steps = generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
-                          prompt_cache=prompt_cache, input_embeddings=embeds, **kv.step_kwargs())
+    if draft is not None:
+        if kv.kv_bits is not None or kv.max_kv_size is not None:
+            raise UserError("speculative decoding keeps a plain KV cache; drop kv_bits/max_kv_size (--kv-bits, "
+                            "--max-kv-size) or the draft model")
+        steps = draft.generate_step(model, input_ids, image_features, draft_features, prompt_cache,
+                                    max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                                    prefill_step_size=kv.prefill_step_size)
+    else:
+        if prompt_cache is None and kv.max_kv_size is not None:
+            prompt_cache = kv.make_cache(model)
+        ids = mx.array(input_ids, dtype=mx.int32)
+        embeds = model.get_input_embeddings(ids[None], image_features=image_features)[0]
+        steps = generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                              prompt_cache=prompt_cache, input_embeddings=embeds, **kv.step_kwargs())
     # On Apple silicon, mlx-lm's wired limit keeps the weights resident while generating.
     with wired_limit(model, [generation_stream]):
         yield from _responses(steps, processor.tokenizer, len(input_ids), max_tokens, tic, list(num_tiles), on_token)
@@ -90,7 +101,7 @@ def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, tic: float, num
                                   n / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9, reason,
                                   list(num_tiles))
 
-    for n, (token, _) in enumerate(steps, start=1):
+    for n, (token, *_) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = n_prompt / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -123,11 +134,14 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     video=None, num_frames: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS,
                     sampling: Optional[SamplingOptions] = None, kv: Optional[KVOptions] = None, max_tiles=None,
                     system_message: Optional[str] = None, history=None, exif_transpose: bool = False,
-                    inputs: Optional[dict] = None, **options) -> Iterator[GenerationResponse]:
+                    inputs: Optional[dict] = None, draft=None, prompt_cache_file=None,
+                    **options) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`) say how to sample and cache.
-    `inputs` may be the processor's output for this request, computed beforehand."""
+    `inputs` may be the processor's output for this request, computed beforehand. `draft` (a
+    `speculative.Draft`) decodes speculatively; `prompt_cache_file` (a path or a loaded
+    `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends."""
     sampling, kv = split_options(sampling, kv, options)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
@@ -136,8 +150,18 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     ids = inputs["input_ids"][0].tolist()
     max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
-    yield from stream_tokens(model, processor, ids, _features(model, inputs["pixel_values"]), max_tokens=max_tokens,
-                             sampler=sampler, logits_processors=processors, kv=kv, num_tiles=inputs["num_tiles"])
+    cache, draft_features = None, None
+    if draft is None and prompt_cache_file is None:
+        features = _features(model, inputs["pixel_values"])
+    else:
+        from .prompt_cache import prepare_request
+
+        ids, features, draft_features, cache = prepare_request(
+            model, processor, ids, inputs["pixel_values"], inputs["num_tiles"], draft=draft,
+            prompt_cache_file=prompt_cache_file, prefill_step_size=kv.prefill_step_size)
+    yield from stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
+                             logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
+                             draft=draft, draft_features=draft_features)
 
 
 def generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,

@@ -24,11 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 import mlx.core as mx
 
+import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 from mlx_internvl.bench.measure import prompt_ids
 from mlx_internvl.bench.presets import PRESETS, random_model, weight_bytes
+from mlx_internvl.generate import stream_generate
+from mlx_internvl.prompt_cache import PromptCacheFile, save_prompt_cache_file
 from mlx_internvl.speculative import Draft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def run_drafts(target_preset, drafts, n_tokens, k, repeats, echo, image: bool = 
         built.append((name, d, dfeats))
     runs = {name: [] for name, _, _ in built}
     stats = {}
-    for r in range(repeats):
+    for _ in range(repeats):
         tps, plain_tokens = decode(model, ids, feats, n_tokens)
         plain_runs.append(tps)
         echo(f"  plain {tps:.2f} tok/s")
@@ -130,9 +132,6 @@ def run_cache(preset, max_tiles, echo):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chat_reuse import processor_for
 
-    from mlx_internvl.generate import stream_generate
-    from mlx_internvl.prompt_cache import PromptCacheFile, save_prompt_cache_file
-
     model = random_model(preset, mx.float32)
     proc = processor_for(model)
     photo = str(ROOT / "tests/fixtures/images/image1.jpg")
@@ -163,9 +162,6 @@ def run_cache(preset, max_tiles, echo):
     row = dict(preset=preset, tiles=sum(tiles), prompt_tokens=p_scratch.prompt_tokens, ttft_scratch_s=scratch_s,
                cache_create_s=create_s, cache_file_mb=size / 1e6, cache_load_s=load_s, ttft_cached_s=cached_s,
                new_tokens_cached=p_cached.prompt_tokens, ttft_cached_incl_load_s=cached_s + load_s)
-    del model
-    gc.collect()
-    mx.clear_cache()
     return row
 
 

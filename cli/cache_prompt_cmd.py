@@ -11,8 +11,11 @@ import time
 
 import click
 
-from .generate_cmd import load_for_cli, setup_logging
+from mlx_internvl.errors import UserError
 from mlx_internvl.hub import DEFAULT_MODEL
+from mlx_internvl.prompt_cache import save_prompt_cache_file
+
+from .generate_cmd import load_for_cli, setup_logging
 
 
 @click.command(name="cache-prompt")
@@ -39,9 +42,6 @@ from mlx_internvl.hub import DEFAULT_MODEL
 def command(model_path, revision, adapter_path, dtype, template, system_message, images, video, num_frames,
             max_tiles, exif_transpose, prompt, out, prefill_step_size, verbose):
     """Cache the KV state of an image/video prompt in a file, for later requests that extend it."""
-    from mlx_internvl.errors import UserError
-    from mlx_internvl.prompt_cache import save_prompt_cache_file
-
     setup_logging(verbose)
     if prompt == "-":
         prompt = sys.stdin.read()

@@ -19,8 +19,15 @@ from mlx_internvl.errors import UserError
 from mlx_internvl.generate import format_stats
 from mlx_internvl.video import load_video_frames
 
-from .generate_cmd import (draft_options, load_extras, load_for_cli, model_options, option_values, sampling_options,
-                           setup_logging)
+from .generate_cmd import (
+    draft_options,
+    load_extras,
+    load_for_cli,
+    model_options,
+    option_values,
+    sampling_options,
+    setup_logging,
+)
 
 HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
         "/history, /help, /exit")

@@ -19,7 +19,9 @@ from mlx_internvl.errors import UserError
 from mlx_internvl.generate import format_stats, stream_generate
 from mlx_internvl.hub import DEFAULT_MODEL
 from mlx_internvl.loading import load
+from mlx_internvl.prompt_cache import PromptCacheFile
 from mlx_internvl.sampling import KVOptions, SamplingOptions
+from mlx_internvl.speculative import load_draft
 
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
@@ -106,9 +108,6 @@ def load_extras(model, processor, dtype, draft_model=None, draft_quantize=None, 
     if group is not None and (draft_model or draft_quantize or prompt_cache_file):
         raise UserError("--draft-model, --draft-quantize and --prompt-cache-file run in one process; they are not "
                         "available under mlx.launch")
-    from mlx_internvl.prompt_cache import PromptCacheFile
-    from mlx_internvl.speculative import load_draft
-
     draft = load_draft(model, processor, draft_model, draft_quantize, num_draft_tokens, dtype=dtype)
     cache_file = PromptCacheFile.load(prompt_cache_file, model) if prompt_cache_file else None
     return draft, cache_file

@@ -23,6 +23,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .images import ImageInput
 from .processing import add_image_placeholders, add_video_placeholders, frame_to_tile, image_to_tiles, load_image
+from .prompt_cache import as_prompt_cache, image_hashes
 from .sampling import KVOptions, SamplingOptions, split_options
 from .templates import chat_messages
 from .video import load_video_frames
@@ -42,8 +43,6 @@ class ChatSession:
         self.draft = draft
         self.prompt_cache_file = None
         if prompt_cache_file is not None:
-            from .prompt_cache import as_prompt_cache
-
             self.prompt_cache_file = as_prompt_cache(prompt_cache_file, model)
         self.system_message = system_message
         self.max_tiles = max_tiles
@@ -109,8 +108,6 @@ class ChatSession:
         if self.prompt_cache_file is None:
             cache, common = self.kv.make_cache(self.model), 0
         else:
-            from .prompt_cache import image_hashes
-
             common = self.prompt_cache_file.prefix_length(ids, image_hashes(self._tiles, []))
             cache = self.prompt_cache_file.fresh_cache()
         if self.draft is not None:

@@ -22,6 +22,7 @@ from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wi
 
 from .errors import UserError
 from .images import ImageInput
+from .prompt_cache import prepare_request
 from .sampling import KVOptions, SamplingOptions, split_options
 
 DEFAULT_MAX_TOKENS = 256
@@ -154,8 +155,6 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     if draft is None and prompt_cache_file is None:
         features = _features(model, inputs["pixel_values"])
     else:
-        from .prompt_cache import prepare_request
-
         ids, features, draft_features, cache = prepare_request(
             model, processor, ids, inputs["pixel_values"], inputs["num_tiles"], draft=draft,
             prompt_cache_file=prompt_cache_file, prefill_step_size=kv.prefill_step_size)
@@ -239,9 +238,4 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
 
 def stream_prefill(model, input_ids: List[int], image_features: Optional[mx.array], cache, step: int = 2048):
     """Run `input_ids` through the model into `cache` in chunks of `step` tokens; yields tokens done so far."""
-    ids = mx.array(input_ids, dtype=mx.int32)[None]
-    embeds = model.get_input_embeddings(ids, image_features=image_features)
-    for start in range(0, ids.shape[1], step):
-        model(ids[:, start:start + step], cache=cache, input_embeddings=embeds[:, start:start + step])
-        mx.eval([c.state for c in cache])
-        yield min(start + step, ids.shape[1])
+    yield from model.prefill(input_ids, image_features, cache, step)

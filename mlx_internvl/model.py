@@ -127,3 +127,13 @@ class InternVLChatModel(nn.Module):
 
     def make_cache(self):
         return make_prompt_cache(self.language_model)
+
+    def prefill(self, input_ids, image_features: Optional[mx.array], cache, step: int = 2048):
+        """Run `input_ids` (a list; image features at its image tokens) into `cache` in chunks of `step` tokens;
+        yields the number of tokens done so far."""
+        ids = mx.array(input_ids, dtype=mx.int32)[None]
+        embeds = self.get_input_embeddings(ids, image_features=image_features)
+        for start in range(0, ids.shape[1], step):
+            self(ids[:, start:start + step], cache=cache, input_embeddings=embeds[:, start:start + step])
+            mx.eval([c.state for c in cache])
+            yield min(start + step, ids.shape[1])

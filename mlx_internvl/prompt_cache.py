@@ -33,8 +33,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
+from .adapters import adapter_modules
 from .errors import UserError
+from .files import atomic_write
 
 FORMAT = "mlx-internvl-prompt-cache"
 VERSION = 1
@@ -64,8 +67,6 @@ def _fingerprint(items) -> str:
 
 def model_identity(model) -> dict:
     """What makes a KV cache valid for `model`: weights, dtype, quantization and adapter (see the module doc)."""
-    from .adapters import adapter_modules
-
     adapters = tuple(name + "." for name, _ in adapter_modules(model))
     base, extra = [], []
     for k, v in tree_flatten(model.parameters()):
@@ -116,9 +117,7 @@ class PromptCacheFile:
     cache: list  # mlx-lm KV caches, never handed out directly (see `fresh_cache`)
 
     @classmethod
-    def load(cls, path: Union[str, Path], model) -> "PromptCacheFile":
-        from mlx_lm.models.cache import load_prompt_cache
-
+    def load(cls, path: Union[str, Path], model) -> PromptCacheFile:
         path = Path(path).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: no such prompt-cache file (make one with mlx-internvl cache-prompt)")
@@ -143,8 +142,6 @@ class PromptCacheFile:
 
     def fresh_cache(self) -> list:
         """New KV caches holding the cached prompt; generating into them leaves this object unchanged."""
-        from mlx_lm.models.cache import KVCache
-
         out = []
         for c in self.cache:
             k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
@@ -196,7 +193,7 @@ def check_identity(cached: dict, current: dict, where: str) -> None:
                         "load the same --adapter or make the cache again")
 
 
-def as_prompt_cache(value, model) -> "PromptCacheFile":
+def as_prompt_cache(value, model) -> PromptCacheFile:
     return value if isinstance(value, PromptCacheFile) else PromptCacheFile.load(value, model)
 
 
@@ -204,7 +201,7 @@ def cached_prefix(processor, prompt: str, num_tiles: Sequence[int], system_messa
                   num_frames: int = 0) -> List[int]:
     """Token ids of the request for `prompt` up to the end of its text: the user turn left open, so that a
     question which starts with `prompt` extends them."""
-    full = processor.prompt(prompt + _MARK, num_tiles, None, system_message, num_frames)
+    full = processor.render(prompt + _MARK, num_tiles, None, system_message, num_frames).text
     return processor.tokenizer.encode(full[: full.index(_MARK)])
 
 
@@ -213,11 +210,6 @@ def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str 
                            exif_transpose: bool = False, prefill_step_size: int = 2048) -> PromptCacheFile:
     """Compute and write the KV cache of the opening of a request (`prompt` with `images`/`video`, as
     `stream_generate` would render it) to `out` (`.safetensors`, written atomically). Returns the file, loaded."""
-    from mlx_lm.models.cache import save_prompt_cache
-
-    from .files import atomic_write
-    from .generate import stream_prefill
-
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: a prompt-cache file must end in .safetensors")
@@ -234,7 +226,7 @@ def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str 
     processor.check_length(len(ids) + 1)
     features = None if inputs["pixel_values"] is None else model.extract_feature(inputs["pixel_values"])
     cache = model.make_cache()
-    for _ in stream_prefill(model, ids, features, cache, prefill_step_size):
+    for _ in model.prefill(ids, features, cache, prefill_step_size):
         pass
     meta = {
         "format": FORMAT,

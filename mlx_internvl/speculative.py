@@ -25,9 +25,16 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.generate import speculative_generate_step
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
+from .adapters import adapter_modules
+from .backbones import build_language_model
 from .errors import UserError
+from .loading import load
 from .model import InternVLChatModel
+from .weights import quantize
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 
@@ -50,7 +57,7 @@ class DraftStats:
     def passes_per_token(self) -> float:
         return self.target_passes / self.generated if self.generated else 0.0
 
-    def add(self, other: "DraftStats") -> None:
+    def add(self, other: DraftStats) -> None:
         for k in ("proposed", "accepted", "target_passes", "generated"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
@@ -89,19 +96,16 @@ class Draft:
 
     @classmethod
     def from_model(cls, target: InternVLChatModel, target_processor, draft: InternVLChatModel, draft_processor,
-                   num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, name: str = "the draft model") -> "Draft":
+                   num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, name: str = "the draft model") -> Draft:
         """Another InternVL as the draft; its tokenizer must be the target's (same tokens, same ids)."""
         check_same_vocabulary(target, target_processor, draft, draft_processor, name)
         return cls(draft, num_draft_tokens, kind="model")
 
     @classmethod
     def self_draft(cls, target: InternVLChatModel, bits: int = 4, group_size: int = 64,
-                   num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS) -> "Draft":
+                   num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS) -> Draft:
         """The target's language model quantized to `bits` in memory (LoRA/DoRA adapters fused first, a quantized
         target dequantized first), behind the target's own ViT and projector."""
-        from .backbones import build_language_model
-        from .weights import quantize
-
         if bits not in (4, 8):
             raise UserError(f"--draft-quantize must be 4 or 8, got {bits}")
         q = target.config.quantization
@@ -142,8 +146,6 @@ class Draft:
     def align(self, target: InternVLChatModel, cache: list) -> int:
         """Trim both caches to the tokens both hold (after a fully accepted draft the draft is one token behind)
         and return that count."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
         parts = self.split(target, cache)
         n = min(p[0].offset for p in parts)
         for p in parts:
@@ -152,11 +154,8 @@ class Draft:
 
     def prefill_draft(self, input_ids: List[int], features: Optional[mx.array], cache: list, step: int = 2048):
         """Run `input_ids` (with the draft's image features) into the draft's part of a combined cache."""
-        from .generate import stream_prefill
-
-        if input_ids:
-            for _ in stream_prefill(self.model, input_ids, features, cache, step):
-                pass
+        for _ in self.model.prefill(input_ids, features, cache, step) if input_ids else ():
+            pass
 
     def generate_step(self, model: InternVLChatModel, input_ids: List[int], image_features: Optional[mx.array],
                       draft_features: Optional[mx.array], prompt_cache: Optional[list] = None, *, max_tokens: int,
@@ -165,11 +164,6 @@ class Draft:
 
         `prompt_cache` is a combined cache (`make_cache`), possibly holding a prefix of the conversation already
         (both parts at the same length); `input_ids` is the part after it."""
-        from mlx_lm.generate import speculative_generate_step
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
-        from .generate import stream_prefill
-
         if prompt_cache is None:
             prompt_cache = self.make_cache(model)
         target_cache, draft_cache = self.split(model, prompt_cache)
@@ -181,7 +175,7 @@ class Draft:
             raise UserError("the prompt ends with an image token; speculative decoding needs a text token last")
         head = input_ids[:-1]
         if head:
-            for _ in stream_prefill(model, head, image_features, target_cache, prefill_step_size):
+            for _ in model.prefill(head, image_features, target_cache, prefill_step_size):
                 pass
             self.prefill_draft(head, draft_features, draft_cache, prefill_step_size)
         self.stats = stats = DraftStats()
@@ -223,10 +217,6 @@ def check_same_vocabulary(target, target_processor, draft, draft_processor, name
 
 def float_weights(lm: nn.Module) -> dict:
     """The language model's weights as full-precision tensors: adapter layers fused, quantized layers dequantized."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    from .adapters import adapter_modules
-
     out, done = {}, []
     for name, module in adapter_modules(lm):
         fused = module.fuse(dequantize=True)
@@ -256,7 +246,5 @@ def load_draft(target, target_processor, draft_model=None, draft_quantize: Optio
         return Draft.self_draft(target, int(draft_quantize), num_draft_tokens=num_draft_tokens)
     if draft_model is None:
         return None
-    from .loading import load
-
     d_model, d_proc = load(draft_model, dtype=dtype, revision=revision)
     return Draft.from_model(target, target_processor, d_model, d_proc, num_draft_tokens, name=f"draft {draft_model}")

@@ -22,15 +22,17 @@ import mlx_internvl
 from mlx_internvl.bench import presets
 presets.PRESETS["mini"] = json.loads(sys.argv[1])
 presets.PRESETS["mini2"] = json.loads(sys.argv[1])
+script = sys.argv[3]
 sys.argv = ["speculative.py", "--target", "mini", "--pair", "mini2:mini", "--cache-preset", "mini", "--tokens", "6",
             "--max-tiles", "2", "--self-prompt", "image", "--json", sys.argv[2]]
-runpy.run_path(%r, run_name="__main__")
-""" % str(ROOT / "benchmarks" / "speculative.py")
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def test_speculative_benchmark_runs_every_part(tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(MINI), str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(MINI), str(out),
+                           str(ROOT / "benchmarks" / "speculative.py")], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -3,12 +3,11 @@
 `Error:` line."""
 
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 from test_cli_generate import assert_one_line_error, run
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.generate import generate
 

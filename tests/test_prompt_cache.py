@@ -8,11 +8,10 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import stream_generate
@@ -118,8 +117,8 @@ def test_requests_that_do_not_extend_the_prefix_are_refused(qwen2, tmp_path):
 
 
 def test_other_model_revision_dtype_quantization_or_adapter_is_refused(build_case, qwen2, tmp_path):
-    from mlx_internvl.weights import quantize
     from mlx_internvl.adapters import LoraConfig, apply_lora
+    from mlx_internvl.weights import quantize
 
     model, processor = qwen2
     f = tmp_path / "id.safetensors"
@@ -177,7 +176,7 @@ def test_bad_files_and_paths(qwen2, tmp_path):
 
 
 def test_an_interrupted_write_leaves_nothing(qwen2, tmp_path, monkeypatch):
-    import mlx_lm.models.cache as mlx_cache
+    import mlx_internvl.prompt_cache as prompt_cache
 
     model, processor = qwen2
     f = tmp_path / "old.safetensors"
@@ -189,7 +188,7 @@ def test_an_interrupted_write_leaves_nothing(qwen2, tmp_path, monkeypatch):
             fh.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_cache, "save_prompt_cache", boom)
+    monkeypatch.setattr(prompt_cache, "save_prompt_cache", boom)
     with pytest.raises(KeyboardInterrupt):
         save_prompt_cache_file(model, processor, f, "Other.", [IMG1], max_tiles=1)
     assert f.read_bytes() == before and os.listdir(tmp_path) == [f.name]

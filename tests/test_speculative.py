@@ -11,17 +11,16 @@ the same test is shown to reject samples drawn from the draft's distribution, so
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
-from mlx_internvl.generate import make_sampling, stream_generate
+from mlx_internvl.generate import stream_generate
+from mlx_internvl.sampling import SamplingOptions
 from mlx_internvl.speculative import Draft
 
 IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
@@ -225,7 +224,7 @@ def test_sampled_speculative_tokens_follow_the_target_distribution(build_case):
     assert tv > 0.4, tv
 
     draft = Draft.from_model(model, processor, d_model, d_proc, num_draft_tokens=2)
-    sampler, _ = make_sampling(temperature=TEMP, seed=1234)
+    sampler, _ = SamplingOptions(temperature=TEMP, seed=1234).make()
     counts = {}
     for _ in range(N_SAMPLES):
         out = [t for t, *_ in draft.generate_step(model, ids, None, None, max_tokens=2, sampler=sampler)]

@@ -24,9 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
+
+# isort: split
 import mlx.core as mx
 
-import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 from mlx_internvl.bench.measure import prompt_ids
 from mlx_internvl.bench.presets import PRESETS, random_model, weight_bytes
 from mlx_internvl.generate import stream_generate

@@ -16,7 +16,6 @@ import click
 from mlx_internvl import distributed
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
-from mlx_internvl.generate import format_stats
 from mlx_internvl.video import load_video_frames
 
 from .generate_cmd import (
@@ -27,6 +26,7 @@ from .generate_cmd import (
     option_values,
     sampling_options,
     setup_logging,
+    stats_text,
 )
 
 HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
@@ -39,18 +39,15 @@ HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video P
 @click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, verbose, images, draft_model, draft_quantize, num_draft_tokens, prompt_cache_file,
-            **options):
+            exif_transpose, verbose, images, **options):
     """Chat with a model about images, turn by turn."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
     group = distributed.start()  # None unless launched as a group; then rank 0 reads stdin and shares each line
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
-    draft, cache_file = load_extras(model, processor, dtype, draft_model, draft_quantize, num_draft_tokens,
-                                    prompt_cache_file, group)
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
-                          draft=draft, prompt_cache_file=cache_file)
+                          **load_extras(model, processor, dtype, options, group))
     tty = sys.stdin.isatty()
     pending, video = list(images), None
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
@@ -97,9 +94,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
             pending, video = [], None
         click.echo()
         if verbose and last is not None:
-            click.echo(format_stats(last), err=True)
-            if draft is not None:
-                click.echo(draft.stats.summary(), err=True)
+            click.echo(stats_text(last, session.draft), err=True)
     if group is not None:
         group.close()
 

@@ -102,15 +102,20 @@ def draft_options(f):
     ])
 
 
-def load_extras(model, processor, dtype, draft_model=None, draft_quantize=None, num_draft_tokens=3,
-                prompt_cache_file=None, group=None):
-    """(draft or None, loaded prompt-cache file or None) for `draft_options`."""
-    if group is not None and (draft_model or draft_quantize or prompt_cache_file):
+def load_extras(model, processor, dtype, options: dict, group=None) -> dict:
+    """`{"draft": Draft or None, "prompt_cache_file": PromptCacheFile or None}` from the `draft_options` values in
+    `options` (keywords for `stream_generate` and `ChatSession`)."""
+    draft_model, bits, cache_file = (options.get(k) for k in ("draft_model", "draft_quantize", "prompt_cache_file"))
+    if group is not None and (draft_model or bits or cache_file):
         raise UserError("--draft-model, --draft-quantize and --prompt-cache-file run in one process; they are not "
                         "available under mlx.launch")
-    draft = load_draft(model, processor, draft_model, draft_quantize, num_draft_tokens, dtype=dtype)
-    cache_file = PromptCacheFile.load(prompt_cache_file, model) if prompt_cache_file else None
-    return draft, cache_file
+    draft = load_draft(model, processor, draft_model, bits, options.get("num_draft_tokens", 3), dtype=dtype)
+    return {"draft": draft, "prompt_cache_file": PromptCacheFile.load(cache_file, model) if cache_file else None}
+
+
+def stats_text(last, draft=None) -> str:
+    """The speed/memory lines of a reply, and the draft's line when decoding speculatively."""
+    return format_stats(last) + ("" if draft is None else "\n" + draft.stats.summary())
 
 
 def option_values(options: dict):
@@ -167,8 +172,7 @@ def default_prompt(prompt, images, video) -> str:
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, verbose, images, video, prompt, draft_model, draft_quantize, num_draft_tokens,
-            prompt_cache_file, **options):
+            exif_transpose, verbose, images, video, prompt, **options):
     """Answer one prompt about images or a video, streaming the reply."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
@@ -178,8 +182,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     inputs = run(lambda: processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message,
                                    video=video, num_frames=num_frames, exif_transpose=exif_transpose))
-    draft, cache_file = load_extras(model, processor, dtype, draft_model, draft_quantize, num_draft_tokens,
-                                    prompt_cache_file, group)
+    extras = load_extras(model, processor, dtype, options, group)
     if verbose:
         click.echo(f"Template: {processor.template.name}", err=True)
         if inputs["num_tiles"]:
@@ -187,13 +190,11 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
-                                kv=kv, draft=draft, prompt_cache_file=cache_file):
+                                kv=kv, **extras):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()
     if verbose and last is not None:
-        click.echo("=" * 10 + "\n" + format_stats(last), err=True)
-        if draft is not None:
-            click.echo(draft.stats.summary(), err=True)
+        click.echo("=" * 10 + "\n" + stats_text(last, extras["draft"]), err=True)
     if group is not None:
         group.close()

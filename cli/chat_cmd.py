@@ -22,15 +22,15 @@ HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video P
 @model_options
 @click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
-            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, verbose, images):
+            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, stop_on_eos, verbose, images):
     """Chat with a model about images, turn by turn."""
     from mlx_internvl.chat import ChatSession
     from mlx_internvl.errors import UserError
     from mlx_internvl.generate import format_stats
 
     setup_logging(verbose)
+    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos)
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
-    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles,
                           num_frames=num_frames, exif_transpose=exif_transpose, **kw)
     tty = sys.stdin.isatty()
@@ -46,7 +46,11 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         if not line:
             continue
         if line.startswith("/"):
-            cmd, *args = shlex.split(line)
+            try:
+                cmd, *args = shlex.split(line)
+            except ValueError as e:  # an unbalanced quote: say so, and keep the conversation
+                click.echo(f"Error: cannot read the command ({e}); quote paths with spaces as \"a b.jpg\"", err=True)
+                continue
             if cmd in ("/exit", "/quit"):
                 break
             elif cmd == "/clear":

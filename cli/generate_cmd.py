@@ -49,6 +49,9 @@ def model_options(f):
                      help="Frames sampled from a video, one tile each."),
         click.option("--exif-transpose", is_flag=True,
                      help="Rotate photos by their EXIF orientation (upstream does not, so off by default)."),
+        click.option("--stop-on-eos", is_flag=True,
+                     help="Also stop on the tokenizer's eos token (upstream chat() stops only on the template's end "
+                          "token, so this is off by default)."),
         click.option("--verbose", "-v", is_flag=True, help="Show the prompt, tiles and speed on stderr."),
     ]
     for option in reversed(options):
@@ -79,9 +82,14 @@ def load_for_cli(model_path, revision, adapter_path, dtype, template):
     return model, processor
 
 
-def sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed):
+def sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos=False):
+    """The options as library keyword arguments, checked here so a bad one fails before the model loads."""
+    from mlx_internvl.validate import check_generation, check_sampling
+
+    check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    check_generation(max_tokens)
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed)
+                repetition_penalty=repetition_penalty, seed=seed, stop_on_eos=stop_on_eos)
 
 
 def printable_prompt(prompt: str) -> str:
@@ -101,13 +109,16 @@ def printable_prompt(prompt: str) -> str:
 @click.option("--prefill-step-size", type=int, default=2048, show_default=True,
               help="Prompt tokens per prefill chunk (smaller lowers peak memory).")
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
-            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, verbose, images, video,
-            prompt, kv_bits, max_kv_size, prefill_step_size):
+            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, stop_on_eos, verbose, images,
+            video, prompt, kv_bits, max_kv_size, prefill_step_size):
     """Answer one prompt about images or a video, streaming the reply."""
     from mlx_internvl.errors import UserError
     from mlx_internvl.generate import format_stats, stream_generate
+    from mlx_internvl.validate import check_generation
 
     setup_logging(verbose)
+    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos)
+    check_generation(max_tokens, prefill_step_size, int(kv_bits) if kv_bits else None, 64, max_kv_size)
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is None:
@@ -128,9 +139,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs,
                                 kv_bits=int(kv_bits) if kv_bits else None, max_kv_size=max_kv_size,
-                                prefill_step_size=prefill_step_size,
-                                **sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-                                                  seed)):
+                                prefill_step_size=prefill_step_size, **kw):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()

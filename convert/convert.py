@@ -10,12 +10,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +20,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_internvl.errors import UserError
+from mlx_internvl.safe_io import output_errors, staged_output  # noqa: F401  (staged_output: shared by export, fuse, LoRA)
 from mlx_internvl.loading import (
     build_model,
     hf_weights,
@@ -114,40 +112,6 @@ def copy_remote_code(src: Path, dst: Path) -> None:
     back to the original layout can be loaded with `trust_remote_code=True` again."""
     for f in sorted(src.glob("*.py")):
         shutil.copyfile(f, dst / f.name)
-
-
-@contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `out`, on any error it is removed.
-
-    With `force`, an existing `out` is moved aside only after the new directory is complete, and is put back if
-    the final rename fails, so a failed run never leaves a half-written or missing output.
-    """
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the result normal directory permissions
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:
-                old.rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert(

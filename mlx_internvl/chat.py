@@ -18,10 +18,12 @@ import mlx.core as mx
 
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, _clamp_max_tokens, make_sampling, stream_tokens
 from .images import ImageInput
-from .processing import (add_image_placeholders, add_video_placeholders, expand_image_placeholders, frame_to_tile,
-                         image_to_tiles, load_image)
+from .processing import (add_image_placeholders, add_video_placeholders, as_image_list, expand_image_placeholders,
+                         frame_to_tile, image_to_tiles, load_image)
 from .errors import UserError
 from .templates import build_query
+from . import validate
+from .validate import check_generation
 
 
 class ChatSession:
@@ -31,16 +33,19 @@ class ChatSession:
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: Optional[float] = None,
                  seed: Optional[int] = None, num_frames: int = 8, exif_transpose: bool = False,
-                 prefill_step_size: int = 2048):
+                 prefill_step_size: int = 2048, stop_on_eos: bool = False, extra_stop_tokens: Sequence = ()):
         self.model, self.processor = model, processor
+        self.sampler, self.logits_processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty,
+                                                             seed=seed)
+        check_generation(max_tokens, prefill_step_size)
+        max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
+        self.stop_ids = processor.stop_token_ids(stop_on_eos, extra_stop_tokens)
         self.system_message = system_message
         self.max_tiles = max_tiles
         self.max_tokens = max_tokens
         self.num_frames = num_frames
         self.exif_transpose = exif_transpose
         self.prefill_step_size = prefill_step_size
-        self.sampler, self.logits_processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty,
-                                                             seed=seed)
         self.clear()
 
     def clear(self) -> None:
@@ -97,7 +102,8 @@ class ChatSession:
         n_before = len(self._tiles)
         done = False
         try:
-            question = self._add_media(question, list(images or []), video)
+            validate.conversation(question)
+            question = self._add_media(question, as_image_list(images), video)
             system = self.system_message if self.system_message is not None else proc.system_message
             query = build_query(proc.template, question, self.history, system)
             num_tiles = [t.shape[0] for t in self._tiles]
@@ -127,7 +133,7 @@ class ChatSession:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
                                        logits_processors=self.logits_processors, prompt_cache=self._cache,
                                        prefill_step_size=self.prefill_step_size, num_tiles=num_tiles,
-                                       on_token=generated.append):
+                                       on_token=generated.append, extra_stop_tokens=self.stop_ids):
                     text += r.text
                     yield r
             finally:

@@ -6,8 +6,10 @@ samplers and logits processors come from `mlx_lm.sample_utils`; batches run thro
 whose `BatchKVCache.merge` left-pads the per-request caches and masks the padding. Each batch member is
 prefilled on its own (its image embeddings differ in length), so batching changes only the decode steps.
 
-Generation stops on the template's end token (`<|im_end|>`, `<|end|>`) and on the tokenizer's eos. Special tokens
-are left out of the text, and the returned text is stripped, as upstream `chat()` decodes and strips its answer.
+Generation stops on the template's end token (`<|im_end|>`, `<|end|>`) only, as upstream `chat()`/`batch_chat()`
+do; stopping on the tokenizer's eos too is an option (`stop_on_eos`). Special tokens, and ids past the tokenizer's
+vocabulary (padded embedding rows), are left out of the text, and the returned text is stripped, as upstream
+`chat()` decodes (`skip_special_tokens=True`) and strips its answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import mlx.core as mx
 
 from .errors import UserError
 from .images import ImageInput
+from .validate import check_generation, check_sampling, integer
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -57,12 +60,7 @@ def make_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
     """(sampler, logits_processors) from mlx-lm; temperature 0 is greedy. Seeds MLX's generator when `seed` is set."""
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed)
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, min_p=min_p, top_k=top_k)
@@ -71,8 +69,7 @@ def make_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
 
 
 def _clamp_max_tokens(processor, prompt_len: int, max_tokens: int) -> int:
-    if max_tokens < 1:
-        raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
+    max_tokens = integer("max_tokens", max_tokens, minimum=1)
     processor.check_length(prompt_len)
     ctx = processor.context_length
     return min(max_tokens, ctx - prompt_len) if ctx else max_tokens
@@ -83,32 +80,33 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
                   prefill_step_size: int = 2048, num_tiles: Sequence[int] = (),
                   on_token: Optional[Callable[[int], None]] = None, kv_bits: Optional[int] = None,
                   kv_group_size: int = 64, quantized_kv_start: int = 0,
-                  max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
+                  max_kv_size: Optional[int] = None, stop_on_eos: bool = False,
+                  extra_stop_tokens: Sequence = ()) -> Iterator[GenerationResponse]:
     """Stream a reply to `input_ids` (1-D list) whose `<IMG_CONTEXT>` positions take `image_features` rows.
 
     `prompt_cache` (mlx-lm KV caches) may already hold a prefix of the conversation; then `input_ids` is only the
     part after it. `on_token` sees every token that entered the cache. KV-cache options are mlx-lm's: `kv_bits`
     quantizes the cache once it holds `quantized_kv_start` tokens; `max_kv_size` makes it a rotating cache that
-    keeps the first 4 and the last tokens (image tokens in the middle of a long prompt can be evicted)."""
+    keeps the first 4 and the last tokens (image tokens in the middle of a long prompt can be evicted).
+    Generation stops on the template's end token only, as upstream `chat()`; `stop_on_eos` adds the tokenizer's
+    eos, `extra_stop_tokens` more tokens (strings or ids)."""
     from mlx_lm.generate import generate_step, generation_stream, wired_limit
     from mlx_lm.models.cache import make_prompt_cache
 
+    check_generation(max_tokens, prefill_step_size, kv_bits, kv_group_size, max_kv_size)
     if kv_bits is not None:
-        if kv_bits not in (2, 3, 4, 6, 8):
-            raise UserError(f"kv_bits must be one of 2, 3, 4, 6, 8, got {kv_bits}")
         llm = model.config.llm_config
         head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
         if kv_group_size not in (32, 64, 128) or head_dim % kv_group_size:
             raise UserError(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}; "
                             f"got {kv_group_size}")
     if max_kv_size is not None and prompt_cache is None:
-        if max_kv_size < 8:
-            raise UserError(f"max_kv_size must be at least 8, got {max_kv_size}")
         prompt_cache = make_prompt_cache(model.language_model, max_kv_size=max_kv_size)
 
     tokenizer = processor.tokenizer
-    eos = set(tokenizer.eos_token_ids)
+    stop = processor.stop_token_ids(stop_on_eos, extra_stop_tokens)
     skip = special_token_ids(tokenizer)
+    vocab = processor.vocab_ids
     ids = mx.array(input_ids, dtype=mx.int32)
     tic = time.perf_counter()
     embeds = model.get_input_embeddings(ids[None], image_features=image_features)[0]
@@ -127,10 +125,11 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
                 tic = time.perf_counter()
             if on_token:
                 on_token(token)
-            if token in eos:
+            if token in stop:
                 finish = "stop"
                 break
-            if token not in skip:
+            # An id past the tokenizer (embeddings are often padded) has no text: upstream's decode drops it.
+            if token not in skip and token in vocab:
                 detok.add_token(token)
             if n == max_tokens:
                 break
@@ -160,21 +159,24 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     repetition_penalty: Optional[float] = None, seed: Optional[int] = None, max_tiles=None,
                     system_message: Optional[str] = None, history=None, prefill_step_size: int = 2048,
                     exif_transpose: bool = False, inputs: Optional[dict] = None, kv_bits: Optional[int] = None,
-                    kv_group_size: int = 64, max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
+                    kv_group_size: int = 64, max_kv_size: Optional[int] = None, stop_on_eos: bool = False,
+                    extra_stop_tokens: Sequence = ()) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `inputs` may be the processor's output for this request, computed beforehand."""
+    sampler, processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    check_generation(max_tokens, prefill_step_size, kv_bits, kv_group_size, max_kv_size)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
                            exif_transpose=exif_transpose)
     ids = inputs["input_ids"][0].tolist()
     max_tokens = _clamp_max_tokens(processor, len(ids), max_tokens)
-    sampler, processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
     yield from stream_tokens(model, processor, ids, _features(model, inputs["pixel_values"]), max_tokens=max_tokens,
                              sampler=sampler, logits_processors=processors, prefill_step_size=prefill_step_size,
                              num_tiles=inputs["num_tiles"], kv_bits=kv_bits, kv_group_size=kv_group_size,
-                             max_kv_size=max_kv_size)
+                             max_kv_size=max_kv_size, stop_on_eos=stop_on_eos,
+                             extra_stop_tokens=extra_stop_tokens)
 
 
 def generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,
@@ -201,7 +203,8 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
                    max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: Optional[float] = None,
                    seed: Optional[int] = None, max_tiles=None, system_message: Optional[str] = None,
-                   prefill_step_size: int = 2048) -> BatchResult:
+                   prefill_step_size: int = 2048, stop_on_eos: bool = False,
+                   extra_stop_tokens: Sequence = ()) -> BatchResult:
     """Replies to several independent requests at once (upstream `batch_chat`): `images[i]` is the list of
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches."""
     from mlx_lm.generate import BatchGenerator
@@ -210,6 +213,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     if len(images) != len(prompts):
         raise UserError(f"batch_generate got {len(prompts)} prompts but {len(images)} image lists")
     sampler, processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    check_generation(max_tokens, prefill_step_size)
     tic = time.perf_counter()
     prompt_ids, caches, limits = [], [], []
     for text, ims in zip(prompts, images):
@@ -228,7 +232,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     prompt_time = time.perf_counter() - tic
     n_prompt = sum(len(p) for p in prompt_ids)
 
-    eos = sorted(processor.tokenizer.eos_token_ids)
+    eos = sorted(processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos], sampler=sampler,
                          logits_processors=processors, completion_batch_size=len(prompts),
                          prefill_batch_size=len(prompts), prefill_step_size=prefill_step_size)

@@ -94,8 +94,15 @@ def load_weights_checked(model: nn.Module, weights: Dict[str, mx.array], source=
 def read_config(path: Path) -> Tuple[dict, str]:
     from .convert.checkpoint import read_json
 
+    from .validate import check_config_json
+
+    where = str(path / "config.json")
     raw = read_json(path / "config.json")
-    return raw, detect_format(raw, str(path / "config.json"))
+    if not isinstance(raw, dict):
+        check_config_json(raw, where)  # says what the top level should be
+    fmt = detect_format(raw, where)
+    check_config_json(raw, where, fmt)
+    return raw, fmt
 
 
 def hf_weights(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None):

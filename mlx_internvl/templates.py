@@ -103,6 +103,9 @@ def build_query(
     system_message: Optional[str] = None,
 ) -> str:
     """The full prompt for `question` after `history` [(question, answer), ...], ending with the assistant role."""
+    from .validate import conversation
+
+    conversation(question, history, system_message)
     messages: List[Tuple[int, Optional[str]]] = []
     for q, a in history or []:
         messages += [(0, q), (1, a)]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -30,6 +28,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..errors import UserError
+from ..safe_io import atomic_write
 
 logger = logging.getLogger("mlx_internvl")
 ADAPTER_FILE = "adapters.safetensors"
@@ -142,27 +141,6 @@ def apply_lora(model, config: LoraConfig) -> List[str]:
 
 def trainable_weights(model) -> Dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` and move the result over `path` in one rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the result normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:

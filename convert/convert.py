@@ -43,6 +43,8 @@ def quantize(model: nn.Module, bits: int, group_size: int, quantize_vision: bool
     """
     if bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--q-bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--q-group-size {group_size} is not supported; use 32, 64 or 128")
     config = {"group_size": group_size, "bits": bits, "mode": "affine"}
     lm_predicate = getattr(model.language_model, "quant_predicate", None)
 

@@ -255,5 +255,6 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: Union[str, Path]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    from .safe_io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2), "parity report")

@@ -77,8 +77,8 @@ def output_errors(path, what: str = "output") -> Iterator[None]:
         raise
     except OSError as e:
         cause = _CAUSES.get(e.errno) or (e.strerror or str(e))
-        where = e.filename or path
-        raise UserError(f"cannot write the {what} {path}: {where}: {cause}. Nothing was written; any earlier "
+        where = f"{e.filename}: " if e.filename and str(e.filename) != str(path) else ""
+        raise UserError(f"cannot write the {what} {path}: {where}{cause}. Nothing was written; any earlier "
                         "output is unchanged.") from e
     except RuntimeError as e:
         if not _is_write_failure(e):

@@ -233,3 +233,34 @@ def conversation(question, history=None, system_message=None) -> None:
     if system_message is not None and not isinstance(system_message, str):
         raise UserError(f"system_message: expected a string or None, got {_fmt(system_message)} "
                         f"({type(system_message).__name__})")
+
+
+# --- LoRA training ----------------------------------------------------------------------------------------------
+
+def check_training_args(args) -> None:
+    """`TrainingArgs` (the `lora` command's options), each named by its flag."""
+    integer("--batch-size", args.batch_size, minimum=1)
+    integer("--grad-accum", args.grad_accum, minimum=1)
+    number("--lr", args.lr, minimum=0.0, min_open=True, fix="e.g. 1e-4")
+    number("--min-lr", args.min_lr, minimum=0.0)
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} is above --lr {args.lr}; the cosine decay goes from --lr down to "
+                        "--min-lr")
+    integer("--warmup", args.warmup, minimum=0)
+    number("--weight-decay", args.weight_decay, minimum=0.0)
+    integer("--iters", args.iters, minimum=1, allow_none=True)
+    number("--epochs", args.epochs, minimum=0.0, min_open=True, allow_none=True)
+    integer("--max-length", args.max_length, minimum=2)
+    integer("--max-tiles", args.max_tiles, minimum=1, allow_none=True,
+            fix="leave it out for the checkpoint's max_dynamic_patch")
+    integer("--val-every", args.val_every, minimum=0, fix="0 validates only at the start and the end")
+    integer("--val-batches", args.val_batches, minimum=-1, fix="-1 is the whole validation set")
+    if args.val_batches == 0:
+        raise UserError("--val-batches: expected -1 (all) or a count >= 1, got 0")
+    integer("--save-every", args.save_every, minimum=1, fix="checkpoints are also written at the last step")
+    integer("--report-every", args.report_every, minimum=1)
+    integer("--keep-checkpoints", args.keep_checkpoints, minimum=0, fix="0 keeps all")
+    integer("--seed", args.seed, minimum=0)
+    for name in ("grad_checkpoint", "compile", "skip_bad", "bias_correction"):
+        if not isinstance(getattr(args, name, False), bool):
+            raise UserError(f"{name}: expected True or False, got {getattr(args, name)!r}")

@@ -128,10 +128,10 @@ def main(presets: Optional[List[str]], dtypes: Optional[List[str]], tiles, decod
     echo("")
     echo(f"Machine: {info}")
     echo(table)
+    from ..safe_io import atomic_write_text
+
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+        atomic_write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2), "JSON results")
     if markdown_path:
-        with open(markdown_path, "w") as f:
-            f.write(f"Machine: `{info}`\n\n{table}\n")
+        atomic_write_text(markdown_path, f"Machine: `{info}`\n\n{table}\n", "markdown table")
     return results

@@ -60,16 +60,17 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"--rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise UserError(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        from .. import validate as v
+
+        v.integer("--rank", self.rank, minimum=1)
+        v.number("--alpha", self.alpha, minimum=0.0, min_open=True, fix="the LoRA scale is alpha / rank")
+        v.number("--dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
         if self.train_projector not in PROJECTOR_MODES:
             raise UserError(f"train_projector must be one of lora, full or None, got {self.train_projector!r}")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise UserError(f"--num-layers must be at least 1, got {self.num_layers}")
+        v.integer("--num-layers", self.num_layers, minimum=1, allow_none=True)
+        if self.targets is not None and (not isinstance(self.targets, (list, tuple))
+                                         or not all(isinstance(t, str) and t for t in self.targets)):
+            raise UserError(f"--targets: expected layer names such as q_proj,v_proj, got {self.targets!r}")
 
     def to_json(self, **extra) -> dict:
         out = dataclasses.asdict(self)

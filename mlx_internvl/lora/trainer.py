@@ -30,6 +30,7 @@ from mlx.utils import tree_map
 
 from ..backbones import forward_embeddings
 from ..errors import UserError
+from ..validate import check_training_args
 from .adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, save_json, trainable_weights
 from .batching import Batcher, val_batches
 from .curve import LossLog
@@ -62,6 +63,9 @@ class TrainingArgs:
     compile: bool = True
     keep_checkpoints: int = 2
     skip_bad: bool = False
+    # AdamW with bias correction, as torch.optim.AdamW (upstream InternVL, XTuner, ms-swift); False is MLX's
+    # default, whose early steps are several times larger than --lr.
+    bias_correction: bool = True
 
 
 @dataclass
@@ -163,7 +167,7 @@ def make_optimizer(args: TrainingArgs, total_steps: int):
     schedule = optim.cosine_decay(args.lr, decay, end=args.min_lr)
     if args.warmup:
         schedule = optim.join_schedules([optim.linear_schedule(0.0, args.lr, args.warmup), schedule], [args.warmup])
-    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay, bias_correction=args.bias_correction)
 
 
 def total_steps(args: TrainingArgs, n_batches: int, world: int) -> int:
@@ -206,8 +210,8 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     from tqdm import tqdm
 
     args = args or TrainingArgs()
-    if args.grad_accum < 1:
-        raise UserError(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    check_training_args(args)
+    lora.validate()
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     out = Path(adapter_path).expanduser()
@@ -230,7 +234,7 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     settings["world_size"] = world
 
     sweep_partial(out)
-    checkpoint = latest_checkpoint(out)
+    checkpoint = latest_checkpoint(out, log=say)
     if checkpoint is not None and not resume:
         raise UserError(f"{out} already holds a training run (up to {checkpoint.name}). Pass --resume to continue "
                         "it, or choose a new --adapter-path.")
@@ -294,7 +298,10 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
             consumed = first + per_step
             if world > 1:
                 ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
-            window_ce += ce_sum.item()
+            step_ce = ce_sum.item()
+            if not math.isfinite(step_ce):
+                _diverged(s, f"the training loss is {step_ce / answer_tokens}", out, bar)
+            window_ce += step_ce
             window_tok += answer_tokens
             window_time += time.perf_counter() - tic
             bar.update(1)
@@ -312,6 +319,8 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
             if val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == steps):
                 _validate(model, val_batcher, args, group, frozen, s, optimizer, log_file, result, say, bar)
             if s % args.save_every == 0 or s == steps:
+                if not _finite(model):
+                    _diverged(s, "the update made an adapter weight NaN or infinite", out, bar)
                 if rank == 0:
                     save_checkpoint(out, model, optimizer, s, consumed, settings, args.keep_checkpoints)
                     log_file.plot()
@@ -323,6 +332,26 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     model.eval()
     say(f"Adapters: {out / 'adapters.safetensors'} (step {steps}); loss curve: {out / 'loss.csv'}, {out / 'loss.png'}")
     return result
+
+
+def _finite(model) -> bool:
+    weights = trainable_weights(model)
+    flags = [mx.all(mx.isfinite(w)) for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    return bool(mx.all(mx.stack(flags)).item()) if flags else True
+
+
+def _diverged(step: int, what: str, out: Path, bar) -> None:
+    from .state import latest_checkpoint
+
+    bar.close()
+    try:
+        last = latest_checkpoint(out)
+    except UserError:
+        last = None
+    kept = (f"the last good checkpoint, {last.name}, and its adapters are kept in {out}; --resume continues from it"
+            if last is not None else "no checkpoint had been written yet")
+    raise UserError(f"step {step}: {what}, so training stopped; {kept}. Lower --lr (or raise --warmup), and check "
+                    "the data.")
 
 
 def _validate(model, batcher, args, group, frozen, step, optimizer, log_file, result, say, bar=None):

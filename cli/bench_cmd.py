@@ -21,6 +21,15 @@ def command(presets, dtypes, tiles, decode_tokens, no_torch, torch_device, no_lo
     """Measure vision, time to first token, prefill, decode, memory and load time on full-size architectures."""
     from mlx_internvl.bench.run import main
 
-    tile_list = tuple(int(t) for t in tiles.split(","))
+    from mlx_internvl.errors import UserError
+    from mlx_internvl.validate import integer
+
+    try:
+        tile_list = tuple(int(t) for t in tiles.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--tiles {tiles!r}: expected comma-separated whole numbers, e.g. 1,13") from None
+    for t in tile_list:
+        integer("--tiles", t, minimum=1, maximum=40)
+    integer("--decode-tokens", decode_tokens, minimum=1)
     main(_csv(presets), _csv(dtypes), tile_list, decode_tokens, not no_torch, torch_device, not no_load_time,
          json_path, markdown_path, echo=click.echo)

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_internvl.errors import UserError
-from mlx_internvl.safe_io import output_errors, staged_output  # noqa: F401  (staged_output: shared by export, fuse, LoRA)
+from mlx_internvl.safe_io import check_writable_dir, staged_output
 from mlx_internvl.loading import (
     build_model,
     hf_weights,
@@ -137,6 +137,7 @@ def convert(
         raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
     if q_group_size not in (32, 64, 128):
         raise UserError(f"--q-group-size {q_group_size} is not supported; use 32, 64 or 128")
+    check_writable_dir(out)
     src = resolve_model_path(hf_path, revision)
     raw, fmt = read_config(src)
     if fmt == "mlx":

@@ -26,8 +26,9 @@ from mlx.utils import tree_flatten
 from mlx_internvl.config import ModelConfig
 from mlx_internvl.errors import UserError
 from mlx_internvl.loading import parse_dtype
+from mlx_internvl.safe_io import check_writable_dir, staged_output
 
-from .convert import copy_remote_code, save_weights, staged_output
+from .convert import copy_remote_code, save_weights
 from .keymap import conv_ohwi_to_oihw, join_wqkv, rename
 
 LAYOUTS = ("original", "hf")
@@ -264,6 +265,7 @@ def export_hf(
     out = Path(out_dir).expanduser()
     if out.exists() and not force:
         raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
+    check_writable_dir(out)
     if isinstance(model_or_path, (str, Path)):
         from mlx_internvl.loading import load_model, read_config
 

@@ -33,6 +33,7 @@ _CAUSES = {
     errno.EACCES: "permission denied; choose a directory you can write to",
     errno.EPERM: "permission denied; choose a directory you can write to",
     errno.ENOTDIR: "a parent of it is a file, not a directory; choose another path",
+    errno.EEXIST: "a file is in the way (a parent of it is a file, not a directory); choose another path",
     errno.EISDIR: "it is a directory; give a file name",
     errno.ENAMETOOLONG: "the name is too long",
 }
@@ -85,6 +86,21 @@ def output_errors(path, what: str = "output") -> Iterator[None]:
             raise
         raise UserError(f"cannot write the {what} {path}: {_guess_cause(Path(path))} ({e}). Nothing was written; "
                         "any earlier output is unchanged.") from e
+
+
+def check_writable_dir(path, what: str = "output directory") -> None:
+    """Fail early, before hours of work, when `path` cannot become a directory we write into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the {what} {path} is a file; give a directory")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write the {what} {path}: {probe}: {_CAUSES[errno.ENOTDIR]}")
+    cause = _guess_cause(probe)
+    if cause in (_CAUSES[errno.EROFS], _CAUSES[errno.EACCES]):
+        raise UserError(f"cannot write the {what} {path}: {cause}")
 
 
 def atomic_write(path, write, what: str = "file") -> None:

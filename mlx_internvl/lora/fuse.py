@@ -15,6 +15,7 @@ from typing import Optional, Union
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
+from ..safe_io import check_writable_dir
 from .adapters import adapter_modules
 
 
@@ -34,7 +35,8 @@ def fuse_adapters(model, dequantize: bool = False):
 
 def save_mlx_model(model, source_dir: Path, out: Path, force: bool = False) -> Path:
     """Write `model` as a converted MLX directory (weights, config, the source's tokenizer files), atomically."""
-    from ..convert.convert import copy_tokenizer_files, save_weights, staged_output
+    from ..convert.convert import copy_tokenizer_files, save_weights
+    from ..safe_io import staged_output
     from ..loading import save_config
 
     out = Path(out).expanduser()
@@ -62,6 +64,8 @@ def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], out: Opti
     for target in (out, export_peft):
         if target is not None and Path(target).expanduser().exists() and not force:
             raise UserError(f"{target} already exists. Delete it or pass --force to replace it.")
+        if target is not None:
+            check_writable_dir(Path(target).expanduser())
     written = {}
     if export_peft is not None:
         from .peft import export_peft as write_peft

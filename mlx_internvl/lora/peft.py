@@ -23,7 +23,7 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from ..convert.convert import staged_output
+from ..safe_io import staged_output
 from ..errors import UserError
 from .adapters import ADAPTER_FILE, read_adapter_config
 

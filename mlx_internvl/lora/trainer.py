@@ -30,6 +30,7 @@ from mlx.utils import tree_map
 
 from ..backbones import forward_embeddings
 from ..errors import UserError
+from ..safe_io import check_writable_dir, output_errors
 from ..validate import check_training_args
 from .adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, save_json, trainable_weights
 from .batching import Batcher, val_batches
@@ -233,6 +234,7 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     settings = {k: v for k, v in asdict(args).items()}
     settings["world_size"] = world
 
+    check_writable_dir(out, "--adapter-path directory")
     sweep_partial(out)
     checkpoint = latest_checkpoint(out, log=say)
     if checkpoint is not None and not resume:
@@ -253,7 +255,8 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
 
     start, consumed = 0, 0
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
+        with output_errors(out, "--adapter-path directory"):
+            out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         _check_same_stream(state["settings"], settings, checkpoint)

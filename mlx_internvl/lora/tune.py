@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence, Union
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from ..safe_io import check_writable_dir
 from .adapters import LoraConfig
 from .data import load_dataset
 from .trainer import TrainingArgs, TrainResult, train
@@ -30,6 +31,7 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
         choice("--quantize", quantize_bits, (4, 8))
         choice("--q-group-size", q_group_size, QUANT_GROUPS)
     check_training_args(args or TrainingArgs())
+    check_writable_dir(Path(adapter_path).expanduser(), "--adapter-path directory")
     (lora or LoraConfig()).validate()
     train_data = load_dataset(data, root)
     val_data = load_dataset(val, root) if val else None

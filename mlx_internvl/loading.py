@@ -7,6 +7,7 @@ checkpoint's remote code (`*.py`) is imported or even downloaded.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -44,6 +45,17 @@ def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] =
     if not is_repo_id(text):
         raise UserError(f"{text}: no such directory, and it is not a hub repo id of the form 'owner/name'")
     return download(text, revision)
+
+
+@contextmanager
+def naming(path: Path):
+    """Prefix a config error with the file it came from, when the message does not name it already."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e
 
 
 def build_model(config: ModelConfig) -> InternVLChatModel:
@@ -110,7 +122,8 @@ def hf_weights(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None):
     from .convert.checkpoint import Checkpoint
     from .convert.keymap import build_plan
 
-    config = config_from_hf(raw, str(path / "config.json"))
+    with naming(path / "config.json"):
+        config = config_from_hf(raw, str(path / "config.json"))
     ckpt = Checkpoint(path)
     plan = build_plan(ckpt.keys(), config.source_format, config.llm_config, config.source_llm_architecture)
     # An lm_head tensor means an untied head, whatever the config says (InternVL stores one even for tied bases).
@@ -172,7 +185,8 @@ def load_model(
                 f"{path / 'config.json'}: written by format version {raw.get('mlx_internvl_format')}, this "
                 f"mlx-internvl reads version {MLX_FORMAT_VERSION}; convert the model again"
             )
-        config = config_from_mlx(raw)
+        with naming(path / "config.json"):
+            config = config_from_mlx(raw)
         weights, origin = mlx_weights(path)
         model = build_model(config)
         if config.quantization:

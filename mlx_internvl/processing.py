@@ -299,6 +299,8 @@ class Processor:
         n_frames = 0
         if video is not None:
             frames = video if isinstance(video, (list, tuple)) else _load_video(video, num_frames)
+            if not frames:
+                raise UserError("video: no frames were given or decoded; pass a list of PIL frames or a video file")
             tiles += [frame_to_tile(f, self.config) for f in frames]
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]

@@ -113,7 +113,7 @@ def num_frames(value) -> int:
 
 # --- config.json ------------------------------------------------------------------------------------------------
 
-_POS_INT, _INT, _POS_NUM, _BOOL, _STR, _RATIO = "pos_int", "int", "pos_num", "bool", "str", "ratio"
+_POS_INT, _INT, _POS_NUM, _BOOL, _STR, _RATIO, _DICT = "pos_int", "int", "pos_num", "bool", "str", "ratio", "dict"
 
 # Keys whose type matters to the code that reads them; others pass through untouched.
 TOP_KEYS = {
@@ -133,7 +133,7 @@ TEXT_KEYS = {
     "num_key_value_heads": _POS_INT, "intermediate_size": _POS_INT, "vocab_size": _POS_INT,
     "max_position_embeddings": _POS_INT, "head_dim": _POS_INT, "rms_norm_eps": _POS_NUM, "rope_theta": _POS_NUM,
     "tie_word_embeddings": _BOOL, "num_experts": _POS_INT, "num_experts_per_tok": _POS_INT,
-    "moe_intermediate_size": _POS_INT, "model_type": _STR,
+    "moe_intermediate_size": _POS_INT, "model_type": _STR, "rope_scaling": _DICT, "rope_parameters": _DICT,
 }
 NULLABLE_TOP = ("template", "system_message", "image_token_id", "image_token_index", "force_image_size")
 REQUIRED_TEXT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -160,6 +160,9 @@ def _check_value(where: str, key: str, kind: str, value, nullable: bool) -> None
     elif kind == _BOOL:
         if not isinstance(value, bool):
             raise UserError(f"{name}: expected true or false, got {_fmt(value)} ({type(value).__name__})")
+    elif kind == _DICT:
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected a JSON object or null, got {_fmt(value)} ({type(value).__name__})")
     elif kind == _STR:
         if not isinstance(value, str):
             raise UserError(f"{name}: expected a string, got {_fmt(value)} ({type(value).__name__})")
@@ -205,7 +208,8 @@ def check_config_json(raw, path: str = "config.json", fmt: Optional[str] = None)
         _check_section(f"{path}: vision_config", raw["vision_config"], VISION_KEYS)
     if text_key in raw:
         _check_section(f"{path}: {text_key}", raw[text_key], TEXT_KEYS, required=REQUIRED_TEXT,
-                       nullable=("num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings"))
+                       nullable=("num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings",
+                                 "rope_scaling", "rope_parameters"))
         text = raw[text_key]
         heads, kv = text["num_attention_heads"], text.get("num_key_value_heads")
         if kv is not None and heads % kv:

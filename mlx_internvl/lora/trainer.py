@@ -281,57 +281,59 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
         _validate(model, val_batcher, args, group, frozen, 0, optimizer, log_file, result, say)
     bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="lora")
     window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
-    with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
-        for s in range(start + 1, steps + 1):
-            tic = time.perf_counter()
-            first = consumed
-            answer_tokens = sum(batcher.loss_tokens(first + j) for j in range(per_step))
-            if answer_tokens == 0:
-                raise UserError(f"step {s}: its microbatches have no answer tokens")
-            scale = mx.array(world / answer_tokens, dtype=mx.float32)
-            grad, ce_sum = None, mx.array(0.0)
-            for j in range(args.grad_accum):
-                k = first + j * world + rank
-                batch, n_inputs = batcher.batch(k)
-                mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
-                ce, _, grad = step_fn(batch, grad, j == args.grad_accum - 1, scale)
-                ce_sum = ce_sum + ce
-                mx.eval(state, ce_sum, grad)
-                window_inputs += n_inputs
-            consumed = first + per_step
-            if world > 1:
-                ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
-            step_ce = ce_sum.item()
-            if not math.isfinite(step_ce):
-                _diverged(s, f"the training loss is {step_ce / answer_tokens}", out, bar)
-            window_ce += step_ce
-            window_tok += answer_tokens
-            window_time += time.perf_counter() - tic
-            bar.update(1)
-            if s % args.report_every == 0 or s == steps:
-                result.train_loss = window_ce / window_tok
-                result.tokens_per_second = window_inputs * world / window_time
-                result.peak_memory_gb = mx.get_peak_memory() / 1e9
-                lr = float(optimizer.learning_rate.item())
-                bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
-                                peak_gb=f"{result.peak_memory_gb:.2f}")
-                log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
-                             tokens_per_second=f"{result.tokens_per_second:.1f}",
-                             peak_memory_gb=f"{result.peak_memory_gb:.3f}")
-                window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
-            if val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == steps):
-                _validate(model, val_batcher, args, group, frozen, s, optimizer, log_file, result, say, bar)
-            if s % args.save_every == 0 or s == steps:
-                if not _finite(model):
-                    _diverged(s, "the update made an adapter weight NaN or infinite", out, bar)
-                if rank == 0:
-                    save_checkpoint(out, model, optimizer, s, consumed, settings, args.keep_checkpoints)
-                    log_file.plot()
+    try:
+        with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
+            for s in range(start + 1, steps + 1):
+                tic = time.perf_counter()
+                first = consumed
+                answer_tokens = sum(batcher.loss_tokens(first + j) for j in range(per_step))
+                if answer_tokens == 0:
+                    raise UserError(f"step {s}: its microbatches have no answer tokens")
+                scale = mx.array(world / answer_tokens, dtype=mx.float32)
+                grad, ce_sum = None, mx.array(0.0)
+                for j in range(args.grad_accum):
+                    k = first + j * world + rank
+                    batch, n_inputs = batcher.batch(k)
+                    mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
+                    ce, _, grad = step_fn(batch, grad, j == args.grad_accum - 1, scale)
+                    ce_sum = ce_sum + ce
+                    mx.eval(state, ce_sum, grad)
+                    window_inputs += n_inputs
+                consumed = first + per_step
                 if world > 1:
-                    mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
-            if on_step is not None:
-                on_step(s, {"loss": ce_sum.item() / answer_tokens, "answer_tokens": answer_tokens})
-    bar.close()
+                    ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
+                step_ce = ce_sum.item()
+                if not math.isfinite(step_ce):
+                    _diverged(s, f"the training loss is {step_ce / answer_tokens}", out, bar)
+                window_ce += step_ce
+                window_tok += answer_tokens
+                window_time += time.perf_counter() - tic
+                bar.update(1)
+                if s % args.report_every == 0 or s == steps:
+                    result.train_loss = window_ce / window_tok
+                    result.tokens_per_second = window_inputs * world / window_time
+                    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+                    lr = float(optimizer.learning_rate.item())
+                    bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
+                                    peak_gb=f"{result.peak_memory_gb:.2f}")
+                    log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
+                                 tokens_per_second=f"{result.tokens_per_second:.1f}",
+                                 peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+                    window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
+                if val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == steps):
+                    _validate(model, val_batcher, args, group, frozen, s, optimizer, log_file, result, say, bar)
+                if s % args.save_every == 0 or s == steps:
+                    if not _finite(model):
+                        _diverged(s, "the update made an adapter weight NaN or infinite", out, bar)
+                    if rank == 0:
+                        save_checkpoint(out, model, optimizer, s, consumed, settings, args.keep_checkpoints)
+                        log_file.plot()
+                    if world > 1:
+                        mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
+                if on_step is not None:
+                    on_step(s, {"loss": ce_sum.item() / answer_tokens, "answer_tokens": answer_tokens})
+    finally:
+        bar.close()  # an error message then starts on a line of its own
     model.eval()
     say(f"Adapters: {out / 'adapters.safetensors'} (step {steps}); loss curve: {out / 'loss.csv'}, {out / 'loss.png'}")
     return result

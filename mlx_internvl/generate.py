@@ -98,8 +98,9 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
         llm = model.config.llm_config
         head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
         if kv_group_size not in (32, 64, 128) or head_dim % kv_group_size:
-            raise UserError(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}; "
-                            f"got {kv_group_size}")
+            raise UserError(f"kv_bits {kv_bits}: the KV cache is quantized in groups of kv_group_size "
+                            f"{kv_group_size}, which must be 32, 64 or 128 and divide this model's head size "
+                            f"{head_dim}; leave the KV cache unquantized or choose another kv_group_size")
     if max_kv_size is not None and prompt_cache is None:
         prompt_cache = make_prompt_cache(model.language_model, max_kv_size=max_kv_size)
 

@@ -224,19 +224,33 @@ def check_config_json(raw, path: str = "config.json", fmt: Optional[str] = None)
 
 # --- conversations ----------------------------------------------------------------------------------------------
 
+RESERVED = ("<IMG_CONTEXT>", "<img>", "</img>")
+
+
 def conversation(question, history=None, system_message=None) -> None:
-    """A question (str), a history of (question, answer) string pairs, and a system message (str or None)."""
+    """A question (str), a history of (question, answer) string pairs, and a system message (str or None).
+    The image-token markers are reserved: typed into the text they would take image features that do not exist."""
     if not isinstance(question, str):
         raise UserError(f"the question/prompt: expected a string, got {_fmt(question)} ({type(question).__name__})")
+    _reserved("the question/prompt", question)
     if history is not None:
         if not isinstance(history, (list, tuple)):
             raise UserError(f"history: expected a list of (question, answer) pairs, got {type(history).__name__}")
         for i, pair in enumerate(history):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise UserError(f"history[{i}]: expected a (question, answer) pair of strings, got {_fmt(pair)}")
+            _reserved(f"history[{i}]", pair[0] + pair[1])
     if system_message is not None and not isinstance(system_message, str):
         raise UserError(f"system_message: expected a string or None, got {_fmt(system_message)} "
                         f"({type(system_message).__name__})")
+    if system_message is not None:
+        _reserved("system_message", system_message)
+
+
+def _reserved(name: str, text: str) -> None:
+    for marker in RESERVED:
+        if marker in text:
+            raise UserError(f"{name} contains the reserved token {marker}; write <image> where an image goes")
 
 
 # --- LoRA training ----------------------------------------------------------------------------------------------

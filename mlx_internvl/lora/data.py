@@ -160,6 +160,8 @@ def parse_openai(obj: dict, root: Optional[Path]) -> Sample:
                 if not isinstance(part, dict):
                     raise BadLine(f"messages[{i}].content[{j}] must be an object")
                 if part.get("type") == "text":
+                    if not isinstance(part.get("text", ""), str):
+                        raise BadLine(f"messages[{i}].content[{j}].text must be a string")
                     text += part.get("text", "")
                 elif part.get("type") in ("image", "image_url"):
                     refs.append(_image_part_ref(part, i, j))
@@ -217,7 +219,10 @@ def read_jsonl(path: Path, root: Optional[Path], repeat_time: float = 1.0, max_t
     name = display or str(path)
     samples, problems = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # JSON Lines are separated by \n only (str.splitlines would also split on \r, \x0b, \u2028, ... and then
+        # the line numbers in messages would not be the ones an editor shows).
+        with open(path, encoding="utf-8", newline="") as f:  # no newline translation either
+            lines = f.read().split("\n")
     except OSError as e:
         raise UserError(f"{path}: cannot read the data file ({e.strerror or e})") from e
     except UnicodeDecodeError as e:

@@ -47,7 +47,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report, junit = Path(tmp) / "fuzz.json", Path(tmp) / "junit.xml"
         env = dict(os.environ, MLX_INTERNVL_FUZZ_REPORT=str(report))
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+        # `python -m pytest` would put the repository on sys.path ahead of the installed package (whose
+        # mlx_internvl.cli maps to cli/), so the pytest script of this environment is used, as in development.
+        pytest = Path(sys.executable).with_name("pytest")
+        r = subprocess.run([str(pytest) if pytest.exists() else "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                             *FILES], cwd=ROOT, env=env)
         fuzz = json.loads(report.read_text())
         cases = ET.parse(junit).getroot().iter("testcase")

@@ -82,9 +82,16 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "LoraConfig":
+    def from_json(cls, data: dict, where: str = CONFIG_FILE) -> "LoraConfig":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            config.validate()
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        return config
 
 
 def _linear_names(layer: nn.Module) -> List[str]:

@@ -57,7 +57,6 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     model = random_model(a.preset, getattr(mx, a.dtype))
-    model.image_token_id = model.config.image_token_id
     proc = processor_for(model)
     photo = str(ROOT / "tests/fixtures/images/image1.jpg")
     q1, q2 = "Describe the image.", "What colours stand out?"

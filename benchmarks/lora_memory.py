@@ -46,8 +46,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 from mlx_internvl.bench.presets import PRESETS, random_model
-from mlx_internvl.convert.convert import quantize
-from mlx_internvl.lora.adapters import LoraConfig, apply_lora, trainable_weights
+from mlx_internvl.adapters import LoraConfig, apply_lora, trainable_weights
+from mlx_internvl.weights import quantize
 from mlx_internvl.lora.batching import collate
 from mlx_internvl.lora.render import Encoded
 from mlx_internvl.lora.trainer import TrainingArgs, grad_checkpointing, make_optimizer, make_step

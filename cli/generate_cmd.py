@@ -73,13 +73,8 @@ def setup_logging(verbose: bool) -> None:
 def load_for_cli(model_path, revision, adapter_path, dtype, template):
     """(model, processor) for a CLI command: hub ids come from the converted cache."""
     from mlx_internvl import load
-    from mlx_internvl.hub import model_path as resolve
-    from mlx_internvl.processing import Processor
 
-    model, processor = load(resolve(model_path, revision), dtype=dtype, adapter_path=adapter_path)
-    if template:
-        processor = Processor(processor.tokenizer, model.config, template)
-    return model, processor
+    return load(model_path, dtype=dtype, adapter_path=adapter_path, revision=revision, template=template)
 
 
 def sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos=False):

@@ -2,5 +2,6 @@
 
 from .convert import convert
 from .export import export_hf
+from .read import read_hf
 
-__all__ = ["convert", "export_hf"]
+__all__ = ["convert", "export_hf", "read_hf"]

@@ -6,25 +6,15 @@ it is first evaluated. That is what lets conversion stream shard by shard.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
 
 from mlx_internvl.errors import CheckpointError, UserError
+from mlx_internvl.files import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
 
 
 class Checkpoint:

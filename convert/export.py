@@ -13,9 +13,7 @@ are carried over from the source when it had them). Notable steps:
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -23,56 +21,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_internvl.config import ModelConfig
+from mlx_internvl.config import HF_TEXT_ARCHITECTURES, LANGUAGE_MODELS, ModelConfig
 from mlx_internvl.errors import UserError
-from mlx_internvl.loading import parse_dtype
-from mlx_internvl.safe_io import check_writable_dir, staged_output
+from mlx_internvl.files import (LAYOUT_FILES, TOKENIZER_FILES, check_new_output, copy_model_files, save_json,
+                                save_weights, staged_output)
+from mlx_internvl.weights import DTYPE_NAMES, cast_floats, load_mlx_model, parse_dtype, read_config
 
-from .convert import copy_remote_code, save_weights
-from .keymap import conv_ohwi_to_oihw, join_wqkv, rename
+from .keymap import HF_VISION, INTERNLM2, ORIGINAL, conv_ohwi_to_oihw, join_wqkv
 
 LAYOUTS = ("original", "hf")
-DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-HF_TEXT_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-                 "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
-ORIGINAL_TEXT_TYPES = dict(HF_TEXT_TYPES, InternLM2ForCausalLM="internlm2")
-# Files that describe the tokenizer and generation; the image-processor configs only fit their own layout.
-SHARED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
-LAYOUT_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
-
-# ours -> original OpenGVLab names (vision keys are already the original ones).
-TO_ORIGINAL = [
-    (r"^mlp1\.layer_norm\.",                     "mlp1.0."),
-    (r"^mlp1\.linear_1\.",                       "mlp1.1."),
-    (r"^mlp1\.linear_2\.",                       "mlp1.3."),
-]
-TO_INTERNLM2 = [
-    (r"\.model\.embed_tokens\.", ".model.tok_embeddings."),
-    (r"\.self_attn\.o_proj\.", ".attention.wo."),
-    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
-    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
-    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
-    (r"\.input_layernorm\.", ".attention_norm."),
-    (r"\.post_attention_layernorm\.", ".ffn_norm."),
-    (r"^language_model\.lm_head\.", "language_model.output."),
-]
-# ours -> transformers (legacy prefixes, as its save_pretrained writes them).
-TO_HF = [
-    (r"^vision_model\.", "vision_tower."),
-    (r"\.encoder\.layers\.", ".encoder.layer."),
-    (r"\.embeddings\.class_embedding$", ".embeddings.cls_token"),
-    (r"\.embeddings\.position_embedding$", ".embeddings.position_embeddings"),
-    (r"\.embeddings\.patch_embedding\.", ".embeddings.patch_embeddings.projection."),
-    (r"\.ls(\d)$", r".lambda_\1"),
-    (r"\.attn\.proj\.", ".attention.projection_layer."),
-    (r"\.attn\.", ".attention."),
-    (r"\.norm1\.", ".layernorm_before."),
-    (r"\.norm2\.", ".layernorm_after."),
-    (r"^mlp1\.", "multi_modal_projector."),
-]
-
-
 def float_weights(model: nn.Module) -> Dict[str, mx.array]:
     """All parameters as a flat dict, quantized layers dequantized to `weight` (the model is not modified)."""
     flat = dict(tree_flatten(model.parameters()))
@@ -105,7 +62,7 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
     for key, w in weights.items():
         if key == "vision_model.embeddings.patch_embedding.weight":
             w = conv_ohwi_to_oihw(w)
-        key = rename(key, TO_ORIGINAL)
+        key = ORIGINAL.to_theirs(key)
         if key.startswith("language_model.") and _unstack_experts(key, w, out):
             continue
         if internlm2 and key.startswith("language_model."):
@@ -113,12 +70,12 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
             if m:
                 qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = w
                 continue
-            key = rename(key, TO_INTERNLM2)
+            key = INTERNLM2.to_theirs(key)
         out[key] = w
     h, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
     d = llm.get("head_dim") or llm["hidden_size"] // h
     for (prefix, kind), parts in qkv.items():
-        out[f"{prefix}.attention.wqkv.{kind}"] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
+        out[INTERNLM2.to_theirs(f"{prefix}.self_attn.wqkv.{kind}")] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
     return out
 
 
@@ -132,7 +89,7 @@ def hf_tensors(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
             continue
         if key == "vision_model.embeddings.patch_embedding.weight":
             w = conv_ohwi_to_oihw(w)
-        key = rename(key, TO_HF)
+        key = HF_VISION.to_theirs(key)
         m = re.match(r"^(.*\.attention)\.qkv\.(weight|bias)$", key)
         if m:
             # fused rows are [q | k | v], C each
@@ -154,14 +111,12 @@ def _rope_for_config(llm: dict) -> dict:
 
 def original_config(config: ModelConfig, dtype_name: str, remote_code: bool) -> dict:
     llm = {k: v for k, v in config.llm_config.items() if k not in ("model_type", "rope_scaling")}
-    arch = config.source_llm_architecture or {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                              "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM",
-                                              "phi3": "Phi3ForCausalLM"}[config.model_type]
+    arch = config.source_llm_architecture or HF_TEXT_ARCHITECTURES[config.model_type]
     llm.update(_rope_for_config(config.llm_config))
     if arch == "InternLM2ForCausalLM":
         llm["bias"] = bool(llm.pop("attention_bias", False))
         llm.pop("mlp_bias", None)
-    llm.update(architectures=[arch], model_type=ORIGINAL_TEXT_TYPES[arch], torch_dtype=dtype_name)
+    llm.update(architectures=[arch], model_type=LANGUAGE_MODELS[arch].original_type, torch_dtype=dtype_name)
     vision = dict(config.vision_config.to_dict(), architectures=["InternVisionModel"], model_type="intern_vit_6b",
                   drop_path_rate=0.0, use_flash_attn=False, torch_dtype=dtype_name)
     out = {
@@ -205,7 +160,8 @@ def hf_config(config: ModelConfig, dtype_name: str, image_token_id: int) -> dict
     vc = config.vision_config
     text = {k: v for k, v in config.llm_config.items() if k != "rope_scaling"}
     text.update(_rope_for_config(config.llm_config))
-    text["model_type"] = HF_TEXT_TYPES.get(config.source_llm_architecture or "", config.model_type)
+    arch = config.source_llm_architecture
+    text["model_type"] = LANGUAGE_MODELS[arch].hf_type if arch in LANGUAGE_MODELS else config.model_type
     text["torch_dtype"] = dtype_name
     tie = bool(text.get("tie_word_embeddings", False))
     out = {
@@ -238,16 +194,31 @@ def hf_config(config: ModelConfig, dtype_name: str, image_token_id: int) -> dict
     return out
 
 
-def _image_token_id(model, config: ModelConfig, src: Optional[Path]) -> int:
-    tid = getattr(model, "image_token_id", None) or config.image_token_id
-    if tid is None and src is not None:
-        from mlx_internvl.tokenizer import load_tokenizer
+def _image_token_id(config: ModelConfig) -> int:
+    if config.image_token_id is None:
+        raise UserError("the model config has no image_token_id (its directory has no tokenizer that knows "
+                        "<IMG_CONTEXT>), which the -hf layout must record; export it with --layout original")
+    return int(config.image_token_id)
 
-        tid = load_tokenizer(src).convert_tokens_to_ids("<IMG_CONTEXT>")
-    if tid is None:
-        raise UserError("the model has no image_token_id and no tokenizer to read it from; load the model with "
-                        "mlx_internvl.load() or export from its directory")
-    return int(tid)
+
+def _model_of(model_or_path: Union[nn.Module, str, Path]) -> nn.Module:
+    if not isinstance(model_or_path, (str, Path)):
+        return model_or_path
+    path = Path(model_or_path).expanduser()
+    raw, fmt = read_config(path)
+    if fmt != "mlx":
+        raise UserError(f"{path} is a Hugging Face checkpoint ({fmt} layout), not an MLX directory; "
+                        "convert it first, or load it with mlx_internvl.load() and export the model")
+    return load_mlx_model(path, raw)
+
+
+def _export_dtype(weights: Dict[str, mx.array], dtype: Optional[str]) -> mx.Dtype:
+    """`dtype`, or else the widest-spread 16-bit float of the weights (bfloat16 before float16), else float32."""
+    target = parse_dtype(dtype)
+    if target is None:
+        floats = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+        target = mx.bfloat16 if mx.bfloat16 in floats else (mx.float16 if mx.float16 in floats else mx.float32)
+    return target
 
 
 def export_hf(
@@ -259,57 +230,29 @@ def export_hf(
 ) -> Path:
     """Write `model_or_path` (an `InternVLChatModel`, or an MLX directory written by `convert`) to `out_dir` as a
     Hugging Face checkpoint in `layout` ('original' or 'hf'), dequantized, in `dtype` (default: the weights' own
-    float dtype). Tokenizer files come from the model's source directory (`model.source_path`, set by `load`)."""
+    float dtype). Tokenizer files come from the model's source directory (`config.source_path`, set on load)."""
     if layout not in LAYOUTS:
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
-    check_writable_dir(out)
-    if isinstance(model_or_path, (str, Path)):
-        from mlx_internvl.loading import load_model, read_config
-
-        path = Path(model_or_path).expanduser()
-        _, fmt = read_config(path)
-        if fmt != "mlx":
-            raise UserError(f"{path} is a Hugging Face checkpoint ({fmt} layout), not an MLX directory; "
-                            "convert it first, or load it with mlx_internvl.load() and export the model")
-        model, _ = load_model(path, lazy=True)
-    else:
-        model = model_or_path
+    check_new_output(out, force)
+    model = _model_of(model_or_path)
     config: ModelConfig = model.config
     check_exportable(config, layout)
-    src = getattr(model, "source_path", None)
-    src = Path(src) if src is not None else None
-    target = parse_dtype(dtype)
-    image_token_id = _image_token_id(model, config, src) if layout == "hf" else None
-
+    src = model.source_path
     weights = float_weights(model)
-    if target is None:
-        floats = {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
-        target = mx.bfloat16 if mx.bfloat16 in floats else (mx.float16 if mx.float16 in floats else mx.float32)
-    weights = {k: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
-    dtype_name = DTYPE_NAMES[target]
+    target = _export_dtype(weights, dtype)
+    weights = cast_floats(weights, target)
     has_code = src is not None and any(src.glob("*.py"))
     if layout == "original":
-        tensors = original_tensors(weights, config)
-        cfg = original_config(config, dtype_name, remote_code=has_code)
+        tensors, cfg = original_tensors(weights, config), original_config(config, DTYPE_NAMES[target], has_code)
     else:
-        tensors = hf_tensors(weights)
-        cfg = hf_config(config, dtype_name, image_token_id)
+        tensors, cfg = hf_tensors(weights), hf_config(config, DTYPE_NAMES[target], _image_token_id(config))
     # Only the lazy graph refers to the parameters now, so each is freed once the tensor it feeds is written
     # (when the caller passed a model object, the caller still holds it).
     del weights, model
-
     with staged_output(out, force) as tmp:
         save_weights(tensors, tmp, metadata={"format": "pt"}, desc="exporting")
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, ensure_ascii=False)
-        if src is not None:
-            names = SHARED_FILES + (LAYOUT_FILES if config.source_format == layout else ())
-            for name in names:
-                if (src / name).exists():
-                    shutil.copyfile(src / name, tmp / name)
-            if layout == "original" and has_code:
-                copy_remote_code(src, tmp)
+        save_json(tmp / "config.json", cfg)
+        names = TOKENIZER_FILES + (LAYOUT_FILES if config.source_format == layout else ())
+        copy_model_files(src, tmp, names, remote_code=layout == "original" and has_code)
     return out

@@ -5,70 +5,102 @@ names the projector's submodules (`mlp1.layer_norm/linear_1/linear_2` for `mlp1.
 keys under `language_model.`. InternLM2 language models become mlx-lm Llama (`wqkv` split), Qwen3-MoE experts are
 stacked into mlx-lm's `switch_mlp`.
 
-All renames live in the tables below (regex, replacement), applied in order to the key text.
+All renames live in the `Renames` tables below, each written once as (their text, our text) and read in both
+directions: conversion reads them one way, export (`export.py`) and the torch reference (`reference/layout.py`)
+the other.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import mlx.core as mx
 
 from mlx_internvl.errors import CheckpointError
 
-# transformers (-hf): both the current (`model.` prefixed) and the legacy key prefixes become the legacy ones.
-HF_PREFIXES = [
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
+class Renames:
+    """One rename table between two key layouts, written once and read in both directions.
 
-# transformers (-hf) vision tower and projector -> ours (inverse of convert_internvl_weights_to_hf.py).
-HF_RENAMES = [
-    (r"^vision_tower\.",                          "vision_model."),
-    (r"\.encoder\.layer\.",                       ".encoder.layers."),
-    (r"\.embeddings\.cls_token$",                 ".embeddings.class_embedding"),
-    (r"\.embeddings\.position_embeddings$",       ".embeddings.position_embedding"),
-    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
-    (r"\.lambda_(\d)$",                           r".ls\1"),
-    (r"\.attention\.projection_layer\.",          ".attn.proj."),
-    (r"\.attention\.",                            ".attn."),
-    (r"\.layernorm_before\.",                     ".norm1."),
-    (r"\.layernorm_after\.",                      ".norm2."),
-    (r"^multi_modal_projector\.",                 "mlp1."),
-]
+    Each row is `(theirs, ours)`: literal key text, anchored to the start of the key by a leading `^` or to its
+    end by a trailing `$`. `to_ours` replaces each row's left side by its right side, `to_theirs` the reverse;
+    both apply the rows in the order written (so a longer match, listed first, wins in either direction).
+    """
 
-# original OpenGVLab layout -> ours.
-ORIGINAL_RENAMES = [
-    (r"^mlp1\.0\.",                               "mlp1.layer_norm."),
-    (r"^mlp1\.1\.",                               "mlp1.linear_1."),
-    (r"^mlp1\.3\.",                               "mlp1.linear_2."),
-]
+    def __init__(self, rows: List[Tuple[str, str]]):
+        self.rows = rows
+        self._to_ours = [self._rule(a, b) for a, b in rows]
+        self._to_theirs = [self._rule(b, a) for a, b in rows]
 
-# InternLM2 (original layout, under language_model.) -> mlx-lm Llama.
-INTERNLM2_RENAMES = [
-    (r"\.model\.tok_embeddings\.",                ".model.embed_tokens."),
-    (r"\.attention\.wo\.",                        ".self_attn.o_proj."),
-    (r"\.attention\.wqkv\.",                      ".self_attn.wqkv."),
-    (r"\.feed_forward\.w1\.",                     ".mlp.gate_proj."),
-    (r"\.feed_forward\.w3\.",                     ".mlp.up_proj."),
-    (r"\.feed_forward\.w2\.",                     ".mlp.down_proj."),
-    (r"\.attention_norm\.",                       ".input_layernorm."),
-    (r"\.ffn_norm\.",                             ".post_attention_layernorm."),
-    (r"^language_model\.output\.",                "language_model.lm_head."),
-]
+    @staticmethod
+    def _rule(src: str, dst: str):
+        core = src.strip("^$")
+        pattern = ("^" if src.startswith("^") else "") + re.escape(core) + ("$" if src.endswith("$") else "")
+        text = dst.strip("^$")
+        return re.compile(pattern), lambda m: text
+
+    @staticmethod
+    def _apply(key: str, rules) -> str:
+        for pattern, repl in rules:
+            key = pattern.sub(repl, key)
+        return key
+
+    def to_ours(self, key: str) -> str:
+        return self._apply(key, self._to_ours)
+
+    def to_theirs(self, key: str) -> str:
+        return self._apply(key, self._to_theirs)
+
+
+# transformers (-hf) key prefixes: the current ones (`model.` first) -> the legacy ones `save_pretrained` writes.
+HF_PREFIXES = Renames([
+    ("^model.vision_tower.",                      "^vision_tower."),
+    ("^model.multi_modal_projector.",             "^multi_modal_projector."),
+    ("^model.language_model.",                    "^language_model.model."),
+    ("^lm_head.",                                 "^language_model.lm_head."),
+])
+
+# transformers (-hf, legacy prefixes) vision tower and projector <-> ours (whose vision keys are the original
+# OpenGVLab ones): the mapping of transformers' convert_internvl_weights_to_hf.py, read backwards.
+HF_VISION = Renames([
+    ("^vision_tower.",                            "^vision_model."),
+    (".encoder.layer.",                           ".encoder.layers."),
+    (".embeddings.cls_token$",                    ".embeddings.class_embedding$"),
+    (".embeddings.position_embeddings$",          ".embeddings.position_embedding$"),
+    (".embeddings.patch_embeddings.projection.",  ".embeddings.patch_embedding."),
+    (".lambda_1$",                                ".ls1$"),
+    (".lambda_2$",                                ".ls2$"),
+    (".attention.projection_layer.",              ".attn.proj."),
+    (".attention.",                               ".attn."),
+    (".layernorm_before.",                        ".norm1."),
+    (".layernorm_after.",                         ".norm2."),
+    ("^multi_modal_projector.",                   "^mlp1."),
+])
+
+# original OpenGVLab projector (an nn.Sequential) <-> ours (named submodules).
+ORIGINAL = Renames([
+    ("^mlp1.0.",                                  "^mlp1.layer_norm."),
+    ("^mlp1.1.",                                  "^mlp1.linear_1."),
+    ("^mlp1.3.",                                  "^mlp1.linear_2."),
+])
+
+# InternLM2 (original layout, under `language_model.`) <-> mlx-lm / transformers Llama. The fused `wqkv` keeps
+# its name here; `split_wqkv` / `join_wqkv` cut it into q/k/v and back.
+INTERNLM2 = Renames([
+    (".model.tok_embeddings.",                    ".model.embed_tokens."),
+    (".attention.wo.",                            ".self_attn.o_proj."),
+    (".attention.wqkv.",                          ".self_attn.wqkv."),
+    (".feed_forward.w1.",                         ".mlp.gate_proj."),
+    (".feed_forward.w3.",                         ".mlp.up_proj."),
+    (".feed_forward.w2.",                         ".mlp.down_proj."),
+    (".attention_norm.",                          ".input_layernorm."),
+    (".ffn_norm.",                                ".post_attention_layernorm."),
+    ("^language_model.output.",                   "^language_model.lm_head."),
+])
 
 # Buffers and leftovers that carry no weights we use.
 DROP = [r"\.rotary_emb\.inv_freq$", r"\.rope\.inv_freq$", r"\.attention\.rotary_emb\.", r"\.drop_path"]
-
-
-def rename(key: str, table) -> str:
-    for pattern, repl in table:
-        key = re.sub(pattern, repl, key)
-    return key
 
 
 # ---- tensor surgery: one small function per layout change ----
@@ -102,14 +134,15 @@ def split_wqkv(w: mx.array, n_heads: int, n_kv_heads: int, head_dim: int):
     return q, k, v
 
 
-def join_wqkv(q: mx.array, k: mx.array, v: mx.array, n_heads: int, n_kv_heads: int, head_dim: int) -> mx.array:
-    """Inverse of `split_wqkv`: Llama q/k/v -> InternLM2 grouped `wqkv`."""
+def join_wqkv(q, k, v, n_heads: int, n_kv_heads: int, head_dim: int, concatenate=mx.concatenate):
+    """Inverse of `split_wqkv`: Llama q/k/v -> InternLM2 grouped `wqkv`. Like `split_wqkv` it works on MLX arrays
+    and (with `concatenate=lambda xs, axis: torch.cat(xs, dim=axis)`) on torch tensors."""
     g = n_heads // n_kv_heads
     rest = q.shape[1:]
     q = q.reshape(n_kv_heads, g, head_dim, *rest)
     k = k.reshape(n_kv_heads, 1, head_dim, *rest)
     v = v.reshape(n_kv_heads, 1, head_dim, *rest)
-    return mx.concatenate([q, k, v], axis=1).reshape((n_heads + 2 * n_kv_heads) * head_dim, *rest)
+    return concatenate([q, k, v], axis=1).reshape((n_heads + 2 * n_kv_heads) * head_dim, *rest)
 
 
 def split_gate_up(w: mx.array):
@@ -142,13 +175,13 @@ def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) ->
         if any(re.search(p, src) for p in DROP):
             continue
         if fmt == "hf":
-            key = rename(src, HF_PREFIXES)
+            key = HF_PREFIXES.to_ours(src)
             if not key.startswith("language_model."):
-                key = rename(key, HF_RENAMES)
+                key = HF_VISION.to_ours(key)
         else:
-            key = rename(src, ORIGINAL_RENAMES)
+            key = ORIGINAL.to_ours(src)
             if source_arch == "InternLM2ForCausalLM":
-                key = rename(key, INTERNLM2_RENAMES)
+                key = INTERNLM2.to_ours(key)
 
         m = re.match(r"^(vision_model\.encoder\.layers\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$", key)
         if m:

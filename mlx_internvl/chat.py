@@ -16,13 +16,26 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, _clamp_max_tokens, make_sampling, stream_tokens
-from .images import ImageInput
-from .processing import (add_image_placeholders, add_video_placeholders, as_image_list, expand_image_placeholders,
-                         frame_to_tile, image_to_tiles, load_image)
-from .errors import UserError
-from .templates import build_query
 from . import validate
+from .errors import UserError
+from .generate import (
+    DEFAULT_MAX_TOKENS,
+    GenerationResponse,
+    _clamp_max_tokens,
+    make_sampling,
+    stream_tokens,
+)
+from .images import ImageInput
+from .processing import (
+    add_image_placeholders,
+    add_video_placeholders,
+    as_image_list,
+    expand_image_placeholders,
+    frame_to_tile,
+    image_to_tiles,
+    load_image,
+)
+from .templates import build_query
 from .validate import check_generation
 
 

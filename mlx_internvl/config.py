@@ -17,15 +17,28 @@ from typing import Any, Optional
 
 from .errors import UserError
 
-# `llm_config.architectures[0]` (original layout) -> mlx-lm model_type we run it with.
-ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "LlamaForCausalLM": "llama",
-    "InternLM2ForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """One language-model family of the released checkpoints, as each layout names it."""
+
+    original_type: str  # `llm_config.model_type` in an original OpenGVLab checkpoint
+    hf_type: str  # `text_config.model_type` in a transformers (-hf) checkpoint
+    mlx_type: str  # the mlx-lm model that runs it
+
+
+# `llm_config.architectures[0]` -> its names. InternLM2 runs as mlx-lm's Llama (its fused `wqkv` is split on
+# conversion), the move transformers' own converter makes, so its -hf form is a Llama.
+LANGUAGE_MODELS = {
+    "Qwen2ForCausalLM": LanguageModel("qwen2", "qwen2", "qwen2"),
+    "Qwen3ForCausalLM": LanguageModel("qwen3", "qwen3", "qwen3"),
+    "Qwen3MoeForCausalLM": LanguageModel("qwen3_moe", "qwen3_moe", "qwen3_moe"),
+    "LlamaForCausalLM": LanguageModel("llama", "llama", "llama"),
+    "InternLM2ForCausalLM": LanguageModel("internlm2", "llama", "llama"),
+    "Phi3ForCausalLM": LanguageModel("phi3", "phi3", "phi3"),
 }
+# transformers' text model type -> the architecture it is (only families transformers keeps under their own name).
+HF_TEXT_ARCHITECTURES = {lm.hf_type: arch for arch, lm in LANGUAGE_MODELS.items() if lm.hf_type == lm.original_type}
 # Language models of released InternVL checkpoints that have no MLX path yet, with the reason.
 UNSUPPORTED = {
     "GptOssForCausalLM": "InternVL3.5-GPT-OSS (GptOssForCausalLM) is not supported yet: its language model needs "
@@ -33,8 +46,6 @@ UNSUPPORTED = {
                          "implement",
 }
 UNSUPPORTED["gpt_oss"] = UNSUPPORTED["GptOssForCausalLM"]
-# `text_config.model_type` (transformers layout) -> mlx-lm model_type.
-TEXT_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "llama": "llama", "phi3": "phi3"}
 
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -108,6 +119,8 @@ class ModelConfig(_FromDict):
     source_llm_architecture: Optional[str] = None
     quantization: Optional[dict] = None
     eos_token_id: Any = None
+    # The directory this model was loaded from (tokenizer files, remote code for export); set on load, not saved.
+    source_path: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -190,27 +203,16 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
     """
     if source == "original":
         archs = llm.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch in UNSUPPORTED:
-            raise UserError(f"{UNSUPPORTED[arch]} (llm_config.architectures[0] is {arch!r}).")
-        if arch not in ARCHITECTURES:
-            raise UserError(
-                f"llm_config.architectures[0] is {arch!r}, which mlx-internvl does not support. "
-                f"Supported: {', '.join(sorted(ARCHITECTURES))}."
-            )
-        model_type = ARCHITECTURES[arch]
+        name, field_name, known = (archs[0] if archs else None), "llm_config.architectures[0]", LANGUAGE_MODELS
     else:
-        mt = llm.get("model_type")
-        if mt in UNSUPPORTED:
-            raise UserError(f"{UNSUPPORTED[mt]} (text_config.model_type is {mt!r}).")
-        if mt not in TEXT_MODEL_TYPES:
-            raise UserError(
-                f"text_config.model_type is {mt!r}, which mlx-internvl does not support. "
-                f"Supported: {', '.join(sorted(TEXT_MODEL_TYPES))}."
-            )
-        model_type = TEXT_MODEL_TYPES[mt]
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}[mt]
+        name, field_name, known = llm.get("model_type"), "text_config.model_type", HF_TEXT_ARCHITECTURES
+    if name in UNSUPPORTED:
+        raise UserError(f"{UNSUPPORTED[name]} ({field_name} is {name!r}).")
+    if name not in known:
+        raise UserError(f"{field_name} is {name!r}, which mlx-internvl does not support. "
+                        f"Supported: {', '.join(sorted(known))}.")
+    arch = name if source == "original" else HF_TEXT_ARCHITECTURES[name]
+    model_type = LANGUAGE_MODELS[arch].mlx_type
 
     out = {k: v for k, v in llm.items() if k not in _DROP_KEYS and not k.startswith("rope_")}
     out.update(_rope_fields(llm))

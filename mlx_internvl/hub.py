@@ -2,22 +2,19 @@
 
 Downloads go to huggingface-hub's own cache (`HF_HOME`, progress bars, `HF_HUB_OFFLINE`) and fetch weights,
 configs and tokenizer files only, never the checkpoint's remote code. The MLX conversion of a snapshot is written to
-`$MLX_INTERNVL_CACHE/models/<owner>--<name>/<commit>` (default `~/.cache/mlx-internvl`), atomically (by
-`mlx_internvl.convert.convert`), and reused on later runs; offline, the newest conversion of the repo is used when
-the hub cache no longer has the snapshot.
+`$MLX_INTERNVL_CACHE/models/<owner>--<name>/<commit>` (default `~/.cache/mlx-internvl`) by
+`mlx_internvl.loading.resolve_model_path`, and reused on later runs; offline, the newest conversion of the repo is
+used when the hub cache no longer has the snapshot.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Optional, Union
 
 from .errors import UserError
-
-logger = logging.getLogger("mlx_internvl")
 
 DEFAULT_MODEL = "OpenGVLab/InternVL3-1B"
 CACHE_ENV = "MLX_INTERNVL_CACHE"
@@ -63,37 +60,26 @@ def download(repo_id: str, revision: Optional[str] = None) -> Path:
         raise UserError(f"{repo_id}: download failed ({e}). Check the network or pass a local directory.") from e
 
 
-def _converted_dir(repo_id: str) -> Path:
-    return cache_root() / "models" / repo_id.replace("/", "--")
-
-
-def model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
-    """A directory `mlx_internvl.load` reads fast: a local directory as it is; for a hub repo id, its MLX
-    conversion in the cache (downloading and converting it the first time)."""
+def local_or_download(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local directory as it is; otherwise the hub snapshot of a repo id, as downloaded (no conversion)."""
     p = Path(path_or_repo).expanduser()
     if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{p}: expected a model directory, got a file")
         return p
     text = str(path_or_repo)
     if not is_repo_id(text):
         raise UserError(f"{text}: no such directory, and it is not a hub repo id of the form 'owner/name'")
-    try:
-        src = download(text, revision)
-    except HubUnavailable:
-        done = sorted((d for d in _converted_dir(text).glob("*") if (d / "config.json").exists()),
-                      key=lambda d: d.stat().st_mtime)
-        if revision is None and done:
-            logger.warning("%s: hub unavailable; using the converted copy %s", text, done[-1])
-            return done[-1]
-        raise
-    from .loading import read_config
+    return download(text, revision)
 
-    _, fmt = read_config(src)
-    if fmt == "mlx":
-        return src
-    out = _converted_dir(text) / src.name  # snapshot folders are named by commit
-    if not (out / "config.json").exists():
-        from .convert import convert
 
-        logger.warning("converting %s to MLX once, into %s", text, out)
-        convert(src, out, force=out.exists())
-    return out
+def conversion_dir(repo_id: str, snapshot: Path) -> Path:
+    """Where the MLX conversion of a hub snapshot is kept (snapshot folders are named by commit)."""
+    return cache_root() / "models" / repo_id.replace("/", "--") / snapshot.name
+
+
+def latest_conversion(repo_id: str) -> Optional[Path]:
+    """The newest complete conversion of `repo_id` in the cache, for offline use; None if there is none."""
+    done = sorted((d for d in (cache_root() / "models" / repo_id.replace("/", "--")).glob("*")
+                   if (d / "config.json").exists()), key=lambda d: d.stat().st_mtime)
+    return done[-1] if done else None

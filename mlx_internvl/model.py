@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -43,7 +44,16 @@ class InternVLChatModel(nn.Module):
         ratio = round(1 / config.downsample_ratio)
         self.mlp1 = Projector(config.vision_config.hidden_size * ratio * ratio, config.llm_config["hidden_size"])
         self.language_model = build_language_model(config.llm_config)
-        self.image_token_id: Optional[int] = config.image_token_id
+
+    @property
+    def image_token_id(self) -> Optional[int]:
+        """The `<IMG_CONTEXT>` id, settled in the config when the checkpoint is read."""
+        return self.config.image_token_id
+
+    @property
+    def source_path(self) -> Optional[Path]:
+        """The directory the weights were loaded from (its tokenizer files go with the model on export)."""
+        return Path(self.config.source_path) if self.config.source_path else None
 
     @property
     def layers(self):
@@ -84,7 +94,8 @@ class InternVLChatModel(nn.Module):
         if image_features is None:
             return embeds
         if self.image_token_id is None:
-            raise UserError("the model has no image_token_id; load it with mlx_internvl.load() so the tokenizer sets it")
+            raise UserError("the model config has no image_token_id; set ModelConfig.image_token_id to the "
+                            "tokenizer's <IMG_CONTEXT> id")
         return merge_image_features(input_ids, embeds, image_features, self.image_token_id)
 
     def __call__(

@@ -20,7 +20,13 @@ from typing import Dict, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .config import config_from_hf
 from .errors import UserError
+from .files import atomic_write_text
+from .hub import local_or_download
+from .loading import load_model, resolve_model_path
+from .processing import Processor
+from .weights import read_config
 
 STAGES = ("vision_features", "image_features", "inputs_embeds", "logits", "decode_logits")
 
@@ -95,10 +101,6 @@ def prepare_inputs(model_path: Union[str, Path], images: Sequence[Union[str, Pat
     """The processor's output for one request, as numpy: input_ids `[1, L]`, pixel_values `[P, S, S, 3]` or None,
     plus num_tiles, the prompt text and the `<IMG_CONTEXT>` id. Works for HF directories of either layout and for
     converted MLX directories."""
-    from .config import config_from_hf
-    from .loading import read_config
-    from .processing import Processor
-
     path = Path(model_path)
     raw, _ = read_config(path)
     config = config_from_hf(raw, str(path / "config.json"))
@@ -135,10 +137,10 @@ def reference_stages(model_path: Union[str, Path], inputs: dict, device: Optiona
 
 def mlx_side(model_path: Union[str, Path], inputs: dict, dtype: Optional[str] = "float32", tokens: int = 16) -> dict:
     """The MLX side: load (HF directories are converted in memory) and run every stage on the given inputs."""
-    from .loading import load_model
-
     model, _ = load_model(model_path, dtype=dtype)
-    model.image_token_id = inputs["image_token_id"]
+    if model.image_token_id != inputs["image_token_id"]:
+        raise UserError(f"{model_path}: its <IMG_CONTEXT> id is {model.image_token_id}, the inputs use "
+                        f"{inputs['image_token_id']}; compare models that share a tokenizer")
     pixels = inputs.get("pixel_values")
     return mlx_stages(model, mx.array(inputs["input_ids"]), None if pixels is None else mx.array(pixels), tokens)
 
@@ -165,9 +167,7 @@ def build_report(model_path, inputs: dict, ref: dict, ours: dict, ref_info: dict
 def run_parity(model_path, images: Sequence = (), prompt: str = "Describe the image.", device: Optional[str] = None,
                dtype: str = "float32", max_tiles: Optional[int] = None, tokens: int = 16) -> dict:
     """Both sides in this process: processor inputs, torch stages, MLX stages, and their comparison."""
-    from .loading import resolve_model_path
-
-    path = resolve_model_path(model_path)
+    path = local_or_download(model_path)
     inputs = prepare_inputs(path, images, prompt, max_tiles)
     ref, info = reference_stages(path, inputs, device, dtype, tokens)
     ours = mlx_side(path, inputs, dtype, tokens)
@@ -178,9 +178,7 @@ def dump_reference(model_path, out: Union[str, Path], images: Sequence = (), pro
                    device: Optional[str] = None, dtype: str = "float32", max_tiles: Optional[int] = None,
                    tokens: int = 16) -> Path:
     """The torch half: write the processor inputs and every reference stage to `out` (.npz, no pickles)."""
-    from .loading import resolve_model_path
-
-    path = resolve_model_path(model_path)
+    path = local_or_download(model_path)
     inputs = prepare_inputs(path, images, prompt, max_tiles)
     stages, info = reference_stages(path, inputs, device, dtype, tokens)
     meta = dict(info, model=str(path), prompt=inputs["prompt"], num_tiles=inputs["num_tiles"],
@@ -217,8 +215,6 @@ def read_dump(path: Union[str, Path]) -> tuple:
 def compare_dump(model_path, dump: Union[str, Path], dtype: Optional[str] = None) -> dict:
     """The MLX half: run the model on the inputs stored in `dump` and compare with its reference stages.
     `dtype` defaults to the one the reference ran in."""
-    from .loading import resolve_model_path
-
     path = resolve_model_path(model_path)
     inputs, ref, meta = read_dump(dump)
     dtype = dtype or meta.get("dtype", "float32")
@@ -255,6 +251,4 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: Union[str, Path]) -> None:
-    from .safe_io import atomic_write_text
-
     atomic_write_text(path, json.dumps(report, indent=2), "parity report")

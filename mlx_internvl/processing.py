@@ -19,15 +19,15 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .config import ModelConfig
 from . import validate
+from .config import ModelConfig
 from .errors import UserError
 from .images import ImageInput, open_image
 from .templates import build_query, get_template, template_from_chat_template
+from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 FRAME_LABEL = "Frame-{k}: "  # upstream README/training form; older InternVL2 model cards wrote "Frame{k}: "
 IMAGE_LABEL = "Image-{k}: "
 
@@ -193,8 +193,6 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], config: ModelConfig, template: Optional[str] = None):
-        from .tokenizer import load_tokenizer
-
         return cls(load_tokenizer(Path(path)), config, template)
 
     def _token_id(self, token: str) -> int:

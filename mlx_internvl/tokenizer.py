@@ -15,6 +15,9 @@ from typing import Iterable, Optional
 
 from .errors import UserError
 
+# The tokens InternVL adds around and for image features: `<img>` + `<IMG_CONTEXT>` * n + `</img>`.
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
 
 def _sentencepiece_class():
     import sentencepiece as spm
@@ -110,6 +113,38 @@ def load_hf_tokenizer(path: Path):
         hf_logging.set_verbosity(level)
 
 
+def _listed_token_id(path: Path, token: str) -> Optional[int]:
+    """The id of an added token as the tokenizer files list it (tokenizer.json, tokenizer_config.json or
+    added_tokens.json), without loading the tokenizer; None when none of them lists it."""
+    f = path / "tokenizer.json"
+    if f.exists():
+        with open(f, encoding="utf-8") as fh:
+            for t in json.load(fh).get("added_tokens") or []:
+                if t.get("content") == token:
+                    return int(t["id"])
+    for tid, t in (_tokenizer_config(path).get("added_tokens_decoder") or {}).items():
+        if t.get("content") == token:
+            return int(tid)
+    f = path / "added_tokens.json"
+    if f.exists():
+        with open(f, encoding="utf-8") as fh:
+            tid = json.load(fh).get(token)
+        return None if tid is None else int(tid)
+    return None
+
+
+def token_id(path: Path, token: str) -> Optional[int]:
+    """The id of `token` in the tokenizer at `path` (None when the directory has no tokenizer, or the tokenizer
+    does not know the token). Read from the files when they list it; otherwise the tokenizer is loaded."""
+    path = Path(path)
+    tid = _listed_token_id(path, token)
+    if tid is not None or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return tid
+    tok = load_hf_tokenizer(path)
+    tid = tok.convert_tokens_to_ids(token)
+    return None if tid is None or tid == getattr(tok, "unk_token_id", None) else int(tid)
+
+
 def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):
     """mlx-lm `TokenizerWrapper` around `load_hf_tokenizer(path)` (streaming detokenizer chosen as mlx-lm does)."""
     from mlx_lm.tokenizer_utils import (
@@ -132,10 +167,3 @@ def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):
         elif decoder and _is_bpe_decoder(decoder):
             detok = BPEStreamingDetokenizer
     return TokenizerWrapper(tok, detok, eos_token_ids=list(eos_token_ids or []))
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
-    "preprocessor_config.json",
-)

@@ -8,8 +8,9 @@ and training arguments) call these helpers; nothing deeper re-checks.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .errors import UserError
 
@@ -220,6 +221,17 @@ def check_config_json(raw, path: str = "config.json", fmt: Optional[str] = None)
                             f"num_attention_heads {heads} (and no head_dim is given)")
     if "quantization" in raw:
         check_quantization(raw["quantization"], f"{path}: quantization")
+
+
+@contextmanager
+def naming(path) -> Iterator[None]:
+    """Prefix a config error with the file it came from, when the message does not name it already."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e
 
 
 # --- conversations ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_presets_have_the_released_shapes():
     # Parameter counts of the real models (spec §6): InternVL2.5-1B is 0.94 B, InternVL3.5-1B ~1.06 B.
     from mlx.utils import tree_flatten
 
-    from mlx_internvl.loading import build_model
+    from mlx_internvl.weights import build_model
 
     counts = {}
     for name in ("internvl2_5-1b", "internvl3_5-1b"):

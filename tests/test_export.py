@@ -75,7 +75,7 @@ def test_exported_checkpoints_load_in_transformers_and_match(build_case, tmp_pat
     built = build_case(CASES[name])
     mlx_dir = convert(built.original_dir, tmp_path / "mlx")
     model, _ = load_model(mlx_dir)
-    model.image_token_id = built.image_token_id
+    assert model.image_token_id == built.image_token_id  # settled from the tokenizer on conversion
     ids, pixels = make_inputs(built, Spec(built.case))
     ours = mlx_stages(model, mx.array(ids), mx.array(pixels), 16)
     for layout in ("hf", "original"):
@@ -93,7 +93,7 @@ def test_quantized_model_exports_dequantized(build_case, tmp_path):
     built = build_case(QWEN2)
     q_dir = convert(built.original_dir, tmp_path / "q8", quantize_model=True, q_bits=8, q_group_size=32)
     model, _ = load_model(q_dir)
-    model.image_token_id = built.image_token_id
+    assert model.image_token_id == built.image_token_id
     out = export_hf(q_dir, tmp_path / "hf", layout="hf", dtype="float32")
     exported = tensors(out)
     assert not any(k.endswith((".scales", ".biases")) for k in exported)

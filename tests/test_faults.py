@@ -22,7 +22,7 @@ from lora_fixtures import color_task
 
 from mlx_internvl.cli.main import main
 from mlx_internvl.errors import UserError
-from mlx_internvl.safe_io import staged_output, sweep_stale
+from mlx_internvl.files import staged_output, sweep_stale
 
 TESTS = Path(__file__).parent
 CASE = Case("faults")

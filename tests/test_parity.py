@@ -192,7 +192,7 @@ def run_spec(build_case, checkpoint_root, spec: Spec) -> dict:
     for layout in spec.layouts:
         if layout not in res["mlx"]:
             model, _ = load_model(layout_dir(built, layout, checkpoint_root), dtype="float32")
-            model.image_token_id = built.image_token_id
+            assert model.image_token_id == built.image_token_id  # settled from the tokenizer on load
             res["mlx"][layout] = mlx_stages(model, mx.array(ids), mx.array(pixels), TOKENS)
     return res
 

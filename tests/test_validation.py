@@ -26,7 +26,7 @@ from mlx_internvl.cli.main import cli, main
 from mlx_internvl.convert import convert
 from mlx_internvl.errors import UserError
 from mlx_internvl.images import _read_url, open_image
-from mlx_internvl.safe_io import atomic_write_text
+from mlx_internvl.files import atomic_write_text
 
 IMG = ASSETS / "images" / "image1.jpg"
 CASE = Case("smoke_qwen2")
@@ -334,7 +334,7 @@ def test_atomic_write_keeps_the_old_file(tmp_path):
         Path(tmp).write_text("half")
         raise OSError(28, "No space left on device")
 
-    from mlx_internvl.safe_io import atomic_write
+    from mlx_internvl.files import atomic_write
 
     with pytest.raises(UserError, match="no space left"):
         atomic_write(target, failing)

@@ -79,8 +79,9 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
     from mlx_lm.generate import generate_step
 
     from mlx_internvl.bench.presets import PRESETS, random_model, weight_bytes
-    from mlx_internvl.convert.convert import quantize, save_weights
-    from mlx_internvl.loading import load_model, save_config
+    from mlx_internvl.files import save_weights
+    from mlx_internvl.loading import load_model
+    from mlx_internvl.weights import quantize, save_config
 
     base = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "4bit": mx.float16}[dtype]
     out = {"side": "mlx", "preset": preset, "dtype": dtype, "device": str(mx.default_device())}
@@ -102,7 +103,6 @@ def run_mlx(preset: str, dtype: str, tiles=(1, 13), decode_tokens=DECODE_TOKENS,
             shutil.rmtree(tmp, ignore_errors=True)
     image_token_id = PRESETS[preset]["image_token_id"]
     vocab = PRESETS[preset]["llm"]["vocab_size"]
-    model.image_token_id = image_token_id
     mx.reset_peak_memory()
 
     def one(t_tiles: int):

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig, VisionConfig
+from ..weights import build_model
 
 VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                 image_size=448, patch_size=14, norm_type="layer_norm", layer_norm_eps=1e-6, qkv_bias=True,
@@ -57,8 +58,6 @@ def preset_config(name: str) -> ModelConfig:
 
 def random_model(name: str, dtype=mx.float32, seed: int = 0):
     """The preset's MLX model with seeded random weights (std 0.02 Gaussian, unit norms) in `dtype`."""
-    from ..loading import build_model
-
     mx.random.seed(seed)
     model = build_model(preset_config(name))
 

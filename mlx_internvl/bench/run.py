@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Iterable, List, Optional
 
+from ..files import atomic_write_text
 from .presets import PRESETS
 
 ALL_DTYPES = ("float32", "bfloat16", "4bit")
@@ -128,8 +129,6 @@ def main(presets: Optional[List[str]], dtypes: Optional[List[str]], tiles, decod
     echo("")
     echo(f"Machine: {info}")
     echo(table)
-    from ..safe_io import atomic_write_text
-
     if json_path:
         atomic_write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2), "JSON results")
     if markdown_path:

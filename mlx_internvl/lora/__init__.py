@@ -1,6 +1,6 @@
 """LoRA / QLoRA / DoRA fine-tuning of InternVL in MLX: data, rendering with loss masks, training, fusing, export."""
 
-from .adapters import LoraConfig, apply_lora, load_adapters, save_adapters
+from ..adapters import LoraConfig, apply_lora, load_adapters, save_adapters
 from .data import Sample, load_dataset
 from .fuse import fuse, fuse_adapters
 from .peft import export_peft

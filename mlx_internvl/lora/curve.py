@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 from typing import Dict, List
 
-from ..safe_io import atomic_write, output_errors
+from ..files import atomic_write, output_errors
 
 FIELDS = ["step", "split", "loss", "learning_rate", "tokens_per_second", "peak_memory_gb"]
 

@@ -14,9 +14,13 @@ from typing import Optional, Union
 
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..adapters import adapter_modules
+from ..convert.export import export_hf as write_hf
 from ..errors import UserError
-from ..safe_io import check_writable_dir
-from .adapters import adapter_modules
+from ..files import check_new_output
+from ..loading import load, resolve_model_path
+from ..weights import save_mlx_model as write_mlx
+from .peft import export_peft as write_peft
 
 
 def fuse_adapters(model, dequantize: bool = False):
@@ -35,16 +39,7 @@ def fuse_adapters(model, dequantize: bool = False):
 
 def save_mlx_model(model, source_dir: Path, out: Path, force: bool = False) -> Path:
     """Write `model` as a converted MLX directory (weights, config, the source's tokenizer files), atomically."""
-    from ..convert.convert import copy_tokenizer_files, save_weights
-    from ..safe_io import staged_output
-    from ..loading import save_config
-
-    out = Path(out).expanduser()
-    with staged_output(out, force) as tmp:
-        save_weights(dict(tree_flatten(model.parameters())), tmp)
-        save_config(model.config, tmp)
-        copy_tokenizer_files(Path(source_dir), tmp)
-    return out
+    return write_mlx(dict(tree_flatten(model.parameters())), model.config, out, Path(source_dir), force)
 
 
 def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], out: Optional[Union[str, Path]] = None,
@@ -55,21 +50,15 @@ def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], out: Opti
     layout for transformers / LMDeploy / vLLM. `export_peft` also writes the unfused adapters in PEFT format.
     Returns the paths written, by kind ('mlx' | 'hf', 'peft').
     """
-    from ..loading import load, resolve_model_path
-
     if out is None and export_peft is None:
         raise UserError("nothing to write: give --out (and --export-hf for a Hugging Face checkpoint) or --export-peft")
     if export_hf not in (None, "original", "hf"):
         raise UserError(f"--export-hf {export_hf!r}: use 'original' (OpenGVLab layout) or 'hf' (transformers)")
     for target in (out, export_peft):
-        if target is not None and Path(target).expanduser().exists() and not force:
-            raise UserError(f"{target} already exists. Delete it or pass --force to replace it.")
         if target is not None:
-            check_writable_dir(Path(target).expanduser())
+            check_new_output(Path(target).expanduser(), force)
     written = {}
     if export_peft is not None:
-        from .peft import export_peft as write_peft
-
         written["peft"] = write_peft(adapter_path, export_peft, base_model=str(model_path), force=force)
     if out is None:
         return written
@@ -78,9 +67,7 @@ def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], out: Opti
     fuse_adapters(model, dequantize=dequantize)
     if export_hf is None:
         written["mlx"] = save_mlx_model(model, source, Path(out), force)
-        return written
-    from ..convert.export import export_hf as write_hf
-
-    # The model in memory keeps `source_path`, so the export takes tokenizer files (and remote code) from the source.
-    written["hf"] = write_hf(model, out, layout=export_hf, force=force)
+    else:
+        # The model's config keeps `source_path`, so the export takes tokenizer files (and remote code) from there.
+        written["hf"] = write_hf(model, out, layout=export_hf, force=force)
     return written

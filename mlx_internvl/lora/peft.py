@@ -23,9 +23,9 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from ..safe_io import staged_output
+from ..adapters import ADAPTER_FILE, read_adapter_config
 from ..errors import UserError
-from .adapters import ADAPTER_FILE, read_adapter_config
+from ..files import check_new_output, staged_output
 
 PREFIX = "base_model.model."
 MODULE_RULES = [
@@ -100,8 +100,7 @@ def export_peft(adapter_path: Union[str, Path], out_dir: Union[str, Path], base_
     adapter_dir = Path(adapter_path).expanduser()
     cfg = read_adapter_config(adapter_dir)
     out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
+    check_new_output(out, force)
     try:
         weights = mx.load(str(adapter_dir / ADAPTER_FILE))
     except Exception as e:  # mx.load raises RuntimeError/ValueError for a missing or damaged file

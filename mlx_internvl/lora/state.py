@@ -23,10 +23,14 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..safe_io import staged_output
+from ..adapters import (
+    ADAPTER_FILE,
+    check_adapter_weights,
+    save_adapters,
+    trainable_weights,
+)
 from ..errors import UserError
-from .adapters import (ADAPTER_FILE, check_adapter_weights, save_adapters, save_json,
-                       trainable_weights)
+from ..files import save_json, staged_output
 
 POINTER = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -28,11 +28,17 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
+from ..adapters import (
+    CONFIG_FILE,
+    LoraConfig,
+    apply_lora,
+    read_adapter_config,
+    trainable_weights,
+)
 from ..backbones import forward_embeddings
 from ..errors import UserError
-from ..safe_io import check_writable_dir, output_errors
+from ..files import check_writable_dir, output_errors, save_json
 from ..validate import check_training_args
-from .adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, save_json, trainable_weights
 from .batching import Batcher, val_batches
 from .curve import LossLog
 from .data import BadLine, Dataset
@@ -346,8 +352,6 @@ def _finite(model) -> bool:
 
 
 def _diverged(step: int, what: str, out: Path, bar) -> None:
-    from .state import latest_checkpoint
-
     bar.close()
     try:
         last = latest_checkpoint(out)

@@ -7,9 +7,12 @@ from typing import Callable, Optional, Sequence, Union
 
 from mlx.utils import tree_flatten
 
+from ..adapters import LoraConfig
 from ..errors import UserError
-from ..safe_io import check_writable_dir
-from .adapters import LoraConfig
+from ..files import check_writable_dir
+from ..loading import load
+from ..validate import QUANT_GROUPS, check_training_args, choice
+from ..weights import quantize
 from .data import load_dataset
 from .trainer import TrainingArgs, TrainResult, train
 
@@ -24,9 +27,6 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
     """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
     and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
     before training (QLoRA); a base converted with `--quantize` is used as it is."""
-    from ..loading import load
-    from ..validate import QUANT_GROUPS, check_training_args, choice
-
     if quantize_bits is not None:
         choice("--quantize", quantize_bits, (4, 8))
         choice("--q-group-size", q_group_size, QUANT_GROUPS)
@@ -37,8 +37,6 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
     val_data = load_dataset(val, root) if val else None
     model, processor = load(model_path, dtype=dtype)
     if quantize_bits:
-        from ..convert.convert import quantize
-
         if model.config.quantization:
             log(f"{model_path} is already quantized ({model.config.quantization.get('bits')}-bit); "
                 "--quantize is ignored.")

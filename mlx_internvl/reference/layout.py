@@ -1,8 +1,9 @@
 """Mapping an original-layout (OpenGVLab remote-code) checkpoint onto transformers' InternVL classes, and back.
 
 This is the mapping of transformers' official `convert_internvl_weights_to_hf.py` (InternLM2 becomes Llama by
-splitting `wqkv` per KV group; the ViT's fused `qkv` is cut into equal thirds), written for torch tensors so the
-reference path can run original checkpoints without their remote code. The reverse direction lets tests write
+splitting `wqkv` per KV group; the ViT's fused `qkv` is cut into equal thirds), on torch tensors so the reference
+path can run original checkpoints without their remote code. The key names come from the converter's own tables
+(`mlx_internvl.convert.keymap`), read in whichever direction is needed. The reverse direction lets tests write
 original-layout checkpoints from models built with transformers.
 """
 
@@ -14,37 +15,13 @@ from typing import Dict
 
 import torch
 
-# original -> transformers (legacy -hf prefixes, which transformers still loads).
-VISION_TO_HF = [
-    (r"^vision_model\.", "vision_tower."),
-    (r"\.layers\.", ".layer."),
-    (r"\.class_embedding$", ".cls_token"),
-    (r"\.position_embedding$", ".position_embeddings"),
-    (r"\.patch_embedding\.", ".patch_embeddings.projection."),
-    (r"\.ls(\d)$", r".lambda_\1"),
-    (r"\.attn\.proj\.", ".attention.projection_layer."),
-    (r"\.attn\.", ".attention."),
-    (r"\.norm1\.", ".layernorm_before."),
-    (r"\.norm2\.", ".layernorm_after."),
-]
-PROJECTOR_TO_HF = [(r"^mlp1\.0\.", "multi_modal_projector.layer_norm."), (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
-                   (r"^mlp1\.3\.", "multi_modal_projector.linear_2.")]
-INTERNLM2_TO_LLAMA = [
-    (r"\.tok_embeddings\.", ".embed_tokens."),
-    (r"\.attention\.wo\.", ".self_attn.o_proj."),
-    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
-    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
-    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
-    (r"\.attention_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
-    (r"^language_model\.output\.", "language_model.lm_head."),
-]
+from ..config import HF_TEXT_ARCHITECTURES
+from ..convert.keymap import HF_PREFIXES, HF_VISION, INTERNLM2, ORIGINAL, join_wqkv, split_wqkv
 
 
-def _sub(key, table):
-    for p, r in table:
-        key = re.sub(p, r, key)
-    return key
+
+def _torch_cat(xs, axis):
+    return torch.cat(xs, dim=axis)
 
 
 def original_llm_config_to_hf(llm: dict) -> dict:
@@ -81,29 +58,24 @@ def original_config_to_hf(config: dict) -> dict:
 def original_to_hf(state: Dict[str, torch.Tensor], llm_config: dict) -> Dict[str, torch.Tensor]:
     """Original-layout tensors -> transformers (legacy prefix) tensors."""
     arch = (llm_config.get("architectures") or [None])[0]
+    h = llm_config["num_attention_heads"]
+    kv, d = llm_config.get("num_key_value_heads", h), llm_config["hidden_size"] // h
     out = {}
     for key, t in state.items():
-        if key.startswith("vision_model."):
-            new = _sub(key, VISION_TO_HF)
+        if key.startswith(("vision_model.", "mlp1.")):
+            new = HF_VISION.to_theirs(ORIGINAL.to_ours(key))
             m = re.match(r"(.*\.attention)\.qkv\.(weight|bias)$", new)
             if m:
                 for name, part in zip("qkv", t.chunk(3, dim=0)):
                     out[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = part.contiguous()
                 continue
             out[new] = t
-        elif key.startswith("mlp1."):
-            out[_sub(key, PROJECTOR_TO_HF)] = t
         elif arch == "InternLM2ForCausalLM":
-            new = _sub(key, INTERNLM2_TO_LLAMA)
-            m = re.match(r"(.*)\.attention\.wqkv\.(weight|bias)$", new)
+            new = INTERNLM2.to_ours(key)
+            m = re.match(r"(.*)\.self_attn\.wqkv\.(weight|bias)$", new)
             if m:
-                h, kv = llm_config["num_attention_heads"], llm_config.get("num_key_value_heads", llm_config["num_attention_heads"])
-                d = llm_config["hidden_size"] // h
-                g = h // kv
-                grouped = t.reshape(kv, g + 2, d, *t.shape[1:])
-                out[f"{m.group(1)}.self_attn.q_proj.{m.group(2)}"] = grouped[:, :g].reshape(h * d, *t.shape[1:]).contiguous()
-                out[f"{m.group(1)}.self_attn.k_proj.{m.group(2)}"] = grouped[:, g].reshape(kv * d, *t.shape[1:]).contiguous()
-                out[f"{m.group(1)}.self_attn.v_proj.{m.group(2)}"] = grouped[:, g + 1].reshape(kv * d, *t.shape[1:]).contiguous()
+                for name, part in zip("qkv", split_wqkv(t, h, kv, d)):
+                    out[f"{m.group(1)}.self_attn.{name}_proj.{m.group(2)}"] = part.contiguous()
                 continue
             out[new] = t
         else:
@@ -117,74 +89,39 @@ def hf_state_to_original(state: Dict[str, torch.Tensor], llm_config: dict,
 
     With `internlm2=True` a Llama text model is written in InternLM2's layout (fused, KV-grouped `wqkv`).
     """
-    legacy = {}
-    for key, t in state.items():
-        key = re.sub(r"^model\.vision_tower\.", "vision_tower.", key)
-        key = re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", key)
-        key = re.sub(r"^model\.language_model\.", "language_model.model.", key)
-        key = re.sub(r"^lm_head\.", "language_model.lm_head.", key)
-        legacy[key] = t
     out, qkv = {}, {}
-    for key, t in legacy.items():
-        if key.startswith("vision_tower."):
+    for key, t in state.items():
+        key = HF_PREFIXES.to_ours(key)
+        if key.startswith(("vision_tower.", "multi_modal_projector.")):
             m = re.match(r"(.*\.attention)\.([qkv])_proj\.(weight|bias)$", key)
             if m:
                 qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = t
                 continue
-            out[_to_original_vision(key)] = t
-        elif key.startswith("multi_modal_projector."):
-            out[{"layer_norm": "mlp1.0", "linear_1": "mlp1.1", "linear_2": "mlp1.3"}[key.split(".")[1]] + "." + key.split(".", 2)[2]] = t
+            out[ORIGINAL.to_theirs(HF_VISION.to_ours(key))] = t
         else:
             out[key] = t
     for (prefix, kind), parts in qkv.items():
-        out[_to_original_vision(f"{prefix}.qkv.{kind}")] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[HF_VISION.to_ours(f"{prefix}.qkv.{kind}")] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if internlm2:
         out = _llama_to_internlm2(out, llm_config)
     return out
 
 
-def _to_original_vision(key: str) -> str:
-    key = key.replace("vision_tower.", "vision_model.", 1)
-    key = key.replace(".encoder.layer.", ".encoder.layers.")
-    key = key.replace(".embeddings.cls_token", ".embeddings.class_embedding")
-    key = key.replace(".embeddings.position_embeddings", ".embeddings.position_embedding")
-    key = key.replace(".embeddings.patch_embeddings.projection.", ".embeddings.patch_embedding.")
-    key = re.sub(r"\.lambda_(\d)$", r".ls\1", key)
-    key = key.replace(".attention.projection_layer.", ".attn.proj.")
-    key = key.replace(".attention.", ".attn.")
-    key = key.replace(".layernorm_before.", ".norm1.").replace(".layernorm_after.", ".norm2.")
-    return key
-
-
 def _llama_to_internlm2(state: Dict[str, torch.Tensor], llm: dict) -> Dict[str, torch.Tensor]:
-    h, kv = llm["num_attention_heads"], llm.get("num_key_value_heads") or llm["num_attention_heads"]
-    d = llm["hidden_size"] // h
-    g = h // kv
+    h = llm["num_attention_heads"]
+    kv, d = llm.get("num_key_value_heads") or h, llm["hidden_size"] // h
     out, groups = {}, {}
-    renames = [(".embed_tokens.", ".tok_embeddings."), (".self_attn.o_proj.", ".attention.wo."),
-               (".mlp.gate_proj.", ".feed_forward.w1."), (".mlp.up_proj.", ".feed_forward.w3."),
-               (".mlp.down_proj.", ".feed_forward.w2."), (".input_layernorm.", ".attention_norm."),
-               (".post_attention_layernorm.", ".ffn_norm.")]
     for key, t in state.items():
-        if not key.startswith("language_model."):
-            out[key] = t
-            continue
-        m = re.match(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+        m = re.match(r"(language_model\..*)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
         if m:
             groups.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = t
-            continue
-        if key == "language_model.lm_head.weight":
-            out["language_model.output.weight"] = t
-            continue
-        for a, b in renames:
-            key = key.replace(a, b)
-        out[key] = t
+        elif key.startswith("language_model."):
+            out[INTERNLM2.to_theirs(key)] = t
+        else:
+            out[key] = t
     for (prefix, kind), p in groups.items():
-        rest = p["q"].shape[1:]
-        q = p["q"].reshape(kv, g, d, *rest)
-        k = p["k"].reshape(kv, 1, d, *rest)
-        v = p["v"].reshape(kv, 1, d, *rest)
-        out[f"{prefix}.attention.wqkv.{kind}"] = torch.cat([q, k, v], dim=1).reshape((h + 2 * kv) * d, *rest)
+        wqkv = join_wqkv(p["q"], p["k"], p["v"], h, kv, d, concatenate=_torch_cat)
+        out[INTERNLM2.to_theirs(f"{prefix}.self_attn.wqkv.{kind}")] = wqkv
     return out
 
 
@@ -194,8 +131,7 @@ def hf_config_to_original(hf_config: dict, internlm2: bool = False, ps_version: 
     vc, tc = hf_config["vision_config"], copy.deepcopy(hf_config["text_config"])
     size = vc["image_size"][0] if isinstance(vc["image_size"], (list, tuple)) else vc["image_size"]
     patch = vc["patch_size"][0] if isinstance(vc["patch_size"], (list, tuple)) else vc["patch_size"]
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}[tc["model_type"]]
+    arch = HF_TEXT_ARCHITECTURES[tc["model_type"]]
     if internlm2:
         arch = "InternLM2ForCausalLM"
         tc["model_type"] = "internlm2"

@@ -27,8 +27,10 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from ..errors import UserError
-from ..safe_io import atomic_write
+from .errors import UserError
+from .files import save_json, save_safetensors
+from .validate import integer, naming, number
+from .weights import weight_mismatches
 
 logger = logging.getLogger("mlx_internvl")
 ADAPTER_FILE = "adapters.safetensors"
@@ -60,14 +62,12 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def validate(self) -> None:
-        from .. import validate as v
-
-        v.integer("--rank", self.rank, minimum=1)
-        v.number("--alpha", self.alpha, minimum=0.0, min_open=True, fix="the LoRA scale is alpha / rank")
-        v.number("--dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
+        integer("--rank", self.rank, minimum=1)
+        number("--alpha", self.alpha, minimum=0.0, min_open=True, fix="the LoRA scale is alpha / rank")
+        number("--dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
         if self.train_projector not in PROJECTOR_MODES:
             raise UserError(f"train_projector must be one of lora, full or None, got {self.train_projector!r}")
-        v.integer("--num-layers", self.num_layers, minimum=1, allow_none=True)
+        integer("--num-layers", self.num_layers, minimum=1, allow_none=True)
         if self.targets is not None and (not isinstance(self.targets, (list, tuple))
                                          or not all(isinstance(t, str) and t for t in self.targets)):
             raise UserError(f"--targets: expected layer names such as q_proj,v_proj, got {self.targets!r}")
@@ -82,15 +82,13 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict, where: str = CONFIG_FILE) -> "LoraConfig":
+    def from_json(cls, data: dict, where: str = "adapter_config.json") -> "LoraConfig":
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in data.items() if k in names})
-        try:
+        with naming(where):
             config.validate()
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
         return config
 
 
@@ -151,18 +149,6 @@ def trainable_weights(model) -> Dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=metadata or {}))
-
-
-def save_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-
-    atomic_write(path, write)
-
-
 def save_adapters(model, adapter_dir: Union[str, Path]) -> Path:
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)
     path = Path(adapter_dir) / ADAPTER_FILE
@@ -184,20 +170,10 @@ def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
 
 
 def check_adapter_weights(model, weights: Dict[str, mx.array], where: str) -> None:
-    expected = trainable_weights(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [k for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: " + ", ".join(unexpected[:6])
-                         + (" ..." if len(unexpected) > 6 else ""))
-        parts += [f"{k} has shape {tuple(weights[k].shape)}, the model needs {tuple(expected[k].shape)}"
-                  for k in wrong[:6]]
-        raise UserError(f"{where}: adapter tensors do not fit this model ({'; '.join(parts)}). Was it trained on a "
+    expected = {k: v.shape for k, v in trainable_weights(model).items()}
+    problems = weight_mismatches(expected, weights, limit=6)
+    if problems:
+        raise UserError(f"{where}: adapter tensors do not fit this model ({problems}). Was it trained on a "
                         "different base model?")
 
 

@@ -1,18 +1,20 @@
-"""Writing what the user gets: whole or not at all, and a clear error when the disk refuses.
+"""Files on disk, written so that a reader never sees half of one: the helpers every writer here shares.
 
-- `atomic_write(path, write)`: a file is written under a temporary sibling name and renamed over `path`, so a
-  reader never sees half a file and a failed write leaves the old one.
-- `staged_output(out, force)`: a directory is filled under `.NAME.partial-PID-*` and renamed into place when
-  complete; a replaced directory is moved aside as `.NAME.old-PID-*` until the new one is in.
-- `sweep_stale(out)`: staging folders whose process is gone (a killed run) are removed on the next run, with a
-  note; if a kill fell between moving the old output aside and renaming the new one in, the old output is put back.
-- `output_errors(path)`: OS errors while writing (no space, read-only file system, no permission, a parent that
-  is a file) and MLX's own write failures become one `UserError` that names the path and the cause.
+- `staged_output`: a whole directory built under a temporary sibling name (`.NAME.partial-PID-*`) and renamed into
+  place when complete (convert, export, fuse, PEFT export, training checkpoints); `atomic_write` does the same for
+  one file. `sweep_stale` removes the staging folders of runs that were killed (their pid is gone), with a note,
+  and puts back an old output a kill left moved aside (`.NAME.old-PID-*`).
+- `output_errors`: a failed write (no space, read-only file system, no permission, a parent that is a file, and
+  MLX's own write failures) becomes one `UserError` naming the path and the cause; `check_writable_dir` says so
+  before any work is done.
+- `save_weights`: sharded safetensors (`model-0000k-of-0000n.safetensors` + index), one tensor evaluated at a time.
+- `read_json`, `save_json`, and which tokenizer/processor files travel with a model (`copy_model_files`).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -20,11 +22,46 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
-from .errors import UserError
+import mlx.core as mx
+from tqdm import tqdm
+
+from .errors import CheckpointError, UserError
 
 logger = logging.getLogger("mlx_internvl")
+
+SHARD_BYTES = 4 << 30
+# Files that describe the tokenizer and generation: they fit every layout of the same checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
+# Chat-template and image-processor files, which are written for one layout (original or -hf).
+LAYOUT_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+
+
+def check_new_output(out: Path, force: bool) -> None:
+    """Refuse to replace an existing `out` unless `force` is set (every command that writes a directory asks), and
+    refuse, before any work, an `out` that cannot be written (a parent is a file, a read-only file system)."""
+    if Path(out).exists() and not force:
+        raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
+    check_writable_dir(Path(out))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 _CAUSES = {
     errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
@@ -37,12 +74,6 @@ _CAUSES = {
     errno.EISDIR: "it is a directory; give a file name",
     errno.ENAMETOOLONG: "the name is too long",
 }
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _guess_cause(path: Path) -> str:
@@ -113,7 +144,7 @@ def atomic_write(path, write, what: str = "file") -> None:
         os.close(fd)
         try:
             write(tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the result normal permissions
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result normal permissions
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -181,12 +212,11 @@ def staged_output(out: Path, force: bool, what: str = "output") -> Iterator[Path
     """
     out = Path(out)
     with output_errors(out, what):
-        if out.exists() and not force:
-            raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
+        check_new_output(out, force)
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the result normal directory permissions
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the result normal directory permissions
         try:
             yield tmp
             old = None
@@ -205,3 +235,70 @@ def staged_output(out: Path, force: bool, what: str = "output") -> Iterator[Path
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def save_json(path: Path, data: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+
+    atomic_write(path, write)
+
+
+def save_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=metadata or {}))
+
+
+def _shards(weights: Dict[str, mx.array]) -> list:
+    """Sorted keys cut into groups of at most `SHARD_BYTES`."""
+    shards, current, size = [], [], 0
+    for key in sorted(weights):
+        nbytes = weights[key].nbytes
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def save_weights(weights: dict, out: Path, metadata: Optional[dict] = None, desc: str = "writing") -> None:
+    """Write `weights` as `model-0000k-of-0000n.safetensors` shards of at most `SHARD_BYTES` (+ index).
+
+    Tensors are evaluated one at a time and each shard is released once written, so peak memory is about one
+    output shard plus one source tensor, not the model. `weights` is emptied as it goes.
+    """
+    metadata = {"format": "mlx"} if metadata is None else metadata
+    shards = _shards(weights)
+    n = len(shards)
+    weight_map, total = {}, 0
+    with tqdm(total=sum(len(keys) for keys in shards), desc=desc, unit="tensor", disable=None, leave=False) as bar:
+        for i, keys in enumerate(shards):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard = {}
+            for key in keys:
+                arr = weights.pop(key)
+                mx.eval(arr)
+                shard[key] = arr
+                bar.update()
+            mx.save_safetensors(str(out / name), shard, metadata=metadata)
+            total += sum(v.nbytes for v in shard.values())
+            weight_map.update({k: name for k in keys})
+            del shard, arr
+            mx.clear_cache()
+    with open(out / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def copy_model_files(src: Optional[Path], dst: Path, names: Iterable[str] = TOKENIZER_FILES + LAYOUT_FILES,
+                     remote_code: bool = False) -> None:
+    """Copy the files among `names` that `src` has; with `remote_code`, also its `*.py` files, as plain files that
+    are never imported here (so an original-layout export loads with `trust_remote_code=True` again)."""
+    if src is None:
+        return
+    for name in names:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    if remote_code:
+        for f in sorted(src.glob("*.py")):
+            shutil.copyfile(f, dst / f.name)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,10 +47,6 @@ def describe(source) -> str:
 def _read_url(url: str, deadline_s: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
     """The body at `url`, within an overall deadline and a size cap (a server that trickles bytes or sends an
     endless body is cut off, not waited for)."""
-    import time
-    import urllib.error
-    import urllib.request
-
     deadline_s = URL_DEADLINE_S if deadline_s is None else deadline_s
     max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
     end = time.monotonic() + deadline_s

@@ -105,7 +105,7 @@ def lora_args(model, root, out, iters=3, resume=False):
 def test_sigkill_during_convert_then_rerun(setup, tmp_path):
     built, _, mlx_dir, _ = setup
     out = tmp_path / "out"
-    r = run_cli("convert", built.hf_dir, out, kill=("mlx_internvl.convert.convert", "save_config", 1))
+    r = run_cli("convert", built.hf_dir, out, kill=("mlx_internvl.weights", "save_config", 1))
     assert r.returncode == -9, r.stderr[-1500:]
     assert not out.exists() and hidden(tmp_path) and hidden(tmp_path)[0].startswith(".out.partial-")
     r = run_cli("convert", built.hf_dir, out)
@@ -133,7 +133,7 @@ def test_sigkill_during_fuse_then_rerun(setup, tmp_path):
     shutil.copytree(mlx_dir, out)
     before = digest(out)
     r = run_cli("fuse", "--model", mlx_dir, "--adapter-path", ad, "--out", out, "--force",
-                kill=("mlx_internvl.convert.convert", "save_weights", 1))
+                kill=("mlx_internvl.weights", "save_weights", 1))
     assert r.returncode == -9, r.stderr[-1500:]
     assert digest(out) == before and hidden(tmp_path)
     assert main_ok("fuse", "--model", mlx_dir, "--adapter-path", ad, "--out", out, "--force")

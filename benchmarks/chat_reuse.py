@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
+
+# isort: split
 import mlx.core as mx
 
 from mlx_internvl.bench.presets import random_model
@@ -67,10 +69,10 @@ def main():
         s.ask(q1, images=[photo])
         history = list(s.history)
 
-        def reuse():
+        def reuse(s=s):
             return first_token_s(s.stream(q2, max_tokens=1))
 
-        def scratch():
+        def scratch(history=history):
             return first_token_s(stream_generate(model, proc, q2, images=[photo], history=history,
                                                  max_tiles=a.max_tiles, max_tokens=1))
 

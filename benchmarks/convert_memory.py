@@ -1,9 +1,10 @@
 """Peak memory of `mlx-internvl convert` on a sharded random checkpoint, against the size of one shard.
 
 Builds a random original-layout InternVL checkpoint (Qwen2 language model, bf16) of about `--size-mb` split into
-`--shards` files, then converts it (and exports the result back) in fresh child processes and reports that process's peak resident memory
-(`ru_maxrss`) and MLX's own peak allocation (`mx.get_peak_memory`), next to the RSS of a child that only imports
-the converter. Output shards are capped at `--out-shard-mb` so "one shard" means the same on both sides.
+`--shards` files, then converts it (and exports the result back) in fresh child processes and reports that
+process's peak resident memory (`ru_maxrss`) and MLX's own peak allocation (`mx.get_peak_memory`), next to the RSS
+of a child that only imports the converter. Output shards are capped at `--out-shard-mb` so "one shard" means the
+same on both sides.
 
     python benchmarks/convert_memory.py --size-mb 400 --shards 4 --out-shard-mb 100
 """
@@ -37,8 +38,16 @@ print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss /
 
 def build_checkpoint(root: Path, size_mb: float, shards: int) -> Path:
     """A random original-layout checkpoint, ~size_mb of bf16 weights over `shards` files + index."""
-    import mlx.core as mx
+    config, tensors = _layout(size_mb)
+    src = root / "original"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    _write_shards(src, tensors, shards)
+    return src
 
+
+def _layout(size_mb: float):
+    """(config.json dict, {key: shape}) of a Qwen2 InternVL with enough layers for ~size_mb of bf16 weights."""
     hidden, inter, vocab = 1024, 4096, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
     fixed = 2 * vocab * hidden
@@ -83,9 +92,12 @@ def build_checkpoint(root: Path, size_mb: float, shards: int) -> Path:
                         p + "self_attn.o_proj.weight": (hidden, hidden), p + "mlp.gate_proj.weight": (inter, hidden),
                         p + "mlp.up_proj.weight": (inter, hidden), p + "mlp.down_proj.weight": (hidden, inter),
                         p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
-    src = root / "original"
-    src.mkdir(parents=True)
-    (src / "config.json").write_text(json.dumps(config, indent=2))
+    return config, tensors
+
+
+def _write_shards(src: Path, tensors: dict, shards: int) -> None:
+    import mlx.core as mx
+
     total = sum(2 * _numel(s) for s in tensors.values())
     budget = total / shards
     names, groups, size = sorted(tensors), [[]], 0
@@ -105,7 +117,6 @@ def build_checkpoint(root: Path, size_mb: float, shards: int) -> Path:
         del arrays
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
-    return src
 
 
 def _numel(shape) -> int:

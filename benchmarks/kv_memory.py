@@ -1,7 +1,7 @@
 """KV-cache options and chunked prefill on a long prompt: cache size, peak memory, prefill and decode speed.
 
-The options are mlx-lm's, passed through by `generate`/`stream_generate` and the CLI (`--kv-bits`,
-`--kv-group-size`, `--max-kv-size`, `--prefill-step-size`). Full-size preset with random weights; a prompt of
+The options are mlx-lm's, as `KVOptions` carries them to `generate`, `ChatSession` and the CLI (`--kv-bits`,
+`--max-kv-size`, `--prefill-step-size`). Full-size preset with random weights; a prompt of
 `--prompt` tokens stands for a long video prompt (16 frames are 4096 image tokens). Each variant runs in this one
 process after a warm-up; MLX's peak is reset before each.
 
@@ -12,11 +12,13 @@ import argparse
 import time
 
 import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
+
+# isort: split
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_internvl.bench.presets import random_model
+from mlx_internvl.sampling import KVOptions
 
 VARIANTS = {
     "default (fp cache, prefill 2048)": {},
@@ -28,13 +30,13 @@ VARIANTS = {
 
 
 def run(model, ids, n, kw):
-    kw = dict(kw)
-    cache = make_prompt_cache(model.language_model, max_kv_size=kw.pop("max_kv_size", None))
+    kv = KVOptions(**kw)  # the settings generate/ChatSession take, checked the same way
+    cache = kv.make_cache(model)
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     t = time.perf_counter()
-    steps = generate_step(ids, model, max_tokens=n + 1, prompt_cache=cache, **kw)
+    steps = generate_step(ids, model, max_tokens=n + 1, prompt_cache=cache, **kv.step_kwargs())
     next(steps)
     ttft = time.perf_counter() - t
     t = time.perf_counter()

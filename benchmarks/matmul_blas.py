@@ -10,6 +10,8 @@ import argparse
 import time
 
 import mlx_internvl._blas as blas  # must precede mlx
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

@@ -10,6 +10,8 @@ import statistics
 import time
 
 import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
+
+# isort: split
 import mlx.core as mx
 
 from mlx_internvl.bench.presets import random_model

@@ -12,7 +12,12 @@ import sys
 
 import click
 
-from .generate_cmd import load_for_cli, model_options, sampling_kwargs, setup_logging
+from mlx_internvl.chat import ChatSession
+from mlx_internvl.errors import UserError
+from mlx_internvl.generate import format_stats
+from mlx_internvl.validate import integer
+
+from .generate_cmd import load_for_cli, model_options, option_values, sampling_options, setup_logging
 
 HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
         "/history, /help, /exit")
@@ -20,19 +25,18 @@ HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video P
 
 @click.command(name="chat")
 @model_options
+@sampling_options
 @click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
-def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
-            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, stop_on_eos, verbose, images):
+def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
+            exif_transpose, stop_on_eos, verbose, images, **options):
     """Chat with a model about images, turn by turn."""
-    from mlx_internvl.chat import ChatSession
-    from mlx_internvl.errors import UserError
-    from mlx_internvl.generate import format_stats
-
     setup_logging(verbose)
-    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos)
+    sampling, kv = option_values(options)
+    integer("max_tokens", max_tokens, minimum=1)
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
-    session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles,
-                          num_frames=num_frames, exif_transpose=exif_transpose, **kw)
+    session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
+                          sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
+                          stop_on_eos=stop_on_eos)
     tty = sys.stdin.isatty()
     pending, video = list(images), None
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)

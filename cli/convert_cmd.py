@@ -2,6 +2,8 @@
 
 import click
 
+from mlx_internvl.convert import convert
+
 
 @click.command(name="convert")
 @click.argument("hf_path")
@@ -16,8 +18,6 @@ import click
 @click.option("--revision", default=None, help="Hub revision when HF_PATH is a repo id.")
 def command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, quantize_vision, force, revision):
     """Convert HF_PATH (an InternVL directory of either Hugging Face layout, or a hub repo id) to MLX_PATH."""
-    from mlx_internvl.convert import convert
-
     out = convert(hf_path, mlx_path, dtype=dtype, quantize_model=quantize, q_bits=int(q_bits),
                   q_group_size=q_group_size, quantize_vision=quantize_vision, force=force, revision=revision)
     click.echo(f"Wrote {out}")

@@ -2,6 +2,8 @@
 
 import click
 
+from mlx_internvl.convert.export import export_hf
+
 
 @click.command(name="export")
 @click.argument("mlx_path", type=click.Path())
@@ -15,7 +17,5 @@ import click
 def command(mlx_path, out_dir, layout, dtype, force):
     """Export MLX_PATH (a directory written by `mlx-internvl convert` or `fuse`) to OUT_DIR as a Hugging Face
     checkpoint that PyTorch/CUDA users can load."""
-    from mlx_internvl.convert.export import export_hf
-
     out = export_hf(mlx_path, out_dir, layout=layout, dtype=dtype, force=force)
     click.echo(f"Wrote {out} ({layout} layout)")

@@ -2,6 +2,8 @@
 
 import click
 
+from mlx_internvl.lora import fuse
+
 
 @click.command(name="fuse")
 @click.option("--model", "model_path", required=True, help="The base model the adapters were trained on.")
@@ -17,8 +19,6 @@ import click
 @click.option("--force", is_flag=True, help="Replace existing output directories.")
 def command(model_path, adapter_path, out, dequantize, export_hf, export_peft, dtype, force):
     """Merge LoRA/DoRA adapters into the base model, or export them."""
-    from mlx_internvl.lora import fuse
-
     written = fuse(model_path, adapter_path, out, dequantize=dequantize, export_hf=export_hf,
                    export_peft=export_peft, dtype=dtype, force=force)
     for kind, path in written.items():

@@ -2,25 +2,37 @@
 
 A thin shell over `mlx_internvl.generate.stream_generate`. `--verbose` writes the prompt (image tokens collapsed
 back to `<image>`, as upstream's verbose `chat()` prints it), the tiles and the speed/memory figures to stderr,
-so stdout carries only the reply.
+so stdout carries only the reply. `model_options` and `sampling_options` are shared with `chat`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 
 import click
 
+from mlx_internvl.errors import UserError
+from mlx_internvl.generate import format_stats, stream_generate
 from mlx_internvl.hub import DEFAULT_MODEL
+from mlx_internvl.loading import load
+from mlx_internvl.sampling import KVOptions, SamplingOptions
+from mlx_internvl.validate import integer
 
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
 
+def _apply(f, options):
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def model_options(f):
-    """Options shared by `generate` and `chat`: which model, how to sample, how to tile."""
-    options = [
+    """Which model, how to prompt it, how to tile."""
+    return _apply(f, [
         click.option("--model", "-m", "model_path", default=DEFAULT_MODEL, show_default=True,
                      help="A converted MLX directory, a Hugging Face InternVL directory, or a hub repo id "
                           "(downloaded and converted once, then cached)."),
@@ -36,13 +48,6 @@ def model_options(f):
         click.option("--system", "system_message", default=None,
                      help="System message (default: the template's, as upstream)."),
         click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
-        click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
-                     help="Sampling temperature; 0 is greedy (the model cards' setting)."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 disables top-k."),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=None),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
         click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
                      help="Most 448px tiles per image, thumbnail not counted (default: the config's, 12)."),
         click.option("--num-frames", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -53,10 +58,40 @@ def model_options(f):
                      help="Also stop on the tokenizer's eos token (upstream chat() stops only on the template's end "
                           "token, so this is off by default)."),
         click.option("--verbose", "-v", is_flag=True, help="Show the prompt, tiles and speed on stderr."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    ])
+
+
+def sampling_options(f):
+    """How to sample (`SamplingOptions`) and how to keep the KV cache (`KVOptions`); unset means the default."""
+    return _apply(f, [
+        click.option("--temperature", "--temp", type=float, default=None,
+                     help="Sampling temperature; 0 (the default) is greedy, the model cards' setting."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (default 1: off)."),
+        click.option("--top-k", type=int, default=None, help="Keep the k likeliest tokens (default 0: off)."),
+        click.option("--min-p", type=float, default=None, help="Minimum probability relative to the top token."),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--presence-penalty", type=float, default=None),
+        click.option("--frequency-penalty", type=float, default=None),
+        click.option("--xtc-probability", type=float, default=None, help="XTC sampling probability (0: off)."),
+        click.option("--xtc-threshold", type=float, default=None),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--kv-bits", type=click.Choice(["2", "3", "4", "6", "8"]), default=None,
+                     callback=lambda ctx, param, v: None if v is None else int(v),
+                     help="Quantize the KV cache (saves memory on long video prompts)."),
+        click.option("--max-kv-size", type=int, default=None,
+                     help="Rotating KV cache of this many tokens (long chats; may evict image tokens)."),
+        click.option("--prefill-step-size", type=int, default=None,
+                     help="Prompt tokens per prefill chunk (default 2048; smaller lowers peak memory)."),
+    ])
+
+
+def option_values(options: dict):
+    """`(SamplingOptions, KVOptions)` from the command's `sampling_options` (unset ones keep their defaults)."""
+    def value(cls):
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: options[k] for k in names if options.get(k) is not None})
+
+    return value(SamplingOptions), value(KVOptions)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -72,57 +107,39 @@ def setup_logging(verbose: bool) -> None:
 
 def load_for_cli(model_path, revision, adapter_path, dtype, template):
     """(model, processor) for a CLI command: hub ids come from the converted cache."""
-    from mlx_internvl import load
-
     return load(model_path, dtype=dtype, adapter_path=adapter_path, revision=revision, template=template)
-
-
-def sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos=False):
-    """The options as library keyword arguments, checked here so a bad one fails before the model loads."""
-    from mlx_internvl.validate import check_generation, check_sampling
-
-    check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
-    check_generation(max_tokens)
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed, stop_on_eos=stop_on_eos)
 
 
 def printable_prompt(prompt: str) -> str:
     return _IMAGE_BLOCK.sub("<image>", prompt)
 
 
+def default_prompt(prompt, images, video) -> str:
+    if prompt == "-":
+        return sys.stdin.read()
+    if prompt is not None:
+        return prompt
+    if video:
+        return "Describe this video in detail."
+    if images:
+        return "Describe this image in detail."
+    raise UserError("give a --prompt (and --image/--video to ask about pictures)")
+
+
 @click.command(name="generate")
 @model_options
+@sampling_options
 @click.option("--image", "-i", "images", multiple=True, help="Image path or URL; repeat for several images.")
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
 @click.option("--prompt", "-p", default=None,
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
-@click.option("--kv-bits", type=click.Choice(["2", "3", "4", "6", "8"]), default=None,
-              help="Quantize the KV cache (saves memory on long video prompts).")
-@click.option("--max-kv-size", type=int, default=None,
-              help="Rotating KV cache of this many tokens (long chats; may evict image tokens).")
-@click.option("--prefill-step-size", type=int, default=2048, show_default=True,
-              help="Prompt tokens per prefill chunk (smaller lowers peak memory).")
-def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, temperature, top_p,
-            top_k, min_p, repetition_penalty, seed, max_tiles, num_frames, exif_transpose, stop_on_eos, verbose, images,
-            video, prompt, kv_bits, max_kv_size, prefill_step_size):
+def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
+            exif_transpose, stop_on_eos, verbose, images, video, prompt, **options):
     """Answer one prompt about images or a video, streaming the reply."""
-    from mlx_internvl.errors import UserError
-    from mlx_internvl.generate import format_stats, stream_generate
-    from mlx_internvl.validate import check_generation
-
     setup_logging(verbose)
-    kw = sampling_kwargs(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_on_eos)
-    check_generation(max_tokens, prefill_step_size, int(kv_bits) if kv_bits else None, 64, max_kv_size)
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if prompt is None:
-        if video:
-            prompt = "Describe this video in detail."
-        elif images:
-            prompt = "Describe this image in detail."
-        else:
-            raise UserError("give a --prompt (and --image/--video to ask about pictures)")
+    sampling, kv = option_values(options)
+    integer("max_tokens", max_tokens, minimum=1)
+    prompt = default_prompt(prompt, images, video)
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
     inputs = processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message, video=video,
                        num_frames=num_frames, exif_transpose=exif_transpose)
@@ -132,9 +149,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
             click.echo(f"Tiles per image/frame: {inputs['num_tiles']} ({sum(inputs['num_tiles'])} in all)", err=True)
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
-    for last in stream_generate(model, processor, prompt, inputs=inputs,
-                                kv_bits=int(kv_bits) if kv_bits else None, max_kv_size=max_kv_size,
-                                prefill_step_size=prefill_step_size, **kw):
+    for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
+                                kv=kv, stop_on_eos=stop_on_eos):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()

@@ -2,6 +2,8 @@
 
 import click
 
+from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
+
 
 def _targets(ctx, param, value):
     if value is None:
@@ -72,8 +74,6 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
             keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad, bias_correction):
     """Fine-tune an InternVL model with LoRA / QLoRA / DoRA. Run it under `mlx.launch` for data-parallel training
     on several processes or Macs."""
-    from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
-
     lora = LoraConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=dropout, targets=targets,
                       num_layers=num_layers, dora=dora, train_vision=train_vision, train_projector=train_projector)
     args = TrainingArgs(batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, min_lr=min_lr,

@@ -9,6 +9,8 @@
 
 import click
 
+from mlx_internvl.parity import compare_dump, dump_reference, format_report, run_parity, write_json
+
 REF_OPTIONS = [
     click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
                  help="An image (repeat for several; the prompt gets one <image> per image unless it has them)."),
@@ -29,8 +31,6 @@ def ref_options(f):
 
 
 def _emit(report, json_path):
-    from mlx_internvl.parity import format_report, write_json
-
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)
@@ -67,8 +67,6 @@ def command():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 def run(model, images, prompt, device, dtype, max_tiles, tokens, json_path):
     """Both sides in this process."""
-    from mlx_internvl.parity import run_parity
-
     report = run_parity(model, images, prompt, device=device, dtype=dtype, max_tiles=max_tiles, tokens=tokens)
     _emit(report, json_path)
 
@@ -80,8 +78,6 @@ def run(model, images, prompt, device, dtype, max_tiles, tokens, json_path):
               help="Where to write the inputs and reference stages (.npz).")
 def dump(model, images, prompt, device, dtype, max_tiles, tokens, out):
     """The torch half: run the reference and save its stages and the processor inputs."""
-    from mlx_internvl.parity import dump_reference
-
     path = dump_reference(model, out, images, prompt, device=device, dtype=dtype, max_tiles=max_tiles,
                           tokens=tokens)
     click.echo(f"wrote {path}")
@@ -95,6 +91,4 @@ def dump(model, images, prompt, device, dtype, max_tiles, tokens, out):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 def compare(model, stages, dtype, json_path):
     """The MLX half: run MODEL on the inputs stored in STAGES and compare with the reference stages there."""
-    from mlx_internvl.parity import compare_dump
-
     _emit(compare_dump(model, stages, dtype=dtype), json_path)

@@ -23,8 +23,15 @@ from mlx.utils import tree_flatten
 
 from mlx_internvl.config import HF_TEXT_ARCHITECTURES, LANGUAGE_MODELS, ModelConfig
 from mlx_internvl.errors import UserError
-from mlx_internvl.files import (LAYOUT_FILES, TOKENIZER_FILES, check_new_output, copy_model_files, save_json,
-                                save_weights, staged_output)
+from mlx_internvl.files import (
+    LAYOUT_FILES,
+    TOKENIZER_FILES,
+    check_new_output,
+    copy_model_files,
+    save_json,
+    save_weights,
+    staged_output,
+)
 from mlx_internvl.weights import DTYPE_NAMES, cast_floats, load_mlx_model, parse_dtype, read_config
 
 from .keymap import HF_VISION, INTERNLM2, ORIGINAL, conv_ohwi_to_oihw, join_wqkv
@@ -75,7 +82,8 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
     h, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
     d = llm.get("head_dim") or llm["hidden_size"] // h
     for (prefix, kind), parts in qkv.items():
-        out[INTERNLM2.to_theirs(f"{prefix}.self_attn.wqkv.{kind}")] = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
+        wqkv = join_wqkv(parts["q"], parts["k"], parts["v"], h, kv, d)
+        out[INTERNLM2.to_theirs(f"{prefix}.self_attn.wqkv.{kind}")] = wqkv
     return out
 
 

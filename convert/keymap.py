@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from mlx_internvl.errors import CheckpointError
 
+
 class Renames:
     """One rename table between two key layouts, written once and read in both directions.
 
@@ -163,6 +164,59 @@ def _identity(x):
     return x
 
 
+def our_name(src: str, fmt: str, source_arch: str) -> str:
+    """A source key of layout `fmt` ('original' or 'hf') under our name (before any tensor surgery)."""
+    if fmt == "hf":
+        key = HF_PREFIXES.to_ours(src)
+        return key if key.startswith("language_model.") else HF_VISION.to_ours(key)
+    key = ORIGINAL.to_ours(src)
+    return INTERNLM2.to_ours(key) if source_arch == "InternLM2ForCausalLM" else key
+
+
+def _place(key: str, src: str, plan: Dict[str, Entry], groups: Dict[str, dict], llm_config: dict) -> None:
+    """Add the output tensor(s) that source `src` (named `key` in our layout) feeds: to `plan` directly, or to
+    `groups` when several sources make one tensor (ViT q/k/v, per-expert weights)."""
+    m = re.match(r"^(vision_model\.encoder\.layers\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$", key)
+    if m:
+        groups.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = src
+        return
+    m = re.match(r"^(language_model\.model\.layers\.\d+\.self_attn)\.wqkv\.(weight|bias)$", key)
+    if m:
+        h, kv = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
+        d = llm_config["hidden_size"] // h
+        for i, name in enumerate("qkv"):
+            plan[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = Entry([src], lambda w, i=i: split_wqkv(w, h, kv, d)[i])
+        return
+    m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$", key)
+    if m and m.group(2) == "gate_up_proj":
+        # transformers >= 5 in memory: [E, 2I, H] with gate rows first.
+        plan[f"{m.group(1)}.switch_mlp.gate_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[0])
+        plan[f"{m.group(1)}.switch_mlp.up_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[1])
+    elif m:
+        plan[f"{m.group(1)}.switch_mlp.down_proj.weight"] = Entry([src], _identity)  # already [E, H, I]
+    elif m := re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight$", key):
+        groups.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = src
+    elif key == "vision_model.embeddings.patch_embedding.weight":
+        plan[key] = Entry([src], conv_oihw_to_ohwi)
+    else:
+        plan[key] = Entry([src], _identity)
+
+
+def _grouped(key: str, parts: dict, llm_config: dict) -> Entry:
+    """The entry of a tensor made of several sources: fused ViT q|k|v, or experts stacked as `[E, ...]`."""
+    if key.endswith((".qkv.weight", ".qkv.bias")):
+        if set(parts) != {"q", "k", "v"}:
+            missing = sorted({"q", "k", "v"} - set(parts))
+            present = next(iter(parts.values()))
+            lacking = ", ".join(m + "_proj" for m in missing)
+            raise CheckpointError(f"{present}: the checkpoint lacks the matching {lacking}")
+        return Entry([parts["q"], parts["k"], parts["v"]], fuse_qkv)
+    n = llm_config.get("num_experts")
+    if n is not None and sorted(parts) != list(range(n)):
+        raise CheckpointError(f"{key}: expected experts 0..{n - 1}, found {sorted(parts)}")
+    return Entry([parts[e] for e in sorted(parts)], lambda *xs: mx.stack(xs))
+
+
 def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) -> Dict[str, Entry]:
     """Map every source key of a checkpoint in layout `fmt` ('original' or 'hf') to our keys.
 
@@ -172,60 +226,7 @@ def build_plan(keys: List[str], fmt: str, llm_config: dict, source_arch: str) ->
     plan: Dict[str, Entry] = {}
     groups: Dict[str, Dict[str, str]] = {}
     for src in keys:
-        if any(re.search(p, src) for p in DROP):
-            continue
-        if fmt == "hf":
-            key = HF_PREFIXES.to_ours(src)
-            if not key.startswith("language_model."):
-                key = HF_VISION.to_ours(key)
-        else:
-            key = ORIGINAL.to_ours(src)
-            if source_arch == "InternLM2ForCausalLM":
-                key = INTERNLM2.to_ours(key)
-
-        m = re.match(r"^(vision_model\.encoder\.layers\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$", key)
-        if m:
-            groups.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = src
-            continue
-        m = re.match(r"^(language_model\.model\.layers\.\d+\.self_attn)\.wqkv\.(weight|bias)$", key)
-        if m:
-            h, kv = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
-            d = llm_config["hidden_size"] // h
-            for i, name in enumerate("qkv"):
-                plan[f"{m.group(1)}.{name}_proj.{m.group(2)}"] = Entry(
-                    [src], lambda w, i=i: split_wqkv(w, h, kv, d)[i]
-                )
-            continue
-        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.gate_up_proj$", key)
-        if m:
-            # transformers >= 5 in memory: [E, 2I, H] with gate rows first.
-            plan[f"{m.group(1)}.switch_mlp.gate_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[0])
-            plan[f"{m.group(1)}.switch_mlp.up_proj.weight"] = Entry([src], lambda w: split_gate_up(w)[1])
-            continue
-        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.down_proj$", key)
-        if m:
-            plan[f"{m.group(1)}.switch_mlp.down_proj.weight"] = Entry([src], _identity)  # already [E, H, I]
-            continue
-        m = re.match(r"^(language_model\.model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight$", key)
-        if m:
-            groups.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = src
-            continue
-        if key == "vision_model.embeddings.patch_embedding.weight":
-            plan[key] = Entry([src], conv_oihw_to_ohwi)
-            continue
-        plan[key] = Entry([src], _identity)
-
-    for key, parts in groups.items():
-        if key.endswith((".qkv.weight", ".qkv.bias")):
-            if set(parts) != {"q", "k", "v"}:
-                missing = sorted({"q", "k", "v"} - set(parts))
-                present = next(iter(parts.values()))
-                lacking = ", ".join(m + "_proj" for m in missing)
-                raise CheckpointError(f"{present}: the checkpoint lacks the matching {lacking}")
-            plan[key] = Entry([parts["q"], parts["k"], parts["v"]], fuse_qkv)
-        else:
-            n = llm_config.get("num_experts")
-            if n is not None and sorted(parts) != list(range(n)):
-                raise CheckpointError(f"{key}: expected experts 0..{n - 1}, found {sorted(parts)}")
-            plan[key] = Entry([parts[e] for e in sorted(parts)], lambda *xs: mx.stack(xs))
+        if not any(re.search(p, src) for p in DROP):
+            _place(our_name(src, fmt, source_arch), src, plan, groups, llm_config)
+    plan.update({key: _grouped(key, parts, llm_config) for key, parts in groups.items()})
     return plan

@@ -8,6 +8,7 @@ from .loading import load, load_model
 from .model import InternVLChatModel, merge_image_features
 from .processing import Processor, dynamic_preprocess
 from .projector import pixel_shuffle
+from .sampling import KVOptions, SamplingOptions
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,6 @@ __all__ = [
     "stream_generate",
     "batch_generate",
     "ChatSession",
+    "SamplingOptions",
+    "KVOptions",
 ]

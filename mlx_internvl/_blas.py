@@ -21,7 +21,8 @@ def preload_blas() -> str | None:
     if not choice or not sys.platform.startswith("linux"):
         return None
     if "mlx.core" in sys.modules:
-        warnings.warn("MLX_INTERNVL_BLAS is set but mlx was imported before mlx_internvl; it has no effect")
+        warnings.warn("MLX_INTERNVL_BLAS is set but mlx was imported before mlx_internvl; it has no effect",
+                      stacklevel=2)
         return None
     path = choice
     if choice == "openblas":
@@ -30,7 +31,8 @@ def preload_blas() -> str | None:
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        warnings.warn(f"MLX_INTERNVL_BLAS={choice!r}: cannot load {path} ({e}); using MLX's bundled BLAS")
+        warnings.warn(f"MLX_INTERNVL_BLAS={choice!r}: cannot load {path} ({e}); using MLX's bundled BLAS",
+                      stacklevel=2)
         return None
     return path
 

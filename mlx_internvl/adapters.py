@@ -24,11 +24,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.dora import DoRALinear
-from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
-from .files import save_json, save_safetensors
+from .files import save_safetensors
 from .validate import integer, naming, number
 from .weights import weight_mismatches
 
@@ -82,7 +82,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict, where: str = "adapter_config.json") -> "LoraConfig":
+    def from_json(cls, data: dict, where: str = "adapter_config.json") -> LoraConfig:
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -205,6 +205,4 @@ def load_adapters(model, adapter_path: Union[str, Path]):
 
 def adapter_modules(model) -> List[tuple]:
     """(path, module) of every LoRA/DoRA layer in the model."""
-    from mlx_lm.tuner.lora import LoRASwitchLinear
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear, LoRASwitchLinear))]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -101,7 +101,7 @@ def embedding_layer(lm: nn.Module) -> nn.Module:
     return lm.model.embed_tokens
 
 
-@lru_cache(maxsize=None)
+@cache
 def _accepts_input_embeddings(model_class: type) -> bool:
     return "input_embeddings" in inspect.signature(model_class.__call__).parameters
 

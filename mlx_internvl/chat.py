@@ -15,50 +15,47 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import validate
-from .errors import UserError
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    GenerationResponse,
-    _clamp_max_tokens,
-    make_sampling,
-    stream_tokens,
-)
+from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .images import ImageInput
 from .processing import (
     add_image_placeholders,
     add_video_placeholders,
     as_image_list,
-    expand_image_placeholders,
     frame_to_tile,
     image_to_tiles,
     load_image,
 )
-from .templates import build_query
-from .validate import check_generation
+from .sampling import KVOptions, SamplingOptions, split_options
+from .templates import chat_messages
+from .video import load_video_frames
 
 
 class ChatSession:
     """`session.ask("...", images=[...])` -> reply; history, images and the KV cache carry over between turns."""
 
     def __init__(self, model, processor, system_message: Optional[str] = None, max_tiles=None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: Optional[float] = None,
-                 seed: Optional[int] = None, num_frames: int = 8, exif_transpose: bool = False,
-                 prefill_step_size: int = 2048, stop_on_eos: bool = False, extra_stop_tokens: Sequence = ()):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
+                 kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False,
+                 stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), **options):
+        """`sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`, `kv_bits=8`) apply to every
+        turn; a seed seeds once, here. Replies end at the template's end token (`stop_on_eos` adds the tokenizer's
+        eos, `extra_stop_tokens` more)."""
         self.model, self.processor = model, processor
-        self.sampler, self.logits_processors = make_sampling(temperature, top_p, top_k, min_p, repetition_penalty,
-                                                             seed=seed)
-        check_generation(max_tokens, prefill_step_size)
+        max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
         max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
+        validate.conversation("", None, system_message)
         self.stop_ids = processor.stop_token_ids(stop_on_eos, extra_stop_tokens)
         self.system_message = system_message
         self.max_tiles = max_tiles
         self.max_tokens = max_tokens
         self.num_frames = num_frames
         self.exif_transpose = exif_transpose
-        self.prefill_step_size = prefill_step_size
+        self.sampling, self.kv = split_options(sampling, kv, options)
+        self.kv.check(model)
+        self.sampler, self.logits_processors = self.sampling.make(processor.tokenizer.eos_token_ids)
         self.clear()
 
     def clear(self) -> None:
@@ -81,8 +78,6 @@ class ChatSession:
         if new:
             question = add_image_placeholders(question, len(new), first_turn=True, start=self.num_images + 1)
         if video is not None:
-            from .video import load_video_frames
-
             frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, self.num_frames)
             question = add_video_placeholders(question, len(frames))
             new += [frame_to_tile(f, self.processor.config) for f in frames]
@@ -109,22 +104,15 @@ class ChatSession:
     def stream(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
                max_tokens: Optional[int] = None) -> Iterator[GenerationResponse]:
         """Stream the reply to `question`; the turn is added to the history when the reply is complete."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         proc = self.processor
         n_before = len(self._tiles)
         done = False
         try:
             validate.conversation(question)
             question = self._add_media(question, as_image_list(images), video)
-            system = self.system_message if self.system_message is not None else proc.system_message
-            query = build_query(proc.template, question, self.history, system)
             num_tiles = [t.shape[0] for t in self._tiles]
-            if query.count("<image>") != len(num_tiles):
-                raise UserError(f"the conversation has {query.count('<image>')} <image> placeholder(s) for "
-                                f"{len(num_tiles)} image(s); put one <image> per new image in the question, or none")
-            ids = proc.tokenizer.encode(expand_image_placeholders(query, num_tiles, proc.config.num_image_token))
-            max_tokens = _clamp_max_tokens(proc, len(ids), max_tokens or self.max_tokens)
+            ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message).ids
+            max_tokens = proc.clamp_max_tokens(len(ids), max_tokens or self.max_tokens)
 
             common = 0
             if self._cache is not None and can_trim_prompt_cache(self._cache):
@@ -136,7 +124,7 @@ class ChatSession:
                     common += 1
                 trim_prompt_cache(self._cache, len(self._cache_ids) - common)
             else:
-                self._cache = self.model.make_cache()
+                self._cache = self.kv.make_cache(self.model)
             self._cache_ids, self._prompt_len = ids[:common], len(ids)
             suffix = ids[common:]
             feats = self._image_features(sum(1 for t in suffix if t == proc.image_token_id))
@@ -145,8 +133,8 @@ class ChatSession:
             try:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
                                        logits_processors=self.logits_processors, prompt_cache=self._cache,
-                                       prefill_step_size=self.prefill_step_size, num_tiles=num_tiles,
-                                       on_token=generated.append, extra_stop_tokens=self.stop_ids):
+                                       kv=self.kv, num_tiles=num_tiles, on_token=generated.append,
+                                       extra_stop_tokens=self.stop_ids):
                     text += r.text
                     yield r
             finally:

@@ -130,9 +130,10 @@ class ModelConfig(_FromDict):
             raise UserError(f"ps_version is {self.ps_version!r}; expected 'v1' or 'v2'.")
         if self.downsample_ratio <= 0 or (1 / self.downsample_ratio) % 1:
             raise UserError(f"downsample_ratio {self.downsample_ratio} must be 1/k for an integer k.")
-        if not -self.vision_config.num_hidden_layers - 1 <= self.select_layer < self.vision_config.num_hidden_layers + 1:
+        depth = self.vision_config.num_hidden_layers
+        if not -depth - 1 <= self.select_layer < depth + 1:
             raise UserError(
-                f"select_layer {self.select_layer} is outside the {self.vision_config.num_hidden_layers}-layer vision encoder."
+                f"select_layer {self.select_layer} is outside the {depth}-layer vision encoder."
             )
         if self.image_size_mismatch:
             raise UserError(

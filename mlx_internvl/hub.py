@@ -14,6 +14,15 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from .errors import UserError
 
 DEFAULT_MODEL = "OpenGVLab/InternVL3-1B"
@@ -37,10 +46,6 @@ def is_repo_id(text: str) -> bool:
 
 def download(repo_id: str, revision: Optional[str] = None) -> Path:
     """The local snapshot directory of `repo_id` (downloaded with progress bars, or found in the hub cache)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))

@@ -111,8 +111,8 @@ def _check_size(source, width: int, height: int, limit: Optional[int]) -> None:
                         "in each direction")
     if limit and width * height > limit:
         raise UserError(f"image {describe(source)}: too large to decode safely ({width}x{height} pixels is over "
-                        f"the limit of {limit}, a decompression-bomb guard). If you trust this file, raise the limit (max_pixels=..., "
-                        "or PIL.Image.MAX_IMAGE_PIXELS).")
+                        f"the limit of {limit}, a decompression-bomb guard). If you trust this file, raise the limit "
+                        "(max_pixels=..., or PIL.Image.MAX_IMAGE_PIXELS).")
 
 
 def open_image(source: ImageInput, exif_transpose: bool = False, max_pixels: Optional[int] = None) -> Image.Image:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
 
 from .backbones import build_language_model, embedding_layer, forward_embeddings
 from .config import ModelConfig
@@ -15,25 +16,35 @@ from .projector import Projector, pixel_shuffle
 from .vision import InternVisionModel
 
 
+def image_positions(input_ids: mx.array, image_token_id: int) -> Tuple[mx.array, mx.array]:
+    """`(index, mask)` for `input_ids` `[B, L]`: `mask` marks the image tokens, and the k-th of them (row-major over
+    the batch) takes image-feature row `index = k`. Computed once per batch, it lets the merge run without reading
+    anything back to the host (as a compiled training step needs)."""
+    mask = input_ids == image_token_id
+    index = mx.maximum(mx.cumsum(mask.reshape(-1).astype(mx.int32)) - 1, 0).reshape(mask.shape)
+    return index, mask
+
+
+def scatter_image_features(inputs_embeds: mx.array, image_features: mx.array, index: mx.array,
+                           mask: mx.array) -> mx.array:
+    """`inputs_embeds` `[B, L, D]` with feature row `index[b, l]` wherever `mask[b, l]` (see `image_positions`)."""
+    rows = image_features.reshape(-1, inputs_embeds.shape[-1])[index].astype(inputs_embeds.dtype)
+    return mx.where(mask[..., None], rows, inputs_embeds)
+
+
 def merge_image_features(
     input_ids: mx.array, inputs_embeds: mx.array, image_features: mx.array, image_token_id: int
 ) -> mx.array:
     """Replace, in order, every `image_token_id` position of `inputs_embeds` `[B, L, D]` by a row of
     `image_features` (`[P, n, D]` or `[P*n, D]`, tile-major). The counts must match exactly."""
-    b, length, d = inputs_embeds.shape
-    mask = input_ids == image_token_id
+    index, mask = image_positions(input_ids, image_token_id)
     n_tokens = int(mask.sum().item())
-    feats = image_features.reshape(-1, d)
-    if n_tokens != feats.shape[0]:
-        raise UserError(
-            f"Image features and image tokens do not match: tokens: {n_tokens}, features {feats.shape[0]}"
-        )
+    n_rows = image_features.size // inputs_embeds.shape[-1]
+    if n_tokens != n_rows:
+        raise UserError(f"Image features and image tokens do not match: tokens: {n_tokens}, features {n_rows}")
     if n_tokens == 0:
         return inputs_embeds
-    # k-th image token (in row-major order over the batch) takes feature row k.
-    order = mx.cumsum(mask.reshape(-1).astype(mx.int32)) - 1
-    gathered = feats[mx.maximum(order, 0)].reshape(b, length, d).astype(inputs_embeds.dtype)
-    return mx.where(mask[..., None], gathered, inputs_embeds)
+    return scatter_image_features(inputs_embeds, image_features, index, mask)
 
 
 class InternVLChatModel(nn.Module):
@@ -115,6 +126,4 @@ class InternVLChatModel(nn.Module):
         return forward_embeddings(self.language_model, input_embeddings, cache)
 
     def make_cache(self):
-        from mlx_lm.models.cache import make_prompt_cache
-
         return make_prompt_cache(self.language_model)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 
 from .config import config_from_hf
@@ -146,8 +147,6 @@ def mlx_side(model_path: Union[str, Path], inputs: dict, dtype: Optional[str] = 
 
 
 def _versions() -> dict:
-    import mlx_lm
-
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
 
 

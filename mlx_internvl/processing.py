@@ -23,8 +23,10 @@ from . import validate
 from .config import ModelConfig
 from .errors import UserError
 from .images import ImageInput, open_image
-from .templates import build_query, get_template, template_from_chat_template
-from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+from .render import Rendered, Renderer
+from .templates import chat_messages, get_template, template_from_chat_template
+from .tokenizer import IMG_CONTEXT, load_tokenizer
+from .video import load_video_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,9 +99,28 @@ def dynamic_preprocess(
     for k in range(cols * rows):
         c, r = k % cols, k // cols
         tiles.append(resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size)))
-    if use_thumbnail and len(tiles) != 1:
+    if adds_thumbnail(len(tiles), use_thumbnail):
         tiles.append(image.resize((image_size, image_size)))
     return tiles
+
+
+def adds_thumbnail(n_tiles: int, use_thumbnail: bool) -> bool:
+    """Upstream's rule: a whole-image thumbnail follows the tiles when there is more than one tile."""
+    return use_thumbnail and n_tiles != 1
+
+
+def _tile_range(config: ModelConfig, max_tiles: Optional[int]) -> Tuple[int, int]:
+    """(min, max) tiles per image: the config's, with `max_tiles` in place of its maximum when given."""
+    max_num = config.max_dynamic_patch if max_tiles is None else max_tiles
+    return min(config.min_dynamic_patch, max_num), max_num
+
+
+def tile_count(width: int, height: int, config: ModelConfig, max_tiles: Optional[int] = None) -> int:
+    """How many tiles (thumbnail included) `image_to_tiles` makes of a `width x height` image, without the pixels."""
+    if not config.dynamic_image_size:
+        return 1
+    cols, rows = tile_grid(width, height, *_tile_range(config, max_tiles), config.force_image_size)
+    return cols * rows + adds_thumbnail(cols * rows, config.use_thumbnail)
 
 
 def normalize_tiles(tiles: Sequence[Image.Image], image_size: int) -> np.ndarray:
@@ -122,8 +143,7 @@ def image_to_tiles(image: Image.Image, config: ModelConfig, max_tiles: Optional[
     """One image -> `[T, S, S, 3]` normalized tiles, with the checkpoint's tiling settings."""
     size = config.force_image_size
     if config.dynamic_image_size:
-        max_num = config.max_dynamic_patch if max_tiles is None else max_tiles
-        tiles = dynamic_preprocess(image, min(config.min_dynamic_patch, max_num), max_num, size, config.use_thumbnail)
+        tiles = dynamic_preprocess(image, *_tile_range(config, max_tiles), size, config.use_thumbnail)
     else:
         tiles = [image]
     return normalize_tiles(tiles, size)
@@ -133,13 +153,6 @@ def frame_to_tile(frame: Image.Image, config: ModelConfig) -> np.ndarray:
     """One video frame -> `[1, S, S, 3]`: upstream `load_video` tiles frames with `max_num=1` (a plain resize)."""
     size = config.force_image_size
     return normalize_tiles(dynamic_preprocess(frame, 1, 1, size, config.use_thumbnail), size)
-
-
-def expand_image_placeholders(prompt: str, num_tiles: Sequence[int], tokens_per_tile: int) -> str:
-    """Replace each `<image>`, first to last, by `<img>` + `<IMG_CONTEXT>` * (tiles * tokens) + `</img>`."""
-    for n in num_tiles:
-        prompt = prompt.replace("<image>", IMG_START + IMG_CONTEXT * (tokens_per_tile * n) + IMG_END, 1)
-    return prompt
 
 
 def image_lines(n: int, start: int = 1, label: Optional[str] = IMAGE_LABEL) -> str:
@@ -190,6 +203,8 @@ class Processor:
         self.image_token_id = self._token_id(IMG_CONTEXT)
         self.eos_token_id = self._token_id(self.template.stop_str)
         tokenizer.add_eos_token(self.eos_token_id)
+        self.renderer = Renderer(tokenizer, self.template, config.num_image_token, self.image_token_id,
+                                 config.system_message)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], config: ModelConfig, template: Optional[str] = None):
@@ -235,7 +250,7 @@ class Processor:
         """The language model's `max_position_embeddings` (None if the config does not say)."""
         return self.config.llm_config.get("max_position_embeddings")
 
-    def prompt(
+    def render(
         self,
         text: str,
         num_tiles: Sequence[int] = (),
@@ -243,9 +258,10 @@ class Processor:
         system_message: Optional[str] = None,
         num_frames: int = 0,
         frame_label: str = FRAME_LABEL,
-    ) -> str:
-        """The full prompt string with image tokens expanded. `num_tiles` lists tiles per `<image>` in prompt
-        order; the last `num_frames` entries are video frames."""
+    ) -> Rendered:
+        """The request rendered as upstream `chat()` builds it (placeholders for images and frames, the template,
+        image tokens expanded). `num_tiles` lists tiles per `<image>` in prompt order; the last `num_frames`
+        entries are video frames."""
         n_images = len(num_tiles) - num_frames
         question = text
         if num_frames:
@@ -256,16 +272,7 @@ class Processor:
                 question = image_lines(n_images) + question
         else:
             question = add_image_placeholders(question, n_images, first_turn=not history)
-        query = build_query(
-            self.template, question, history, system_message if system_message is not None else self.system_message
-        )
-        count = query.count("<image>")
-        if count != len(num_tiles):
-            raise UserError(
-                f"the prompt has {count} <image> placeholder(s) but {len(num_tiles)} image(s)/frame(s) were given; "
-                "use one <image> per image, or none to have them added"
-            )
-        return expand_image_placeholders(query, num_tiles, self.config.num_image_token)
+        return self.renderer.render(chat_messages(question, history), num_tiles, system_message)
 
     def image_tiles(self, images: Sequence[ImageInput], max_tiles: MaxTiles = None,
                     exif_transpose: bool = False) -> List[np.ndarray]:
@@ -289,29 +296,37 @@ class Processor:
         exif_transpose: bool = False,
     ) -> dict:
         """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...],
-        'prompt': str}`. `video` is a file path (decoded with PyAV, `num_frames` frames sampled as upstream) or a
+        'prompt': str, 'image_spans': [(start, end), ...]}`. `video` is a file path (decoded with PyAV,
+        `num_frames` frames sampled as upstream) or a
         list of PIL frames; its frames follow the images."""
         validate.conversation(text, history, system_message)
         num_frames = validate.num_frames(num_frames)
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
         n_frames = 0
         if video is not None:
-            frames = video if isinstance(video, (list, tuple)) else _load_video(video, num_frames)
+            frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, num_frames=num_frames)
             if not frames:
                 raise UserError("video: no frames were given or decoded; pass a list of PIL frames or a video file")
             tiles += [frame_to_tile(f, self.config) for f in frames]
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
-        prompt = self.prompt(text, num_tiles, history, system_message, n_frames, frame_label)
-        ids = self.tokenizer.encode(prompt)
-        self.check_length(len(ids), sum(num_tiles))
+        rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label)
+        self.check_length(len(rendered.ids), sum(num_tiles))
         pixel_values = mx.array(np.concatenate(tiles)) if tiles else None
         return {
-            "input_ids": mx.array([ids], dtype=mx.int32),
+            "input_ids": mx.array([rendered.ids], dtype=mx.int32),
             "pixel_values": pixel_values,
             "num_tiles": num_tiles,
-            "prompt": prompt,
+            "prompt": rendered.text,
+            "image_spans": rendered.image_spans,
         }
+
+    def clamp_max_tokens(self, n_prompt: int, max_tokens: int) -> int:
+        """`max_tokens`, checked, and cut to what fits in the context after an `n_prompt`-token prompt."""
+        max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
+        self.check_length(n_prompt)
+        ctx = self.context_length
+        return min(max_tokens, ctx - n_prompt) if ctx else max_tokens
 
     def check_length(self, n_tokens: int, n_tiles: int = 0) -> None:
         """A clear error when a prompt does not fit in the language model's context."""
@@ -321,9 +336,3 @@ class Processor:
                      "use fewer images, frames or tiles (--max-tiles)") if n_tiles else ""
             raise UserError(f"the prompt is {n_tokens} tokens but the model's context is {ctx} tokens "
                             f"(max_position_embeddings){tiles}")
-
-
-def _load_video(path, num_frames: int):
-    from .video import load_video_frames
-
-    return load_video_frames(path, num_frames=num_frames)

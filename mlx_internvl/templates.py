@@ -17,8 +17,14 @@ from typing import List, Optional, Sequence, Tuple
 from .errors import UserError
 from .validate import conversation
 
-INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"  # noqa: E501
+
+
+USER, ASSISTANT = 0, 1  # message roles: the index into `Template.roles`
+# Role names as chat APIs (OpenAI: user/assistant) and InternVL's training data (human/gpt) spell them.
+ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+Message = Tuple[int, Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -29,24 +35,36 @@ class Template:
     roles: Tuple[str, str]
     sep: str
 
+    def __post_init__(self):
+        if not self.sep.startswith(self.stop_str):
+            raise ValueError(f"template {self.name}: separator {self.sep!r} does not start with {self.stop_str!r}")
+
     @property
     def stop_str(self) -> str:
         """The token that ends an assistant turn (`sep.strip()`), which generation stops on."""
         return self.sep.strip()
 
-    def render(self, system_message: Optional[str], messages: Sequence[Tuple[str, Optional[str]]]) -> str:
-        """`messages` are (role_index 0=user/1=assistant, text or None for the turn to generate)."""
+    def render_spans(self, system_message: Optional[str], messages: Sequence[Message]
+                     ) -> Tuple[str, List[Tuple[int, int]]]:
+        """The conversation as text, and the character span of each assistant message with its stop token.
+
+        `messages` are (USER | ASSISTANT, text); text None is the turn to generate (its bare role). The system
+        block and its separator are always written, even for an empty system message (None: the template's)."""
         system = self.system_message if system_message is None else system_message
         out = self.system_template.format(system_message=system) + self.sep
+        spans = []
         for role, text in messages:
-            if text:
-                out += self.roles[role] + text + self.sep
-            else:
-                out += self.roles[role]
-        return out
+            out += self.roles[role]
+            if text is None:
+                continue
+            if role == ASSISTANT:
+                spans.append((len(out), len(out) + len(text) + len(self.stop_str)))
+            out += text + self.sep
+        return out, spans
 
 
-_CHATML = dict(system_template="<|im_start|>system\n{system_message}", roles=("<|im_start|>user\n", "<|im_start|>assistant\n"))
+_CHATML = dict(system_template="<|im_start|>system\n{system_message}",
+               roles=("<|im_start|>user\n", "<|im_start|>assistant\n"))
 
 TEMPLATES = {
     "Hermes-2": Template("Hermes-2", system_message=INTERNVL_SYSTEM, sep="<|im_end|>", **_CHATML),
@@ -97,6 +115,15 @@ def template_from_chat_template(chat_template: Optional[str]) -> Optional[str]:
     return None
 
 
+def chat_messages(question: str, history: Optional[Sequence[Tuple[str, str]]] = None) -> List[Message]:
+    """`history` [(question, answer), ...] and the new `question`, ending with the turn to generate. As upstream
+    `chat()` renders them, an empty message is left open (its role without a separator)."""
+    messages: List[Message] = []
+    for q, a in list(history or []) + [(question, "")]:
+        messages += [(USER, q or None), (ASSISTANT, a or None)]
+    return messages
+
+
 def build_query(
     template: Template,
     question: str,
@@ -105,8 +132,4 @@ def build_query(
 ) -> str:
     """The full prompt for `question` after `history` [(question, answer), ...], ending with the assistant role."""
     conversation(question, history, system_message)
-    messages: List[Tuple[int, Optional[str]]] = []
-    for q, a in history or []:
-        messages += [(0, q), (1, a)]
-    messages += [(0, question), (1, None)]
-    return template.render(system_message, messages)
+    return template.render_spans(system_message, chat_messages(question, history))[0]

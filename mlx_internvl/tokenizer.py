@@ -10,8 +10,18 @@ The result is wrapped in mlx-lm's `TokenizerWrapper` for streaming detokenizatio
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Optional
+
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    TokenizerWrapper,
+    _is_bpe_decoder,
+    _is_spm_decoder,
+)
 
 from .errors import UserError
 
@@ -68,8 +78,6 @@ def _sentencepiece_class():
             return out
 
         def save_vocabulary(self, save_directory, filename_prefix=None):
-            import shutil
-
             target = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
             if Path(self.vocab_file).resolve() != target.resolve():
                 shutil.copyfile(self.vocab_file, target)
@@ -147,15 +155,6 @@ def token_id(path: Path, token: str) -> Optional[int]:
 
 def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):
     """mlx-lm `TokenizerWrapper` around `load_hf_tokenizer(path)` (streaming detokenizer chosen as mlx-lm does)."""
-    from mlx_lm.tokenizer_utils import (
-        BPEStreamingDetokenizer,
-        NaiveStreamingDetokenizer,
-        SPMStreamingDetokenizer,
-        TokenizerWrapper,
-        _is_bpe_decoder,
-        _is_spm_decoder,
-    )
-
     tok = load_hf_tokenizer(path)
     detok = NaiveStreamingDetokenizer
     tj = Path(path) / "tokenizer.json"

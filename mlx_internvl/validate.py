@@ -75,31 +75,8 @@ def _fix(fix: str) -> str:
     return f"; {fix}" if fix else ""
 
 
-# --- sampling --------------------------------------------------------------------------------------------------
-
-def check_sampling(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None,
-                   repetition_context_size=20, seed=None) -> None:
-    """The sampling options mlx-lm's `make_sampler` / `make_logits_processors` take, checked before they reach it
-    (mlx-lm does not check them: a NaN temperature samples token 0 forever, a negative top_k means "off")."""
-    number("temperature", temperature, minimum=0.0, fix="0 is greedy")
-    number("top_p", top_p, minimum=0.0, maximum=1.0, min_open=True, fix="1 disables top-p")
-    integer("top_k", top_k, minimum=0, fix="0 disables top-k")
-    number("min_p", min_p, minimum=0.0, maximum=1.0, max_open=True, fix="0 disables min-p")
-    number("repetition_penalty", repetition_penalty, minimum=0.0, min_open=True, allow_none=True,
-           fix="1 (or none) means no penalty")
-    integer("repetition_context_size", repetition_context_size, minimum=1)
-    integer("seed", seed, minimum=0, maximum=2**64 - 1, allow_none=True)
-
-
-def check_generation(max_tokens=None, prefill_step_size=2048, kv_bits=None, kv_group_size=64,
-                     max_kv_size=None) -> None:
-    integer("max_tokens", max_tokens, minimum=1, allow_none=True)
-    integer("prefill_step_size", prefill_step_size, minimum=1, fix="it is the prompt tokens run per chunk")
-    if kv_bits is not None:
-        choice("kv_bits", kv_bits, (2, 3, 4, 6, 8))
-    integer("kv_group_size", kv_group_size, minimum=1)
-    integer("max_kv_size", max_kv_size, minimum=8, allow_none=True)
-
+# --- images and frames ------------------------------------------------------------------------------------------
+# (sampling and KV-cache options are checked by `sampling.SamplingOptions` / `KVOptions` themselves)
 
 def max_tiles(value, name: str = "max_tiles"):
     """None (the config's), an int >= 1, or a list/tuple of those (one per image)."""

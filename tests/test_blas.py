@@ -25,7 +25,8 @@ def probe(value):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload only exists for MLX's Linux CPU backend")
-@pytest.mark.skipif(ctypes.util.find_library("openblas") is None and not os.path.exists("/usr/lib/x86_64-linux-gnu/libopenblas.so.0"),
+@pytest.mark.skipif(ctypes.util.find_library("openblas") is None
+                    and not os.path.exists("/usr/lib/x86_64-linux-gnu/libopenblas.so.0"),
                     reason="no OpenBLAS on this machine (apt-get install libopenblas0-pthread)")
 def test_openblas_preload_matches_float64():
     loaded, err, _ = probe("openblas")

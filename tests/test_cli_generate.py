@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.generate import generate
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from test_parity import INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
 
 from builders import Case
 from mlx_internvl.cli.main import main as cli_main
@@ -24,7 +25,6 @@ from mlx_internvl.convert.export import float_weights
 from mlx_internvl.errors import CheckpointError, UserError
 from mlx_internvl.loading import load_model
 from mlx_internvl.weights import build_model
-from test_parity import INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
 
 BACKBONES = {
     "qwen2": QWEN2,
@@ -261,11 +261,11 @@ def mlx_dir(build_case, tmp_path_factory):
     return convert(build_case(QWEN2).original_dir, tmp_path_factory.mktemp("mlxdir") / "mlx")
 
 
-def _rewrite(src: Path, dst: Path, edit, metadata={"format": "mlx"}):
+def _rewrite(src: Path, dst: Path, edit, metadata=(("format", "mlx"),)):
     shutil.copytree(src, dst)
     tensors = mx.load(str(dst / "model.safetensors"))
     edit(tensors)
-    mx.save_safetensors(str(dst / "model.safetensors"), tensors, metadata=metadata)
+    mx.save_safetensors(str(dst / "model.safetensors"), tensors, metadata=dict(metadata))
     return dst
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
+from test_parity import INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
 
 import mlx_internvl
 from builders import Case
@@ -23,7 +24,6 @@ from mlx_internvl.errors import UserError
 from mlx_internvl.loading import load_model
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
-from test_parity import INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
 
 CASES = {
     "qwen2": QWEN2,

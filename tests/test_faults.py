@@ -19,7 +19,6 @@ import pytest
 
 from builders import Case
 from lora_fixtures import color_task
-
 from mlx_internvl.cli.main import main
 from mlx_internvl.errors import UserError
 from mlx_internvl.files import staged_output, sweep_stale

@@ -15,15 +15,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import ASSETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from builders import Case
-from conftest import ASSETS
-from lora_fixtures import color_task
-
 import mlx_internvl
+from builders import Case
+from lora_fixtures import color_task
 from mlx_internvl.cli.main import main
 from mlx_internvl.convert import convert
 from mlx_internvl.errors import UserError
@@ -108,9 +107,10 @@ def test_chat_messages_to_prompt(tiny, question, history, system, n_images, n_fr
 
 # --- LoRA data rows in every format -----------------------------------------------------------------------------
 
-image_refs = st.just("img.png") | st.sampled_from(["img.png", "missing.png", "", "cut.jpg", "sub", "data:image/png;base64,AAAA",
-                              "data:nocomma", "http://127.0.0.1:9/x.png", "/etc/passwd", 5, None]) | st.lists(
-    st.sampled_from(["img.png", "cut.jpg", 3]), max_size=3)
+image_refs = st.just("img.png") | st.sampled_from([
+    "img.png", "missing.png", "", "cut.jpg", "sub", "data:image/png;base64,AAAA", "data:nocomma",
+    "http://127.0.0.1:9/x.png", "/etc/passwd", 5, None]) | st.lists(st.sampled_from(["img.png", "cut.jpg", 3]),
+                                                                   max_size=3)
 internvl_rows = st.fixed_dictionaries(
     {"conversations": st.one_of(
         st.tuples(st.just({"from": "human", "value": "<image>\nWhat?"}),

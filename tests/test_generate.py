@@ -5,11 +5,10 @@ streaming and length rules hold."""
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import batch_generate, generate, stream_generate, stream_tokens

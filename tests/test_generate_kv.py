@@ -1,11 +1,10 @@
 """KV-cache options of generation (mlx-lm's quantized and rotating caches) on a tiny checkpoint."""
 
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import stream_generate
 

@@ -4,9 +4,9 @@ the round trip through our names, and an anchored or longer row wins in either d
 from __future__ import annotations
 
 import pytest
-from builders import Case
 from safetensors import safe_open
 
+from builders import Case
 from mlx_internvl.convert.keymap import HF_PREFIXES, HF_VISION, INTERNLM2, ORIGINAL, Renames
 
 
@@ -18,7 +18,10 @@ def keys(path):
     return out
 
 
-@pytest.mark.parametrize("case", [Case("smoke_qwen2"), Case("m_internlm2", text="internlm2", template="internlm2-chat")])
+CASES = [Case("smoke_qwen2"), Case("m_internlm2", text="internlm2", template="internlm2-chat")]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_every_checkpoint_key_round_trips(build_case, case):
     built = build_case(case)
     for k in keys(built.hf_dir):

@@ -106,3 +106,18 @@ def test_no_import_circle():
 
 def test_the_checker_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_function_level_imports_only_for_optional_heavy_dependencies():
+    mods = modules()
+    bad = []
+    for name, (tree, pkg) in mods.items():
+        if name.startswith("mlx_internvl.reference"):
+            continue  # the torch path: it imports torch at its top, and its own parts lazily
+        for node in function_level_imports(tree):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                found = targets(node, name, pkg, mods) or [node.module or "."]
+            bad += [f"{name}:{node.lineno} {t}" for t in found if not t.startswith(LAZY_OK)]
+    assert bad == []

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from builders import Case
 from lora_fixtures import QUESTION, color_task
-
 from mlx_internvl.cli.main import cli
 
 

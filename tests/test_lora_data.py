@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builders import Case
-
 import mlx_internvl
+from builders import Case
 from mlx_internvl.errors import UserError
-from mlx_internvl.lora.batching import Batcher
+from mlx_internvl.lora.batching import Batcher, encode_dataset
 from mlx_internvl.lora.data import load_dataset
 from mlx_internvl.lora.render import encode_sample
-from mlx_internvl.lora.trainer import TrainingArgs, encode_dataset
+from mlx_internvl.lora.trainer import TrainingArgs
 
 CASES = {
     "internvl2_5": Case("lora_data_qwen2"),

@@ -6,14 +6,13 @@ import copy
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from builders import Case
 from conftest import ASSETS
 
 import mlx_internvl
-from mlx_internvl.lora import LoraConfig, apply_lora, export_peft, fuse, fuse_adapters, save_adapters
+from builders import Case
 from mlx_internvl.adapters import CONFIG_FILE, adapter_modules
 from mlx_internvl.files import save_json
+from mlx_internvl.lora import LoraConfig, apply_lora, export_peft, fuse, fuse_adapters, save_adapters
 
 VARIANTS = {
     # name: (case, LoRA layout)
@@ -106,8 +105,8 @@ def test_fused_model_equals_base_plus_adapter_and_round_trips(build_case, tmp_pa
 
 
 def test_qlora_fuse_with_dequantize_equals_quantized_base_plus_adapter(build_case, tmp_path):
-    from mlx_internvl.weights import quantize
     from mlx_internvl.lora.fuse import save_mlx_model
+    from mlx_internvl.weights import quantize
 
     built = build_case(VARIANTS["qwen2_lora_vision_projector"][0])
     base, proc = mlx_internvl.load(built.hf_dir, dtype="float32")

@@ -12,10 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_internvl
 from builders import Case
 from lora_fixtures import color_task, greedy_answer
-
-import mlx_internvl
 from mlx_internvl.errors import UserError
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.lora.state import latest_checkpoint, save_checkpoint

@@ -8,13 +8,13 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import ASSETS
+from test_parity import QWEN2
 
 from builders import Case
-from conftest import ASSETS
 from mlx_internvl.convert import convert
 from mlx_internvl.errors import UserError
 from mlx_internvl.parity import compare_dump, format_report, read_dump, run_parity
-from test_parity import QWEN2
 
 IMAGE = ASSETS / "images" / "image1.jpg"
 

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-
-from builders import Case
+from conftest import ASSETS
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
-from conftest import ASSETS
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])

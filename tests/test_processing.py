@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from mlx_internvl.errors import UserError
 from mlx_internvl.images import open_image
 from mlx_internvl.processing import dynamic_preprocess, normalize_tiles, target_ratios, tile_grid

@@ -8,9 +8,9 @@ from ids known from released checkpoints (spec 5.1). transformers' own `InternVL
 
 import numpy as np
 import pytest
+from conftest import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from mlx_internvl.config import ModelConfig, VisionConfig
 from mlx_internvl.errors import UserError
 from mlx_internvl.processing import Processor

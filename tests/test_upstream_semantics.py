@@ -6,19 +6,16 @@
 - the LoRA optimizer: `torch.optim.AdamW` (upstream InternVL / XTuner / ms-swift) on the same gradients.
 """
 
-import importlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from builders import Case
-
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.generate import batch_generate, generate, stream_generate
+from mlx_internvl.sampling import SamplingOptions
 
-GEN = importlib.import_module("mlx_internvl.generate")  # the module (the package exports a function of that name)
 CASE = Case("m_internlm2", text="internlm2", template="internlm2-chat")  # tokenizer eos </s>, template end <|im_end|>
 
 
@@ -46,7 +43,7 @@ def forced_sampling(forced):
         step[0] += 1
         return mx.array([tok] * logprobs.shape[0])
 
-    return lambda *a, **k: (sampler, [])
+    return lambda self, special_tokens=(): (sampler, [])
 
 
 def hf_generate(built, ids, forced, eos_token_id):
@@ -79,7 +76,7 @@ def test_stop_tokens_and_decoding_equal_transformers(setup, monkeypatch, stop_on
     built, model, processor, hf_tok, forced, end, eos = setup
     ids = torch.tensor(processor("Hello")["input_ids"].tolist())
     ref_ids = hf_generate(built, ids, forced, [end, eos] if stop_on_eos else end)
-    monkeypatch.setattr(GEN, "make_sampling", forced_sampling(forced))
+    monkeypatch.setattr(SamplingOptions, "make", forced_sampling(forced))
     pieces = list(stream_generate(model, processor, "Hello", max_tokens=len(forced), stop_on_eos=stop_on_eos))
     assert [p.token for p in pieces] == ref_ids
     assert "".join(p.text for p in pieces).strip() == upstream_text(hf_tok, ref_ids)
@@ -87,14 +84,14 @@ def test_stop_tokens_and_decoding_equal_transformers(setup, monkeypatch, stop_on
         assert ref_ids == forced[:7] and upstream_text(hf_tok, ref_ids) == "Hi!"
     else:
         assert ref_ids == forced[:2]
-    monkeypatch.setattr(GEN, "make_sampling", forced_sampling(forced))
+    monkeypatch.setattr(SamplingOptions, "make", forced_sampling(forced))
     assert generate(model, processor, "Hello", max_tokens=len(forced), stop_on_eos=stop_on_eos) == \
         upstream_text(hf_tok, ref_ids)
 
 
 def test_chat_history_holds_upstreams_text(setup, monkeypatch):
     built, model, processor, hf_tok, forced, end, _ = setup
-    monkeypatch.setattr("mlx_internvl.chat.make_sampling", forced_sampling(forced))
+    monkeypatch.setattr(SamplingOptions, "make", forced_sampling(forced))
     session = ChatSession(model, processor, max_tokens=len(forced))
     reply = session.ask("Hello")
     assert reply == upstream_text(hf_tok, forced[:7]) == "Hi!"
@@ -103,7 +100,7 @@ def test_chat_history_holds_upstreams_text(setup, monkeypatch):
 
 def test_batch_generate_decodes_like_upstream(setup, monkeypatch):
     built, model, processor, hf_tok, forced, end, _ = setup
-    monkeypatch.setattr(GEN, "make_sampling", forced_sampling(forced))
+    monkeypatch.setattr(SamplingOptions, "make", forced_sampling(forced))
     result = batch_generate(model, processor, ["Hello"], max_tokens=len(forced))
     assert result.token_ids[0] == forced[:6] and result.texts == [upstream_text(hf_tok, forced[:7])]
 

@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import ASSETS
 from PIL import Image
 
-from builders import Case
-from conftest import ASSETS
-from lora_fixtures import color_task
-
 import mlx_internvl
+from builders import Case
+from lora_fixtures import color_task
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.cli.main import cli, main
 from mlx_internvl.convert import convert
 from mlx_internvl.errors import UserError
-from mlx_internvl.images import _read_url, open_image
 from mlx_internvl.files import atomic_write_text
+from mlx_internvl.images import _read_url, open_image
 
 IMG = ASSETS / "images" / "image1.jpg"
 CASE = Case("smoke_qwen2")
@@ -58,7 +57,7 @@ def one_error(capsys, argv) -> str:
     ("--max-kv-size", "3", "max_kv_size"), ("--seed", "-5", "seed")])
 def test_generate_options(capsys, option, value, named):
     err = one_error(capsys, ["generate", "-m", "/nonexistent/model", "-p", "hi", option, value])
-    assert err.startswith(f"Error: {named}:") and "/nonexistent" not in err
+    assert err.startswith(f"Error: {named}") and "/nonexistent" not in err
 
 
 @pytest.mark.parametrize("option,value", [("--save-every", "0"), ("--report-every", "0"), ("--lr", "nan"),
@@ -290,8 +289,7 @@ def test_bad_data_lines_are_listed_up_front(tiny, tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     import mlx.core as mx
 
-    from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
-    from mlx_internvl.lora import trainer
+    from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune, trainer
 
     color_task(tmp_path, 4, "t", seed=0)
     real, calls = trainer.loss_sum, [0]

@@ -5,9 +5,9 @@ import builtins
 
 import numpy as np
 import pytest
+from conftest import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from mlx_internvl.config import ModelConfig, VisionConfig
 from mlx_internvl.errors import UserError
 from mlx_internvl.processing import frame_to_tile, normalize_tiles

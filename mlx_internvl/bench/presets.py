@@ -1,4 +1,4 @@
-"""Full-size architecture presets with random weights, built from the released configs (spec §6), no download.
+"""Full-size architecture presets with random weights, shaped like the released checkpoints' configs; no download.
 
 Each preset gives the same `ModelConfig` the converter would produce for the real checkpoint, so the MLX model has
 exactly the real shapes; and the matching transformers `InternVLConfig` kwargs for the torch side of the benchmark.
@@ -20,7 +20,8 @@ VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, 
                 image_size=448, patch_size=14, norm_type="layer_norm", layer_norm_eps=1e-6, qkv_bias=True,
                 qk_normalization=False)
 
-# name -> (llm_config in mlx-lm spelling, source architecture, <IMG_CONTEXT> id, template)
+# name -> llm: llm_config in mlx-lm spelling, arch: the source architecture, image_token_id: the <IMG_CONTEXT> id,
+# note: what it stands for; optional vision: VisionConfig fields (default ViT-300M).
 PRESETS: Dict[str, dict] = {
     "internvl2_5-1b": dict(
         llm=dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,

@@ -1,8 +1,8 @@
 """`mlx-internvl bench`: run the measurements (each in its own process) and print a markdown table and JSON.
 
-Defaults depend on the backend. On Metal: every preset in float32, bfloat16 and 4-bit. On the CPU backend (Linux
-or `--cpu`): only float32 — MLX's CPU bf16 and quantized matmuls have no fast kernels, so timing them says nothing
-about a Mac — and only the 1B preset unless `--presets` asks for more, so a run takes minutes.
+Defaults depend on the backend. On Metal: every preset in float32, bfloat16 and 4-bit. On MLX's CPU backend (Linux):
+only float32 — MLX's CPU bf16 and quantized matmuls have no fast kernels, so timing them says nothing about a Mac
+— and only the 1B preset unless `--presets` asks for more, so a run takes minutes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import subprocess
 import sys
 from typing import Iterable, List, Optional
 
+import mlx.core as mx
+
+from ..errors import UserError
 from ..files import atomic_write_text
 from .presets import PRESETS
 
@@ -21,8 +24,6 @@ ALL_DTYPES = ("float32", "bfloat16", "4bit")
 
 
 def backend_defaults():
-    import mlx.core as mx
-
     gpu = mx.default_device() == mx.gpu
     presets = list(PRESETS) if gpu else ["internvl2_5-1b"]
     dtypes = list(ALL_DTYPES) if gpu else ["float32"]
@@ -45,8 +46,6 @@ def run(presets: Iterable[str], dtypes: Iterable[str], tiles=(1, 13), decode_tok
     results = []
     for preset in presets:
         if preset not in PRESETS:
-            from ..errors import UserError
-
             raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         for dtype in dtypes:
             kw = {"tiles": list(tiles), "decode_tokens": decode_tokens, "load_time": load_time}
@@ -70,7 +69,8 @@ def markdown(results: List[dict], tiles=(1, 13)) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['preset']} | {r['dtype']} | {r['side']} | error: {r['error']} |" + " |" * (len(head) - 4))
+            cells = f"| {r['preset']} | {r['dtype']} | {r['side']} | error: {r['error']} |"
+            rows.append(cells + " |" * (len(head) - 4))
             continue
         tt = {str(k): v for k, v in r.get("ttft_s", {}).items()}
         pf = {str(k): v for k, v in r.get("prefill_tps", {}).items()}
@@ -85,7 +85,8 @@ def markdown(results: List[dict], tiles=(1, 13)) -> str:
     ratio_rows = _ratios(results, t0, t1)
     if ratio_rows:
         rows += ["", "MLX vs torch reference (same preset and dtype, >1 means MLX is faster):", "",
-                 f"| preset | dtype | TTFT {t0} tile | TTFT {t1} tiles | decode |", "|---|---|---|---|---|"] + ratio_rows
+                 f"| preset | dtype | TTFT {t0} tile | TTFT {t1} tiles | decode |",
+                 "|---|---|---|---|---|"] + ratio_rows
     return "\n".join(rows)
 
 
@@ -104,8 +105,6 @@ def _ratios(results, t0, t1):
 
 
 def machine() -> dict:
-    import mlx.core as mx
-
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "mlx": mx.__version__, "device": str(mx.default_device()),
             "blas_preload": os.environ.get("MLX_INTERNVL_BLAS") or None}

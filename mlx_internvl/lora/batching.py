@@ -2,12 +2,13 @@
 
 Samples are sorted by their padded length and cut into microbatches of `batch_size` neighbours (little padding,
 as mlx-lm's `iterate_batches` does); samples of the same padded length are shuffled among themselves first (with
-`seed`), so a microbatch is not a run of one answer class when answers are short and alike. Each epoch visits those microbatches in a permutation drawn from `seed + epoch`. So the
-k-th microbatch of a run is known from k alone: resuming needs only the count of microbatches consumed, and
-several processes agree on the stream without talking to each other.
+`seed`), so a microbatch is not a run of one answer class when answers are short and alike. Each epoch visits
+those microbatches in a permutation drawn from `seed + epoch`. So the k-th microbatch of a run is known from k
+alone: resuming needs only the count of microbatches consumed, and several processes agree on the stream without
+talking to each other.
 
-A microbatch carries, besides ids and the loss mask, the flat index of the image-feature row each `<IMG_CONTEXT>`
-position takes (`image_index`) so that the merge needs no host round-trip inside a compiled step.
+A microbatch carries, besides ids and the loss mask, the image positions of `model.image_positions` (which feature
+row each `<IMG_CONTEXT>` position takes) so that the merge needs no host round-trip inside a compiled step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
-from .render import Encoded, load_pixels
+from ..model import image_positions
+from .data import BadLine, Dataset
+from .render import Encoded, encode_sample, load_pixels
 
 PAD_TO = 32
 
@@ -76,13 +79,8 @@ def collate(samples: List[Encoded], config, pad_id: int, image_token_id: int) ->
     out = {"ids": mx.array(ids), "mask": mx.array(mask)}
     tiles = [t for t in (load_pixels(s, config) for s in samples) if t is not None]
     if tiles:
-        is_image = np.zeros_like(ids, dtype=bool)
-        for row, s in enumerate(samples):
-            is_image[row, : len(s.ids)] = s.ids == image_token_id
-        # The k-th image position (row-major over the batch) takes feature row k, as merge_image_features does.
-        index = np.maximum(np.cumsum(is_image.reshape(-1)) - 1, 0).reshape(ids.shape).astype(np.int32)
-        out.update(pixel_values=mx.array(np.concatenate(tiles)), image_index=mx.array(index),
-                   image_mask=mx.array(is_image))
+        index, is_image = image_positions(out["ids"], image_token_id)  # padding is never an image token
+        out.update(pixel_values=mx.array(np.concatenate(tiles)), image_index=index, image_mask=is_image)
     return out, int(sum(len(s.ids) for s in samples))
 
 
@@ -91,3 +89,33 @@ def val_batches(batcher: Optional[Batcher], limit: int) -> List[int]:
         return []
     n = len(batcher) if limit is None or limit < 0 else min(limit, len(batcher))
     return list(range(n))
+
+
+def encode_dataset(data: Dataset, processor, args):
+    """(encoded samples, problems, number truncated) with `args.max_tiles` / `args.max_length`; a bad sample becomes
+    a 'file:line: why' problem."""
+    encoded, problems = [], list(data.problems)
+    for s in data.samples:
+        try:
+            encoded.append(encode_sample(s, processor, args.max_tiles, args.max_length))
+        except (BadLine, UserError) as e:
+            problems.append(f"{s.where}: {e}")
+    return encoded, problems, sum(e.truncated for e in encoded)
+
+
+def report_problems(what: str, problems: List[str], encoded, skip_bad: bool, say) -> None:
+    """Refuse bad samples (all of them listed, up to 30) unless `skip_bad`; refuse always when none is usable."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
+    if not encoded:
+        raise UserError(f"{what}: no usable sample; {len(problems)} problem(s):\n  {shown}")
+    if not skip_bad:
+        raise UserError(f"{what}: {len(problems)} bad sample(s):\n  {shown}\nFix them, or pass --skip-bad to "
+                        "train on the rest.")
+    say(f"{what}: skipping {len(problems)} bad sample(s):\n  {shown}")
+
+
+def pad_id(processor) -> int:
+    pad = getattr(processor.tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else int(processor.eos_token_id)

@@ -11,6 +11,8 @@ import csv
 from pathlib import Path
 from typing import Dict, List
 
+from PIL import Image, ImageDraw
+
 from ..files import atomic_write, output_errors
 
 FIELDS = ["step", "split", "loss", "learning_rate", "tokens_per_second", "peak_memory_gb"]
@@ -63,8 +65,6 @@ def _step(row) -> int:
 
 def draw_curve(rows: List[Dict[str, str]], out: Path, size=(800, 480)) -> None:
     """Train (blue) and validation (orange) loss against step, with min/max labels on both axes."""
-    from PIL import Image, ImageDraw
-
     series = {}
     for r in rows:
         try:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ..errors import UserError
-
-USER, ASSISTANT = 0, 1
-ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+from ..images import open_image
+from ..templates import ASSISTANT, ROLES, USER
 
 
 @dataclass
@@ -319,8 +318,6 @@ def load_dataset(paths: Union[str, Path, Sequence[Union[str, Path]]],
 
 def open_image_ref(ref: str):
     """A PIL image for a resolved reference (path, URL or `data:` URL)."""
-    from ..images import open_image
-
     if ref.startswith("data:"):
         try:
             payload = base64.b64decode(ref.split(",", 1)[1])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import dequantize_model
 
 from ..adapters import adapter_modules
 from ..convert.export import export_hf as write_hf
@@ -29,8 +30,6 @@ def fuse_adapters(model, dequantize: bool = False):
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize and model.config.quantization:
-        from mlx_lm.utils import dequantize_model
-
         dequantize_model(model)
         model.config.quantization = None
     model.unfreeze()

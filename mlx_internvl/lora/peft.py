@@ -22,6 +22,7 @@ from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+from safetensors.numpy import save_file
 
 from ..adapters import ADAPTER_FILE, read_adapter_config
 from ..errors import UserError
@@ -95,8 +96,6 @@ def export_peft(adapter_path: Union[str, Path], out_dir: Union[str, Path], base_
                 force: bool = False) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` that `peft.PeftModel.from_pretrained` loads onto
     transformers' InternVL model of the same base checkpoint."""
-    from safetensors.numpy import save_file
-
     adapter_dir = Path(adapter_path).expanduser()
     cfg = read_adapter_config(adapter_dir)
     out = Path(out_dir).expanduser()

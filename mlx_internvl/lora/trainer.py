@@ -8,7 +8,9 @@
   mlx-lm, which averages per-microbatch means. That is what makes a 2-process run equal a 1-process run with twice
   the accumulation.
 - Optimizer step s uses global microbatches (s-1)*A*W ... s*A*W-1 of the stream; process r takes every W-th.
-- Image features enter through a precomputed gather index, so nothing in the step reads values back to the host.
+- Image features enter through positions computed with the batch (`model.image_positions`) and the merge of
+  inference (`model.scatter_image_features`), so nothing in the step reads values back to the host.
+- `Run` is the state one run carries between steps: batches, optimizer, loss window, log and result.
 - Gradient checkpointing recomputes each decoder layer (and ViT layer when it is trained) in the backward pass.
 """
 
@@ -27,22 +29,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
+from tqdm import tqdm
 
-from ..adapters import (
-    CONFIG_FILE,
-    LoraConfig,
-    apply_lora,
-    read_adapter_config,
-    trainable_weights,
-)
+from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
 from ..backbones import forward_embeddings
 from ..errors import UserError
 from ..files import check_writable_dir, output_errors, save_json
+from ..model import scatter_image_features
 from ..validate import check_training_args
-from .batching import Batcher, val_batches
+from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
 from .curve import LossLog
-from .data import BadLine, Dataset
-from .render import encode_sample
+from .data import Dataset
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
@@ -88,29 +85,15 @@ class TrainResult:
     truncated: int = 0
 
 
-def encode_dataset(data: Dataset, processor, args: TrainingArgs):
-    """(encoded samples, problems, number truncated); a bad sample becomes a 'file:line: why' problem."""
-    encoded, problems = [], list(data.problems)
-    for s in data.samples:
-        try:
-            encoded.append(encode_sample(s, processor, args.max_tiles, args.max_length))
-        except BadLine as e:
-            problems.append(f"{s.where}: {e}")
-        except UserError as e:
-            problems.append(f"{s.where}: {e}")
-    return encoded, problems, sum(e.truncated for e in encoded)
-
-
 def training_logits(model, batch: dict, frozen_features: bool) -> mx.array:
     """Logits `[B, L, V]` with image features merged by the batch's gather index (no host sync)."""
     embeds = model.embed_tokens(batch["ids"])
     if "pixel_values" in batch:
         feats = model.extract_feature(batch["pixel_values"].astype(embeds.dtype))
-        feats = feats.reshape(-1, feats.shape[-1])
         if frozen_features:
             feats = mx.stop_gradient(feats)
-        rows = feats[batch["image_index"]].astype(embeds.dtype)
-        embeds = mx.where(batch["image_mask"][..., None], rows, embeds)
+        # The merge of inference, with the positions computed when the batch was made (no host read-back).
+        embeds = scatter_image_features(embeds, feats, batch["image_index"], batch["image_mask"])
     return forward_embeddings(model.language_model, embeds)
 
 
@@ -210,36 +193,96 @@ def _layer_types(model, lora: LoraConfig):
     return types
 
 
+@dataclass
+class Run:
+    """What a training run carries from one optimizer step to the next."""
+
+    model: nn.Module
+    args: TrainingArgs
+    out: Path
+    group: object  # mx.distributed group
+    say: Callable[[str], None]
+    batcher: Batcher
+    val_batcher: Optional[Batcher]
+    steps: int
+    result: TrainResult
+    frozen: bool = True
+    optimizer: Optional[optim.Optimizer] = None
+    log_file: Optional[LossLog] = None
+    consumed: int = 0  # microbatches of the stream used so far (all processes)
+    window: List[float] = field(default_factory=lambda: [0.0, 0.0, 0, 0.0])  # ce, answer tokens, inputs, seconds
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank()
+
+    @property
+    def world(self) -> int:
+        return self.group.size()
+
+
 def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
           val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
           on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`."""
-    from tqdm import tqdm
-
     args = args or TrainingArgs()
     check_training_args(args)
     lora.validate()
-    group = mx.distributed.init()
-    rank, world = group.rank(), group.size()
-    out = Path(adapter_path).expanduser()
-    say = log if rank == 0 else (lambda *_: None)
+    run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log)
+    lora = _start(run, processor, lora, resume, base_model)
+    step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
+    mx.reset_peak_memory()
+    model.train()
+    if run.val_batcher is not None and run.result.start_step == 0:
+        _validate(run, 0)
+    bar = tqdm(total=run.steps, initial=run.result.start_step, disable=run.rank != 0, dynamic_ncols=True,
+               desc="lora")
+    try:
+        with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
+            for s in range(run.result.start_step + 1, run.steps + 1):
+                tic = time.perf_counter()
+                ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
+                step_ce = ce_sum.item()
+                if not math.isfinite(step_ce):
+                    _diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
+                run.window[:2] = [run.window[0] + step_ce, run.window[1] + answer_tokens]
+                run.window[3] += time.perf_counter() - tic
+                bar.update(1)
+                _after_step(run, s, bar)
+                if on_step is not None:
+                    on_step(s, {"loss": step_ce / answer_tokens, "answer_tokens": answer_tokens})
+    finally:
+        bar.close()  # an error message then starts on a line of its own
+    model.eval()
+    run.say(f"Adapters: {run.out / 'adapters.safetensors'} (step {run.steps}); loss curve: {run.out / 'loss.csv'}, "
+            f"{run.out / 'loss.png'}")
+    return run.result
 
+
+def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingArgs, log) -> Run:
+    """Encode and batch the data (refusing bad samples unless --skip-bad), and size the run."""
+    group = mx.distributed.init()
+    say = log if group.rank() == 0 else (lambda *_: None)
     encoded, problems, truncated = encode_dataset(train_data, processor, args)
-    _report_problems("training data", problems, encoded, args.skip_bad, say)
+    report_problems("training data", problems, encoded, args.skip_bad, say)
     if truncated:
         say(f"{truncated} training sample(s) were cut to --max-length {args.max_length} (after their images).")
     val_batcher = None
     if val_data is not None:
         val_enc, val_problems, _ = encode_dataset(val_data, processor, args)
-        _report_problems("validation data", val_problems, val_enc, args.skip_bad, say)
-        val_batcher = Batcher(val_enc, args.batch_size, processor.config, _pad_id(processor),
+        report_problems("validation data", val_problems, val_enc, args.skip_bad, say)
+        val_batcher = Batcher(val_enc, args.batch_size, processor.config, pad_id(processor),
                               processor.image_token_id, shuffle=False)
-    batcher = Batcher(encoded, args.batch_size, processor.config, _pad_id(processor), processor.image_token_id,
+    batcher = Batcher(encoded, args.batch_size, processor.config, pad_id(processor), processor.image_token_id,
                       seed=args.seed)
-    steps = total_steps(args, len(batcher), world)
-    settings = {k: v for k, v in asdict(args).items()}
-    settings["world_size"] = world
+    steps = total_steps(args, len(batcher), group.size())
+    result = TrainResult(out, steps, 0, skipped=problems, truncated=truncated)
+    return Run(model, args, out, group, say, batcher, val_batcher, steps, result)
 
+
+def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Optional[str]) -> LoraConfig:
+    """Add the adapters and the optimizer, from the last checkpoint when resuming. Returns the adapter layout."""
+    out, args, say, model = run.out, run.args, run.say, run.model
     check_writable_dir(out, "--adapter-path directory")
     sweep_partial(out)
     checkpoint = latest_checkpoint(out, log=say)
@@ -254,105 +297,90 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     mx.random.seed(args.seed)  # LoRA A-matrix init: the same on every process
     targets = apply_lora(model, lora)
     lora.targets, lora.num_layers = targets, lora.num_layers or len(model.language_model.layers)
-    frozen = not (lora.train_vision or lora.train_projector)
+    run.frozen = not (lora.train_vision or lora.train_projector)
     n_train = sum(v.size for v in trainable_weights(model).values())
-    optimizer = make_optimizer(args, steps)
-    optimizer.init(model.trainable_parameters())
-
-    start, consumed = 0, 0
-    if rank == 0:
+    run.optimizer = make_optimizer(args, run.steps)
+    run.optimizer.init(model.trainable_parameters())
+    if run.rank == 0:
         with output_errors(out, "--adapter-path directory"):
             out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
+    settings = dict(asdict(args), world_size=run.world)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, model, run.optimizer)
         _check_same_stream(state["settings"], settings, checkpoint)
-        start, consumed = state["step"], state["microbatches"]
-        say(f"Resuming from {checkpoint} (step {start}, {consumed} microbatches consumed).")
-    elif rank == 0:
+        run.result.start_step, run.consumed = state["step"], state["microbatches"]
+        say(f"Resuming from {checkpoint} (step {state['step']}, {state['microbatches']} microbatches consumed).")
+    elif run.rank == 0:
         save_json(out / CONFIG_FILE, lora.to_json(base_model=base_model,
                                                   base_quantization=processor.config.quantization))
-    log_file = LossLog(out, enabled=rank == 0)
-    log_file.start(start)
+    run.settings = settings
+    run.log_file = LossLog(out, enabled=run.rank == 0)
+    run.log_file.start(run.result.start_step)
     say(f"Training {n_train / 1e6:.3f}M parameters ({', '.join(targets)}"
         f"{'; vision LoRA' if lora.train_vision else ''}"
-        f"{'; projector ' + lora.train_projector if lora.train_projector else ''}) on {len(encoded)} samples, "
-        f"{len(batcher)} microbatches/epoch, {steps} steps x {args.grad_accum} accumulation x {world} process(es).")
+        f"{'; projector ' + lora.train_projector if lora.train_projector else ''}) on "
+        f"{len(run.batcher.samples)} samples, {len(run.batcher)} microbatches/epoch, {run.steps} steps x "
+        f"{args.grad_accum} accumulation x {run.world} process(es).")
+    return lora
 
-    step_fn, state = make_step(model, optimizer, frozen, args.compile)
-    result = TrainResult(out, steps, start, skipped=problems, truncated=truncated)
-    per_step = args.grad_accum * world
-    mx.reset_peak_memory()
-    model.train()
-    if val_batcher is not None and start == 0:
-        _validate(model, val_batcher, args, group, frozen, 0, optimizer, log_file, result, say)
-    bar = tqdm(total=steps, initial=start, disable=rank != 0, dynamic_ncols=True, desc="lora")
-    window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
-    try:
-        with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
-            for s in range(start + 1, steps + 1):
-                tic = time.perf_counter()
-                first = consumed
-                answer_tokens = sum(batcher.loss_tokens(first + j) for j in range(per_step))
-                if answer_tokens == 0:
-                    raise UserError(f"step {s}: its microbatches have no answer tokens")
-                scale = mx.array(world / answer_tokens, dtype=mx.float32)
-                grad, ce_sum = None, mx.array(0.0)
-                for j in range(args.grad_accum):
-                    k = first + j * world + rank
-                    batch, n_inputs = batcher.batch(k)
-                    mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
-                    ce, _, grad = step_fn(batch, grad, j == args.grad_accum - 1, scale)
-                    ce_sum = ce_sum + ce
-                    mx.eval(state, ce_sum, grad)
-                    window_inputs += n_inputs
-                consumed = first + per_step
-                if world > 1:
-                    ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
-                step_ce = ce_sum.item()
-                if not math.isfinite(step_ce):
-                    _diverged(s, f"the training loss is {step_ce / answer_tokens}", out, bar)
-                window_ce += step_ce
-                window_tok += answer_tokens
-                window_time += time.perf_counter() - tic
-                bar.update(1)
-                if s % args.report_every == 0 or s == steps:
-                    result.train_loss = window_ce / window_tok
-                    result.tokens_per_second = window_inputs * world / window_time
-                    result.peak_memory_gb = mx.get_peak_memory() / 1e9
-                    lr = float(optimizer.learning_rate.item())
-                    bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
-                                    peak_gb=f"{result.peak_memory_gb:.2f}")
-                    log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
-                                 tokens_per_second=f"{result.tokens_per_second:.1f}",
-                                 peak_memory_gb=f"{result.peak_memory_gb:.3f}")
-                    window_ce, window_tok, window_inputs, window_time = 0.0, 0.0, 0, 0.0
-                if val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == steps):
-                    _validate(model, val_batcher, args, group, frozen, s, optimizer, log_file, result, say, bar)
-                if s % args.save_every == 0 or s == steps:
-                    if not _finite(model):
-                        _diverged(s, "the update made an adapter weight NaN or infinite", out, bar)
-                    if rank == 0:
-                        save_checkpoint(out, model, optimizer, s, consumed, settings, args.keep_checkpoints)
-                        log_file.plot()
-                    if world > 1:
-                        mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
-                if on_step is not None:
-                    on_step(s, {"loss": ce_sum.item() / answer_tokens, "answer_tokens": answer_tokens})
-    finally:
-        bar.close()  # an error message then starts on a line of its own
-    model.eval()
-    say(f"Adapters: {out / 'adapters.safetensors'} (step {steps}); loss curve: {out / 'loss.csv'}, {out / 'loss.png'}")
-    return result
+
+def _optimizer_step(run: Run, step_fn, state):
+    """One optimizer step over this process's microbatches of the stream. Returns (summed ce, answer tokens),
+    both over all processes."""
+    args, world = run.args, run.world
+    first, per_step = run.consumed, args.grad_accum * world
+    answer_tokens = sum(run.batcher.loss_tokens(first + j) for j in range(per_step))
+    if answer_tokens == 0:
+        raise UserError(f"microbatches {first}..{first + per_step - 1} have no answer tokens")
+    scale = mx.array(world / answer_tokens, dtype=mx.float32)
+    grad, ce_sum = None, mx.array(0.0)
+    for j in range(args.grad_accum):
+        k = first + j * world + run.rank
+        batch, n_inputs = run.batcher.batch(k)
+        mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
+        ce, _, grad = step_fn(batch, grad, j == args.grad_accum - 1, scale)
+        ce_sum = ce_sum + ce
+        mx.eval(state, ce_sum, grad)
+        run.window[2] += n_inputs
+    run.consumed = first + per_step
+    if world > 1:
+        ce_sum = mx.distributed.all_sum(ce_sum, stream=mx.cpu)
+    return ce_sum, answer_tokens
+
+
+def _after_step(run: Run, s: int, bar) -> None:
+    """Report the loss window, validate and save a checkpoint when their step comes."""
+    args, result = run.args, run.result
+    if s % args.report_every == 0 or s == run.steps:
+        ce, tokens, inputs, seconds = run.window
+        result.train_loss = ce / tokens
+        result.tokens_per_second = inputs * run.world / seconds
+        result.peak_memory_gb = mx.get_peak_memory() / 1e9
+        lr = float(run.optimizer.learning_rate.item())
+        bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
+                        peak_gb=f"{result.peak_memory_gb:.2f}")
+        run.log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
+                         tokens_per_second=f"{result.tokens_per_second:.1f}",
+                         peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+        run.window = [0.0, 0.0, 0, 0.0]
+    if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
+        _validate(run, s, bar)
+    if s % args.save_every == 0 or s == run.steps:
+        if not _finite(run.model):
+            _diverged(s, "the update made an adapter weight NaN or infinite", run.out)
+        if run.rank == 0:
+            save_checkpoint(run.out, run.model, run.optimizer, s, run.consumed, run.settings, args.keep_checkpoints)
+            run.log_file.plot()
+        if run.world > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
 
 
 def _finite(model) -> bool:
-    weights = trainable_weights(model)
-    flags = [mx.all(mx.isfinite(w)) for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    flags = [mx.all(mx.isfinite(w)) for w in trainable_weights(model).values() if mx.issubdtype(w.dtype, mx.floating)]
     return bool(mx.all(mx.stack(flags)).item()) if flags else True
 
 
-def _diverged(step: int, what: str, out: Path, bar) -> None:
-    bar.close()
+def _diverged(step: int, what: str, out: Path) -> None:
     try:
         last = latest_checkpoint(out)
     except UserError:
@@ -363,32 +391,15 @@ def _diverged(step: int, what: str, out: Path, bar) -> None:
                     "the data.")
 
 
-def _validate(model, batcher, args, group, frozen, step, optimizer, log_file, result, say, bar=None):
-    model.eval()
-    val = evaluate(model, batcher, args.val_batches, group, frozen)
-    model.train()
-    result.val_losses.append((step, val))
-    lr = float(optimizer.learning_rate.item())
-    log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",
-                 peak_memory_gb=f"{mx.get_peak_memory() / 1e9:.3f}")
-    (bar.write if bar is not None and not bar.disable else say)(f"step {step}: validation loss {val:.4f}")
-
-
-def _pad_id(processor) -> int:
-    pad = getattr(processor.tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else int(processor.eos_token_id)
-
-
-def _report_problems(what: str, problems: List[str], encoded, skip_bad: bool, say) -> None:
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
-    if not encoded:
-        raise UserError(f"{what}: no usable sample; {len(problems)} problem(s):\n  {shown}")
-    if not skip_bad:
-        raise UserError(f"{what}: {len(problems)} bad sample(s):\n  {shown}\nFix them, or pass --skip-bad to "
-                        "train on the rest.")
-    say(f"{what}: skipping {len(problems)} bad sample(s):\n  {shown}")
+def _validate(run: Run, step: int, bar=None) -> None:
+    run.model.eval()
+    val = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen)
+    run.model.train()
+    run.result.val_losses.append((step, val))
+    lr = float(run.optimizer.learning_rate.item())
+    run.log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",
+                     peak_memory_gb=f"{mx.get_peak_memory() / 1e9:.3f}")
+    (bar.write if bar is not None and not bar.disable else run.say)(f"step {step}: validation loss {val:.4f}")
 
 
 def _check_same_stream(saved: dict, now: dict, where: Path) -> None:

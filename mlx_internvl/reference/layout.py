@@ -19,7 +19,6 @@ from ..config import HF_TEXT_ARCHITECTURES
 from ..convert.keymap import HF_PREFIXES, HF_VISION, INTERNLM2, ORIGINAL, join_wqkv, split_wqkv
 
 
-
 def _torch_cat(xs, axis):
     return torch.cat(xs, dim=axis)
 
@@ -27,7 +26,8 @@ def _torch_cat(xs, axis):
 def original_llm_config_to_hf(llm: dict) -> dict:
     """`llm_config` of an original checkpoint -> a transformers `text_config` dict."""
     arch = (llm.get("architectures") or [None])[0]
-    out = {k: v for k, v in llm.items() if k not in ("auto_map", "architectures", "_name_or_path", "attn_implementation")}
+    drop = ("auto_map", "architectures", "_name_or_path", "attn_implementation")
+    out = {k: v for k, v in llm.items() if k not in drop}
     if arch == "InternLM2ForCausalLM":
         out["model_type"] = "llama"
         out["attention_bias"] = bool(llm.get("bias", False))

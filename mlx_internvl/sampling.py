@@ -1,0 +1,147 @@
+"""How to pick tokens and how to keep the KV cache: two values, each checked once, passed as one thing from the CLI
+(or the server) to `generate`, `stream_generate`, `batch_generate` and `ChatSession`.
+
+- `SamplingOptions` covers every parameter of mlx-lm's `make_sampler` and `make_logits_processors` (temperature,
+  top-p/k, min-p, XTC, repetition/presence/frequency penalties with their context sizes, logit bias) and the seed.
+  Temperature 0 is greedy, as the model cards run the models.
+- `KVOptions`: mlx-lm's cache settings. `kv_bits` quantizes the cache once it holds `quantized_kv_start` tokens;
+  `max_kv_size` makes it a rotating cache that keeps the first 4 and the last tokens (image tokens in the middle
+  of a long prompt can be evicted); `prefill_step_size` is the prompt chunk per forward pass.
+- `split_options` lets the functions also take these fields as keyword arguments (`generate(..., temperature=0.7)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import UserError
+
+
+def _number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+            integer: bool = False) -> None:
+    """A clear error unless `value` is a finite number in [low, high] (or (low, high] with `low_open`)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise UserError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be finite, got {value}")
+    if value < low or value > high or (low_open and value == low):
+        left = "(" if low_open else "["
+        span = (f"in {left}{low}, {high}]" if math.isfinite(high) else
+                f"{'>' if low_open else '>='} {low}")
+        raise UserError(f"{name} must be {span}, got {value}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0
+    top_p: float = 1.0  # 1 disables
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0  # 0 disables
+    min_tokens_to_keep: int = 1
+    xtc_probability: float = 0.0  # 0 disables XTC
+    xtc_threshold: float = 0.1
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    presence_penalty: Optional[float] = None
+    presence_context_size: int = 20
+    frequency_penalty: Optional[float] = None
+    frequency_context_size: int = 20
+    logit_bias: Optional[Dict[int, float]] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        _number("temperature", self.temperature, 0.0)
+        _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _number("top_k", self.top_k, 0, integer=True)
+        _number("min_p", self.min_p, 0.0, 1.0)
+        _number("min_tokens_to_keep", self.min_tokens_to_keep, 1, integer=True)
+        _number("xtc_probability", self.xtc_probability, 0.0, 1.0)
+        _number("xtc_threshold", self.xtc_threshold, 0.0, 0.5)
+        if self.repetition_penalty is not None:
+            _number("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name))
+        for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+            _number(name, getattr(self, name), 1, integer=True)
+        for token, bias in (self.logit_bias or {}).items():
+            _number(f"logit_bias key {token!r}", token, 0, integer=True)
+            _number(f"logit_bias[{token}]", bias)
+        if self.seed is not None:
+            _number("seed", self.seed, 0, integer=True)
+
+    def make(self, special_tokens=()) -> Tuple[object, list]:
+        """`(sampler, logits_processors)` from mlx-lm, seeding MLX's generator when `seed` is set. XTC never drops
+        `special_tokens` (pass the end-of-turn ids, as mlx-lm's server does)."""
+        if self.seed is not None:
+            mx.random.seed(self.seed)
+        sampler = make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0,
+                               min_p=self.min_p, min_tokens_to_keep=self.min_tokens_to_keep, top_k=self.top_k,
+                               xtc_probability=self.xtc_probability, xtc_threshold=self.xtc_threshold,
+                               xtc_special_tokens=list(special_tokens))
+        processors = make_logits_processors(
+            logit_bias=self.logit_bias, repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size, presence_penalty=self.presence_penalty,
+            presence_context_size=self.presence_context_size, frequency_penalty=self.frequency_penalty,
+            frequency_context_size=self.frequency_context_size)
+        return sampler, processors
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    kv_bits: Optional[int] = None  # 2, 3, 4, 6 or 8: quantize the cache
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    max_kv_size: Optional[int] = None  # a rotating cache of this many tokens
+    prefill_step_size: int = 2048
+
+    def __post_init__(self):
+        if self.kv_bits is not None and self.kv_bits not in (2, 3, 4, 6, 8):
+            raise UserError(f"kv_bits must be one of 2, 3, 4, 6, 8, got {self.kv_bits}")
+        if self.kv_group_size not in (32, 64, 128):
+            raise UserError(f"kv_group_size must be 32, 64 or 128, got {self.kv_group_size}")
+        _number("quantized_kv_start", self.quantized_kv_start, 0, integer=True)
+        if self.max_kv_size is not None:
+            _number("max_kv_size", self.max_kv_size, 8, integer=True)
+        _number("prefill_step_size", self.prefill_step_size, 1, integer=True)
+
+    def check(self, model) -> None:
+        """The settings that depend on the model: the quantization group must divide the head size."""
+        llm = model.config.llm_config
+        head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
+        if self.kv_bits is not None and head_dim % self.kv_group_size:
+            raise UserError(f"kv_group_size {self.kv_group_size} must divide the head size {head_dim}")
+
+    def make_cache(self, model) -> list:
+        """A fresh mlx-lm prompt cache for `model` (rotating when `max_kv_size` is set)."""
+        return make_prompt_cache(model.language_model, max_kv_size=self.max_kv_size)
+
+    def step_kwargs(self) -> dict:
+        """The arguments mlx-lm's `generate_step` takes from these settings."""
+        return dict(prefill_step_size=self.prefill_step_size, kv_bits=self.kv_bits,
+                    kv_group_size=self.kv_group_size, quantized_kv_start=self.quantized_kv_start)
+
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingOptions)}
+KV_FIELDS = {f.name for f in dataclasses.fields(KVOptions)}
+
+
+def split_options(sampling: Optional[SamplingOptions], kv: Optional[KVOptions], options: dict
+                  ) -> Tuple[SamplingOptions, KVOptions]:
+    """`sampling` and `kv` (defaults when None) with the fields named in `options` replaced; an unknown name is a
+    TypeError, as for any unexpected keyword argument."""
+    unknown = set(options) - SAMPLING_FIELDS - KV_FIELDS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    sampling = dataclasses.replace(sampling or SamplingOptions(),
+                                   **{k: v for k, v in options.items() if k in SAMPLING_FIELDS})
+    kv = dataclasses.replace(kv or KVOptions(), **{k: v for k, v in options.items() if k in KV_FIELDS})
+    return sampling, kv

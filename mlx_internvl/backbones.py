@@ -23,9 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
+from .config import LANGUAGE_MODELS
 from .errors import UserError
 
-SUPPORTED = ("qwen2", "qwen3", "qwen3_moe", "llama", "phi3")
+# The mlx-lm models that run the supported language models, in the order LANGUAGE_MODELS lists them.
+SUPPORTED = tuple(dict.fromkeys(lm.mlx_type for lm in LANGUAGE_MODELS.values()))
 
 
 def backbone_module(model_type: str):

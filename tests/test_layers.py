@@ -104,6 +104,14 @@ def test_no_import_circle():
     assert cycles(edges) == []
 
 
+def test_no_import_circle_even_through_imports_inside_functions():
+    mods = modules()
+    edges = {name: {t for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for t in targets(node, name, pkg, mods)} - {name}
+             for name, (tree, pkg) in mods.items()}
+    assert cycles(edges) == []
+
+
 def test_the_checker_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -121,3 +129,17 @@ def test_function_level_imports_only_for_optional_heavy_dependencies():
                 found = targets(node, name, pkg, mods) or [node.module or "."]
             bad += [f"{name}:{node.lineno} {t}" for t in found if not t.startswith(LAZY_OK)]
     assert bad == []
+
+
+def test_modules_and_functions_stay_short():
+    """About 400 lines a module and 60 a function, outside the tests (the limits the project holds itself to)."""
+    long = []
+    for folder in list(PACKAGES) + ["benchmarks"]:
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            src = f.read_text(encoding="utf-8")
+            if len(src.splitlines()) > 400:
+                long.append(f"{f.relative_to(ROOT)}: {len(src.splitlines())} lines")
+            for node in ast.walk(ast.parse(src)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                    long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert long == []

@@ -15,7 +15,7 @@ from typing import Dict
 
 import torch
 
-from ..config import HF_TEXT_ARCHITECTURES
+from ..config import HF_TEXT_ARCHITECTURES, LANGUAGE_MODELS
 from ..convert.keymap import HF_PREFIXES, HF_VISION, INTERNLM2, ORIGINAL, join_wqkv, split_wqkv
 
 
@@ -29,7 +29,7 @@ def original_llm_config_to_hf(llm: dict) -> dict:
     drop = ("auto_map", "architectures", "_name_or_path", "attn_implementation")
     out = {k: v for k, v in llm.items() if k not in drop}
     if arch == "InternLM2ForCausalLM":
-        out["model_type"] = "llama"
+        out["model_type"] = LANGUAGE_MODELS[arch].hf_type
         out["attention_bias"] = bool(llm.get("bias", False))
         out.pop("bias", None)
     return out
@@ -134,7 +134,7 @@ def hf_config_to_original(hf_config: dict, internlm2: bool = False, ps_version: 
     arch = HF_TEXT_ARCHITECTURES[tc["model_type"]]
     if internlm2:
         arch = "InternLM2ForCausalLM"
-        tc["model_type"] = "internlm2"
+        tc["model_type"] = LANGUAGE_MODELS[arch].original_type
         tc["bias"] = bool(tc.pop("attention_bias", False))
         for k in ("mlp_bias", "head_dim"):
             tc.pop(k, None)

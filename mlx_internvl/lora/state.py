@@ -136,3 +136,21 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     opt = mx.load(str(path / OPTIMIZER_FILE))
     optimizer.state = tree_unflatten(list(opt.items()))
     return state
+
+
+def adapters_finite(model) -> bool:
+    """Whether every trainable (adapter) weight is finite."""
+    flags = [mx.all(mx.isfinite(w)) for w in trainable_weights(model).values() if mx.issubdtype(w.dtype, mx.floating)]
+    return bool(mx.all(mx.stack(flags)).item()) if flags else True
+
+
+def stop_diverged(step: int, what: str, out: Path) -> None:
+    """Stop a run whose loss or weights turned NaN/inf, naming the step and the checkpoint that stays in force."""
+    try:
+        last = latest_checkpoint(out)
+    except UserError:
+        last = None
+    kept = (f"the last good checkpoint, {last.name}, and its adapters are kept in {out}; --resume continues from it"
+            if last is not None else "no checkpoint had been written yet")
+    raise UserError(f"step {step}: {what}, so training stopped; {kept}. Lower --lr (or raise --warmup), and check "
+                    "the data.")

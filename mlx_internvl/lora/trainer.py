@@ -40,7 +40,7 @@ from ..validate import check_training_args
 from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
 from .curve import LossLog
 from .data import Dataset
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged, sweep_partial
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
 STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum")
@@ -244,7 +244,7 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
                 ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
                 step_ce = ce_sum.item()
                 if not math.isfinite(step_ce):
-                    _diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
+                    stop_diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
                 run.window[:2] = [run.window[0] + step_ce, run.window[1] + answer_tokens]
                 run.window[3] += time.perf_counter() - tic
                 bar.update(1)
@@ -366,29 +366,13 @@ def _after_step(run: Run, s: int, bar) -> None:
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
         _validate(run, s, bar)
     if s % args.save_every == 0 or s == run.steps:
-        if not _finite(run.model):
-            _diverged(s, "the update made an adapter weight NaN or infinite", run.out)
+        if not adapters_finite(run.model):
+            stop_diverged(s, "the update made an adapter weight NaN or infinite", run.out)
         if run.rank == 0:
             save_checkpoint(run.out, run.model, run.optimizer, s, run.consumed, run.settings, args.keep_checkpoints)
             run.log_file.plot()
         if run.world > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
-
-
-def _finite(model) -> bool:
-    flags = [mx.all(mx.isfinite(w)) for w in trainable_weights(model).values() if mx.issubdtype(w.dtype, mx.floating)]
-    return bool(mx.all(mx.stack(flags)).item()) if flags else True
-
-
-def _diverged(step: int, what: str, out: Path) -> None:
-    try:
-        last = latest_checkpoint(out)
-    except UserError:
-        last = None
-    kept = (f"the last good checkpoint, {last.name}, and its adapters are kept in {out}; --resume continues from it"
-            if last is not None else "no checkpoint had been written yet")
-    raise UserError(f"step {step}: {what}, so training stopped; {kept}. Lower --lr (or raise --warmup), and check "
-                    "the data.")
 
 
 def _validate(run: Run, step: int, bar=None) -> None:

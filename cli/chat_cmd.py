@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
+from mlx_internvl import distributed
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import format_stats
-from mlx_internvl.validate import integer
+from mlx_internvl.video import load_video_frames
 
 from .generate_cmd import load_for_cli, model_options, option_values, sampling_options, setup_logging
 
@@ -32,8 +34,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     """Chat with a model about images, turn by turn."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
-    integer("max_tokens", max_tokens, minimum=1)
-    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
+    group = distributed.start()  # None unless launched as a group; then rank 0 reads stdin and shares each line
+    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
                           stop_on_eos=stop_on_eos)
@@ -43,18 +45,14 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     while True:
         if tty:
             click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if group is None else group.on_leader(sys.stdin.readline)
         if not line:
             break
         line = line.strip()
         if not line:
             continue
         if line.startswith("/"):
-            try:
-                cmd, *args = shlex.split(line)
-            except ValueError as e:  # an unbalanced quote: say so, and keep the conversation
-                click.echo(f"Error: cannot read the command ({e}); quote paths with spaces as \"a b.jpg\"", err=True)
-                continue
+            cmd, *args = split_command(line) or ["/help"]
             if cmd in ("/exit", "/quit"):
                 break
             elif cmd == "/clear":
@@ -75,6 +73,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
             continue
         last = None
         try:
+            if group is not None:  # the files are on rank 0's machine: it reads them for everyone
+                pending, video = group.on_leader(read_media, pending, video, num_frames)
             for last in session.stream(line, images=pending, video=video):
                 click.echo(last.text, nl=False)
                 sys.stdout.flush()
@@ -86,3 +86,32 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo()
         if verbose and last is not None:
             click.echo(format_stats(last), err=True)
+    if group is not None:
+        group.close()
+
+
+def split_command(line: str):
+    """The words of a `/command` line; None (after saying why) when it cannot be split, e.g. an unbalanced quote,
+    so the conversation goes on."""
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        click.echo(f"Error: cannot read the command ({e}); quote paths with spaces as \"a b.jpg\"", err=True)
+        return None
+
+
+def read_media(images, video, num_frames: int):
+    """Image files as bytes and a video as decoded frames, read here (on rank 0) so the other ranks need no copy of
+    the files; URLs stay URLs (each rank fetches them)."""
+    out = []
+    for im in images:
+        if str(im).startswith(("http://", "https://")):
+            out.append(im)
+        else:
+            p = Path(im).expanduser()
+            if not p.is_file():
+                raise UserError(f"{p}: no such image file")
+            out.append(p.read_bytes())
+    if video is not None:
+        video = load_video_frames(video, num_frames)
+    return out, video

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from mlx_internvl import distributed, sharding
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import format_stats, stream_generate
 from mlx_internvl.hub import DEFAULT_MODEL
@@ -105,8 +106,12 @@ def setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
-def load_for_cli(model_path, revision, adapter_path, dtype, template):
-    """(model, processor) for a CLI command: hub ids come from the converted cache."""
+def load_for_cli(model_path, revision, adapter_path, dtype, template, group=None):
+    """(model, processor) for a CLI command: hub ids come from the converted cache. With a `group` (launched by
+    mlx.launch), the language model is split across its ranks."""
+    if group is not None:
+        return sharding.load(group, model_path, dtype=dtype, adapter_path=adapter_path, revision=revision,
+                             template=template)
     return load(model_path, dtype=dtype, adapter_path=adapter_path, revision=revision, template=template)
 
 
@@ -139,10 +144,12 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     setup_logging(verbose)
     sampling, kv = option_values(options)
     integer("max_tokens", max_tokens, minimum=1)
-    prompt = default_prompt(prompt, images, video)
-    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template)
-    inputs = processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message, video=video,
-                       num_frames=num_frames, exif_transpose=exif_transpose)
+    group = distributed.start()  # None unless launched as a group (mlx.launch); then rank 0 reads and prints
+    run = (lambda fn: fn()) if group is None else group.on_leader
+    prompt = run(lambda: default_prompt(prompt, images, video))
+    model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
+    inputs = run(lambda: processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message,
+                                   video=video, num_frames=num_frames, exif_transpose=exif_transpose))
     if verbose:
         click.echo(f"Template: {processor.template.name}", err=True)
         if inputs["num_tiles"]:
@@ -156,3 +163,5 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     click.echo()
     if verbose and last is not None:
         click.echo("=" * 10 + "\n" + format_stats(last), err=True)
+    if group is not None:
+        group.close()

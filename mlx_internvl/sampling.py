@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .distributed import agree
 from .errors import UserError
 
 
@@ -87,6 +88,8 @@ class SamplingOptions:
                                min_p=self.min_p, min_tokens_to_keep=self.min_tokens_to_keep, top_k=self.top_k,
                                xtc_probability=self.xtc_probability, xtc_threshold=self.xtc_threshold,
                                xtc_special_tokens=list(special_tokens))
+        # Under mlx.launch every rank takes rank 0's token (no-op in one process).
+        sampler = agree(sampler)
         processors = make_logits_processors(
             logit_bias=self.logit_bias, repetition_penalty=self.repetition_penalty,
             repetition_context_size=self.repetition_context_size, presence_penalty=self.presence_penalty,

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+import sentencepiece as spm
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     NaiveStreamingDetokenizer,
@@ -30,7 +31,6 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 def _sentencepiece_class():
-    import sentencepiece as spm
     from transformers import PreTrainedTokenizer
 
     class SentencePieceTokenizer(PreTrainedTokenizer):

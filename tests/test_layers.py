@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mlx_internvl": "mlx_internvl", "convert": "mlx_internvl.convert", "cli": "mlx_internvl.cli"}
 # What may be imported inside a function: optional extras (torch path, video, PEFT checks) and the reference
 # package, which imports torch at its top.
-LAZY_OK = ("torch", "torch_npu", "transformers", "peft", "av", "safetensors.torch", "sentencepiece",
-           "mlx_internvl.reference")
+LAZY_OK = ("torch", "torch_npu", "transformers", "peft", "av", "mlx_internvl.reference")
 
 
 def modules() -> dict:

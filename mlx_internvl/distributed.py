@@ -1,0 +1,295 @@
+"""Processes that run one model together (`mlx.launch ... -- mlx-internvl generate|chat ...`): the group, what rank 0
+shares with the others, and the heartbeat between them. How the model is split is `mlx_internvl.sharding`.
+
+All ranks run the same program (SPMD): what only rank 0 sees (the stdin line, the image files, a request) is shared
+with `Group.share` / `Group.on_leader` before anything depends on it, so every rank takes the same branches, keeps
+the same KV caches and stops at the same token. Each sampled token is rank 0's, broadcast inside the graph
+(`agree`), so ranks cannot drift apart on a near-tie. Only rank 0 prints: the others' stdout goes to /dev/null and
+their stderr keeps only `Error:` lines, prefixed with the rank.
+
+A side channel (one TCP connection from each rank to rank 0, next to the ring's own sockets) carries a heartbeat:
+a rank whose peer closes the connection (the process died) or stays silent for `MLX_INTERNVL_PEER_TIMEOUT` seconds
+(default 60: host asleep, cable pulled, process stopped) prints one `Error:` line and exits with status 1, even
+while its main thread is blocked inside a collective, which MLX cannot time out.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generation_stream
+
+from .errors import UserError
+
+logger = logging.getLogger("mlx_internvl")
+
+TIMEOUT_ENV = "MLX_INTERNVL_PEER_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+_ACTIVE: Optional[Group] = None
+
+
+class Group:
+    """The processes running one model: `rank`, `size`, `is_leader`, and the heartbeat between them."""
+
+    def __init__(self, world: mx.distributed.Group):
+        self.world = world
+        self.rank = world.rank()
+        self.size = world.size()
+        self.watchdog: Optional[Watchdog] = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (others pass anything). MLX arrays travel as arrays, the rest pickled."""
+        settle()
+        if self.is_leader:
+            data = np.frombuffer(pickle.dumps(_to_numpy(obj)), dtype=np.uint8)
+            size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
+            mx.eval(size)
+            mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
+            return obj
+        size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
+        data = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world)
+        return _to_mlx(pickle.loads(np.array(data).tobytes()))
+
+    def on_leader(self, fn: Callable, *args, **kwargs) -> Any:
+        """`fn(*args)` run on rank 0 only; every rank gets its result, or raises the `UserError` it raised."""
+        result = None
+        if self.is_leader:
+            try:
+                result = ("ok", fn(*args, **kwargs))
+            except UserError as e:
+                result = ("error", str(e))
+        kind, value = self.share(result)
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def barrier(self) -> None:
+        settle()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.world, stream=mx.cpu))
+
+    def close(self) -> None:
+        """The normal end: tell the peers this rank is done, so its closing connection is not taken for a crash."""
+        if self.watchdog is not None:
+            self.watchdog.finish()
+
+
+def settle() -> None:
+    """Wait for the work still queued on the generation stream (mlx-lm evaluates the next token ahead, and that
+    step holds collectives): a collective issued from another stream meanwhile would meet a different collective
+    on the other ranks, and the ring backend would pair them up wrongly or wait forever."""
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
+def _to_numpy(obj):
+    if isinstance(obj, mx.array):
+        return _Array(np.array(obj))
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v) for v in obj)
+    return obj
+
+
+def _to_mlx(obj):
+    if isinstance(obj, _Array):
+        return mx.array(obj.value)
+    if isinstance(obj, dict):
+        return {k: _to_mlx(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_mlx(v) for v in obj)
+    return obj
+
+
+class _Array:
+    """An MLX array on its way through pickle (numpy inside), told apart from numpy arrays that stay numpy."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+
+def start(backend: str = "any") -> Optional[Group]:
+    """The group this process was launched into (`mlx.launch`, MPI), or None when it runs alone.
+
+    Starts the heartbeat, sends the non-leaders' output to /dev/null (errors excepted) and makes every sampler
+    agree with rank 0's token."""
+    global _ACTIVE
+    if not mx.distributed.is_available():
+        return None
+    world = mx.distributed.init(backend=backend)
+    if world.size() == 1:
+        return None
+    group = Group(world)
+    group.watchdog = Watchdog.connect(group)
+    if not group.is_leader:
+        _quiet_follower(group.rank)
+    _ACTIVE = group
+    return group
+
+
+def active() -> Optional[Group]:
+    return _ACTIVE
+
+
+def agree(sampler: Callable) -> Callable:
+    """`sampler`, but returning rank 0's token on every rank (one tiny all-reduce inside the graph, no sync)."""
+    group = _ACTIVE
+    if group is None:
+        return sampler
+
+    def shared(logprobs: mx.array) -> mx.array:
+        token = sampler(logprobs)
+        # `token * 0`, not zeros: the all-reduce must depend on this step's logits on every rank, so that it is
+        # ordered after the model's own collectives everywhere.
+        mine = token if group.is_leader else token * 0
+        return mx.distributed.all_sum(mine, group=group.world)
+
+    return shared
+
+
+def _quiet_follower(rank: int) -> None:
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = _ErrorsOnly(sys.__stderr__, f"[rank {rank}] ")
+    logging.getLogger("mlx_internvl").setLevel(logging.ERROR)
+
+    def hook(kind, value, tb):
+        sys.__stderr__.write(f"[rank {rank}] " + "".join(traceback.format_exception(kind, value, tb)))
+
+    sys.excepthook = hook
+
+
+class _ErrorsOnly(io.TextIOBase):
+    """stderr of a non-leader rank: rank 0 already shows the chat prompts and statistics; errors still show."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix = stream, prefix
+
+    def write(self, s: str) -> int:
+        if s.startswith("Error"):
+            self.stream.write(self.prefix + s)
+            self.stream.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heartbeat
+
+class Watchdog:
+    """Liveness of the peers over one TCP connection per follower to rank 0 (bytes: '.' alive, 'B' finished)."""
+
+    def __init__(self, group: Group, peers: Dict[int, socket.socket], timeout: float):
+        self.group, self.peers, self.timeout = group, peers, timeout
+        self.finished = threading.Event()
+        self.lock = threading.Lock()
+        for rank, sock in peers.items():
+            threading.Thread(target=self._watch, args=(rank, sock), daemon=True, name=f"heartbeat-{rank}").start()
+
+    @classmethod
+    def connect(cls, group: Group) -> Optional[Watchdog]:
+        host = _leader_host()
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+        if host is None or timeout <= 0:
+            logger.info("no heartbeat between ranks (no ring hostfile or JACCL coordinator to find rank 0 by)")
+            return None
+        peers = {}
+        if group.is_leader:
+            server = socket.create_server((host, 0))
+            port = server.getsockname()[1]
+        port = mx.distributed.all_sum(mx.array(port if group.is_leader else 0), group=group.world).item()
+        if group.is_leader:
+            server.settimeout(timeout)
+            for _ in range(group.size - 1):
+                conn, _ = server.accept()
+                peer = int(conn.recv(4).decode())
+                peers[peer] = conn
+            server.close()
+        else:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.sendall(f"{group.rank:04d}".encode())
+            peers[0] = sock
+        return cls(group, peers, timeout)
+
+    def _watch(self, rank: int, sock: socket.socket) -> None:
+        interval = min(1.0, self.timeout / 4)
+        sock.settimeout(interval)
+        last = time.monotonic()
+        while not self.finished.is_set():
+            try:
+                data = sock.recv(64)
+            except TimeoutError:
+                data = None
+            except OSError:
+                data = b""
+            now = time.monotonic()
+            if data == b"":
+                if not self.finished.is_set():
+                    self._fail(f"rank {rank} is gone (its connection closed: the process exited or was killed); "
+                               f"rank {self.group.rank} stops too. See rank {rank}'s output for why.")
+                return
+            if data:
+                if b"B" in data:
+                    return  # that peer ended normally
+                last = now
+            elif now - last > self.timeout:
+                self._fail(f"rank {rank} sent no heartbeat for {self.timeout:.0f} s (host asleep or unreachable, "
+                           f"or the process stopped); rank {self.group.rank} stops too. Raise {TIMEOUT_ENV} if "
+                           "that rank is only slow.")
+                return
+            try:
+                sock.sendall(b".")
+            except OSError:
+                pass
+
+    def _fail(self, message: str) -> None:
+        with self.lock:
+            try:
+                sys.__stdout__.flush()
+            except Exception:
+                pass
+            os.write(2, f"Error: {message}\n".encode())
+            os._exit(1)
+
+    def finish(self) -> None:
+        self.finished.set()
+        for sock in self.peers.values():
+            try:
+                sock.sendall(b"B")
+                sock.close()
+            except OSError:
+                pass
+
+
+def _leader_host() -> Optional[str]:
+    """Rank 0's address as the launcher gave it: the ring hostfile's first entry, or the JACCL coordinator."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and Path(hostfile).is_file():
+        try:
+            hosts = json.loads(Path(hostfile).read_text())
+            first = hosts[0][0] if isinstance(hosts[0], list) else hosts[0]
+            return first.rsplit(":", 1)[0]
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+            return None
+    coordinator = os.environ.get("MLX_JACCL_COORDINATOR")
+    if coordinator:
+        return coordinator.rsplit(":", 1)[0]
+    return None

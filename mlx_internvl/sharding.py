@@ -1,0 +1,201 @@
+"""How one InternVL is split across a `distributed.Group`: the language model tensor-parallel through mlx-lm's own
+`Model.shard()` (Qwen2/2.5, Qwen3, Qwen3-MoE, Llama and InternLM2-as-Llama) or pipelined through its `pipeline()`,
+the vision encoder on rank 0 only.
+
+`shard()` splits every decoder layer's q/k/v/gate/up projections by output rows and o/down by input columns, one
+all-reduce after each of those two; embeddings, norms and the head stay whole on every rank. LoRA layers are split
+the same way (their factors cut like their base). The vision encoder runs on rank 0 only and its image features are
+handed to the other ranks with one all-reduce per request: a ViT runs once per image, not per token, so sharding it
+would save no decode time, and InternViT-6B's 25 heads and whole-width qk-norm do not split with `shard_linear`.
+The other ranks never read the vision weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+from .backbones import backbone_module
+from .distributed import Group, settle
+from .errors import UserError
+from .loading import load as load_whole
+from .loading import resolve_model_path
+from .model import InternVLChatModel
+
+SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama")
+PARALLEL_ENV = "MLX_INTERNVL_PARALLEL"  # "tensor" (default) or "pipeline"
+
+
+def check_shardable(config, size: int, where: str = "config.json", mode: str = "tensor") -> None:
+    """A `UserError` unless mlx-lm can split this language model over `size` ranks (`mode` tensor or pipeline)."""
+    llm = config.llm_config
+    mt = llm["model_type"]
+    if mode == "pipeline":
+        if not hasattr(backbone_module(mt), "PipelineMixin"):
+            raise UserError(f"{where}: mlx-lm's {mt} model has no pipeline split (qwen2 and qwen3_moe have one); "
+                            f"unset {PARALLEL_ENV} to split it tensor-parallel instead.")
+        if llm["num_hidden_layers"] < size:
+            raise UserError(f"{where}: {llm['num_hidden_layers']} decoder layers cannot make {size} pipeline stages")
+        return
+    if mode != "tensor":
+        raise UserError(f"{PARALLEL_ENV}={mode!r}: expected 'tensor' or 'pipeline'")
+    if mt not in SHARDABLE:
+        raise UserError(
+            f"{where}: the language model is {mt!r}, and mlx-lm's {mt} model has no tensor-parallel shard(); "
+            f"distributed runs support {', '.join(SHARDABLE)} (InternLM2 runs as llama). Run this model in one "
+            "process (without mlx.launch)."
+        )
+    heads = llm["num_attention_heads"]
+    kv = llm.get("num_key_value_heads") or heads
+    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
+    dims = [("num_attention_heads", heads), ("num_key_value_heads", kv)]
+    if mt == "qwen3_moe":
+        dims.append(("moe_intermediate_size", llm["moe_intermediate_size"]))
+        if llm.get("mlp_only_layers"):
+            dims.append(("intermediate_size", llm["intermediate_size"]))
+    else:
+        dims.append(("intermediate_size", llm["intermediate_size"]))
+    for name, value in dims:
+        if value % size:
+            ok = [n for n in range(2, value + 1) if value % n == 0 and n <= 16]
+            raise UserError(
+                f"{where}: llm_config.{name} is {value}, which {size} ranks cannot split evenly; launch a group "
+                f"whose size divides {value} (e.g. {', '.join(map(str, ok[:4])) or 'none'})."
+            )
+    q = config.quantization
+    if q:
+        gs = q["group_size"]
+        per_rank = [("o_proj input (heads x head_dim / ranks)", heads * head_dim // size)]
+        per_rank.append(("down_proj input (intermediate / ranks)", dims[-1][1] // size))
+        for name, value in per_rank:
+            if value % gs:
+                raise UserError(
+                    f"{where}: quantization group_size {gs} does not divide the per-rank {name} = {value}; convert "
+                    f"with a smaller --q-group-size (32) or launch fewer ranks."
+                )
+
+
+def shard_model(model, group: Group, mode: str = "tensor") -> None:
+    """Split `model`'s language model over `group` (mlx-lm's `shard()`, LoRA layers included, or with
+    `mode="pipeline"` its `pipeline()`: consecutive layers per rank); on ranks other than 0, drop the vision encoder
+    and projector. Nothing is evaluated: call on a lazily loaded model, then `mx.eval`."""
+    lm = model.language_model
+    if mode == "pipeline":
+        lm.model.pipeline(group.world)
+    else:
+        _shard_tensor(lm, group)
+    dtype = model.mlp1.linear_2.weight.dtype if hasattr(model.mlp1, "linear_2") else mx.float32
+    if not group.is_leader:
+        model.vision_model = nn.Module()
+        model.mlp1 = nn.Module()
+    model.__class__ = ShardedInternVL
+    model.group = group
+    model.feature_dtype = dtype
+
+
+def _shard_tensor(lm, group: Group) -> None:
+    adapters = {}
+    for name, m in lm.named_modules():
+        if isinstance(m, (DoRALinear, LoRASwitchLinear)):
+            raise UserError(
+                f"the adapter puts a {type(m).__name__} on {name}, which cannot be split across ranks; merge it "
+                "into the base first (mlx-internvl fuse) and launch the fused model."
+            )
+        if isinstance(m, LoRALinear):
+            adapters[name] = m
+    # mlx-lm's shard() knows only plain and quantized linear layers: shard the base layer, then re-attach the
+    # low-rank factors cut the same way.
+    _set_modules(lm, {name: lora.linear for name, lora in adapters.items()})
+    lm.shard(group.world)
+    sharded = dict(lm.named_modules())
+    _set_modules(lm, {name: _shard_lora(lora, sharded[name], group) for name, lora in adapters.items()})
+
+
+def _set_modules(root: nn.Module, modules: Dict[str, nn.Module]) -> None:
+    if modules:
+        root.update_modules(tree_unflatten(list(modules.items())))
+
+
+def _shard_lora(lora, base: nn.Module, group: Group):
+    """A LoRA layer over the sharded `base`: B cut by output rows where the base is cut so, or A by input columns
+    (with one all-reduce of base + low-rank parts together) where the base reduces its output."""
+    n, r = group.size, group.rank
+    if isinstance(base, (nn.Linear, nn.QuantizedLinear)):  # a layer shard() leaves whole (router, head)
+        lora.linear = base
+        return lora
+    if "AllToSharded" in type(base).__name__:
+        lora.linear = base
+        lora.lora_b = mx.contiguous(mx.split(lora.lora_b, n, axis=1)[r])
+        return lora
+    return ShardedToAllLoRA(base, mx.contiguous(mx.split(lora.lora_a, n, axis=0)[r]), lora.lora_b, lora.scale,
+                            group.world)
+
+
+class ShardedToAllLoRA(nn.Module):
+    """`base(x) + scale * (x @ A) @ B` for a base whose input is split across ranks: each rank adds its part of both
+    terms and one all-reduce sums them, as many collectives as the base layer alone."""
+
+    def __init__(self, base: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float, group):
+        super().__init__()
+        self.base = base
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+        self._group = group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b = self.base
+        if "scales" in b:
+            y = mx.quantized_matmul(x, b["weight"], b["scales"], b.get("biases"), transpose=True,
+                                    group_size=b.group_size, bits=b.bits, mode=getattr(b, "mode", "affine"))
+        else:
+            y = x @ b["weight"].T
+        z = (x @ self.lora_a) @ self.lora_b
+        y = mx.distributed.all_sum(y + (self.scale * z).astype(x.dtype), group=self._group)
+        return y + b["bias"] if "bias" in b else y
+
+
+class ShardedInternVL(InternVLChatModel):
+    """The model after `shard_model`: image features come from rank 0, whose vision encoder alone computes them."""
+
+    def extract_feature(self, pixel_values: mx.array) -> mx.array:
+        group = self.group
+        settle()
+        if group.is_leader:
+            feats = super().extract_feature(pixel_values)
+        else:
+            cfg = self.config
+            patch = cfg.vision_config.patch_size
+            side = [round(s // patch * cfg.downsample_ratio) for s in pixel_values.shape[1:3]]
+            feats = mx.zeros((pixel_values.shape[0], side[0] * side[1], cfg.llm_config["hidden_size"]),
+                             dtype=self.feature_dtype)
+        feats = mx.distributed.all_sum(feats, group=group.world)
+        # Done here, once per request: nothing else on the followers depends on this all-reduce, and a pipeline
+        # stage's receive (which depends on nothing either) must not be scheduled before it.
+        mx.eval(feats)
+        return feats
+
+
+def load(group: Group, path_or_repo, dtype=None, adapter_path=None, revision=None, template=None,
+         mode: Optional[str] = None):
+    """`(model, processor)` with the language model split over `group`: loaded lazily, sharded, then evaluated, so
+    each rank holds its share of the decoder layers (and rank 0 the vision encoder), never the whole model.
+    `mode`: "tensor" (default) or "pipeline" (default from `MLX_INTERNVL_PARALLEL`)."""
+    mode = mode or os.environ.get(PARALLEL_ENV, "tensor")
+    # Rank 0 downloads and converts a hub model first, so ranks that share a machine find it in the cache; a rank
+    # on another machine fetches its own copy (or reads the same local path there).
+    group.on_leader(lambda: str(resolve_model_path(path_or_repo, revision)))
+    model, processor = load_whole(path_or_repo, dtype=dtype, adapter_path=adapter_path, lazy=True,
+                                  revision=revision, template=template)
+    check_shardable(model.config, group.size, str(Path(model.source_path) / "config.json"), mode)
+    shard_model(model, group, mode)
+    mx.eval(model.parameters())
+    group.barrier()
+    return model, processor

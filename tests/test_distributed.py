@@ -1,0 +1,262 @@
+"""Tensor parallel over mx.distributed: two processes (mlx.launch, ring backend over localhost) against one process.
+
+The one-process side is the plain model (mlx-lm's unsharded layers); the two-process side is the same checkpoint
+split by mlx-lm's `shard()`. They must give fp32 prompt logits (with an image) within 1e-4 and the same 16 greedy
+tokens, for every shardable backbone, a 4-bit model, a LoRA adapter on a float and on a 4-bit base, and mlx-lm's
+pipeline split where the backbone has one. Then the CLI under mlx.launch (rank 0 alone prints), and a rank that dies.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ASSETS
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from test_lora_distributed import free_port_pair
+from test_lora_peft import randomize_adapters
+
+import mlx_internvl
+from builders import Case
+from mlx_internvl import distributed, sharding
+from mlx_internvl.adapters import CONFIG_FILE
+from mlx_internvl.config import ModelConfig, VisionConfig
+from mlx_internvl.errors import UserError
+from mlx_internvl.files import save_json
+from mlx_internvl.lora import LoraConfig, apply_lora, save_adapters
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).parent
+PROMPT = "Describe it."
+IMAGE = ASSETS / "images" / "image1.jpg"
+ENV = dict(os.environ, PYTHONPATH=str(HERE.parent), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def launcher():
+    launch = shutil.which("mlx.launch", path=str(BIN))
+    if launch is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    return [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), "--"]
+
+
+def cli(*args):
+    return [shutil.which("mlx-internvl", path=str(BIN)) or "mlx-internvl", *args]
+
+
+def run(cmd, timeout=300, input=None):
+    """`subprocess.run` in a session of its own: on timeout every process of the launch is killed (mlx.launch's
+    ranks would otherwise outlive it)."""
+    p = subprocess.Popen(cmd, env=ENV, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout} s: {cmd}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def one_process(model_dir, adapter=None):
+    """Prompt logits and 16 greedy tokens (eos not honoured) from the unsharded model."""
+    model, processor = mlx_internvl.load(model_dir, dtype="float32", adapter_path=adapter)
+    inputs = processor(PROMPT, images=[IMAGE], max_tiles=1)
+    ids, pv = inputs["input_ids"], inputs["pixel_values"]
+    logits = model(ids, pixel_values=pv)[0]
+    embeds = model.get_input_embeddings(ids, pixel_values=pv)[0]
+    tokens = [t for t, _ in generate_step(ids[0], model, max_tokens=16, sampler=lambda lp: mx.argmax(lp, axis=-1),
+                                          input_embeddings=embeds)]
+    return np.array(logits), tokens, {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def make_adapter(model_dir, out: Path, seed: int) -> Path:
+    """A rank-4 LoRA on every linear layer of the decoder (q/k/v/gate/up are split by rows, o/down by columns),
+    with seeded non-zero factors."""
+    model, _ = mlx_internvl.load(model_dir, dtype="float32")
+    lora = LoraConfig(rank=4, alpha=8)
+    apply_lora(model, lora)
+    randomize_adapters(model, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapters(model, out)
+    save_json(out / CONFIG_FILE, lora.to_json(base_model=str(model_dir)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(build_case, tmp_path_factory):
+    from mlx_internvl.convert.convert import convert
+
+    root = tmp_path_factory.mktemp("dist")
+    built = {
+        "qwen2": build_case(Case("dist_qwen2", text="qwen2", extra_text={"intermediate_size": 128})),
+        "qwen3_tied": build_case(Case("dist_qwen3", text="qwen3", tie=True)),
+        "qwen3_moe": build_case(Case("dist_moe", text="qwen3_moe")),
+        "llama": build_case(Case("dist_llama", text="llama")),
+        "internlm2": build_case(Case("dist_internlm2", text="internlm2", template="internlm2-chat")),
+    }
+    out = {name: dict(model=str(b.hf_dir)) for name, b in built.items()}
+    # InternLM2 from its original layout: the fused wqkv is split into Llama's q/k/v before sharding.
+    out["internlm2"]["model"] = str(built["internlm2"].original_dir)
+    q4 = convert(built["qwen2"].hf_dir, root / "qwen2-4bit", dtype="float32", quantize_model=True, q_bits=4,
+                 q_group_size=32)
+    out["qwen2_4bit"] = dict(model=str(q4))
+    out["qwen2_lora"] = dict(model=out["qwen2"]["model"],
+                             adapter=str(make_adapter(built["qwen2"].hf_dir, root / "lora", seed=1)))
+    out["qwen2_4bit_qlora"] = dict(model=str(q4), adapter=str(make_adapter(q4, root / "qlora", seed=2)))
+    # mlx-lm's pipeline split, where the backbone has one: rank 1 runs the first layer, rank 0 the second.
+    out["qwen2_pipeline"] = dict(model=out["qwen2"]["model"], mode="pipeline")
+    out["qwen3_moe_pipeline"] = dict(model=out["qwen3_moe"]["model"], mode="pipeline")
+    for name, c in out.items():
+        c.update(out=str(root / name), dtype="float32")
+    return out
+
+
+def test_two_ranks_match_one_process(cases, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompt": PROMPT, "image": str(IMAGE), "cases": list(cases.values())}))
+    r = run([*launcher(), sys.executable, str(HERE / "dist_worker.py"), str(spec)], timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    for name, c in cases.items():
+        assert Path(c["out"] + ".logits.npy").exists(), (name, r.stdout[-2000:], r.stderr[-3000:])
+        two = np.load(c["out"] + ".logits.npy")
+        ranks = [json.loads(Path(f"{c['out']}.tokens.{k}.json").read_text()) for k in (0, 1)]
+        logits, tokens, whole = one_process(c["model"], c.get("adapter"))
+        assert two.shape == logits.shape, name
+        diff = float(np.abs(two - logits).max())
+        assert diff < 1e-4, (name, diff)
+        assert ranks[0] == ranks[1] == tokens, (name, ranks, tokens)
+        assert len(tokens) == 16
+        # Each rank holds half of every decoder projection; only rank 0 keeps the vision tower.
+        # (A LoRA'd o/down layer holds its sharded base as `.base`, one process's as `.linear`.)
+        shapes = [{k.replace(".base.", ".linear."): v for k, v in json.loads(
+            Path(f"{c['out']}.params.{r}.json").read_text()).items()} for r in (0, 1)]
+        assert not any(k.startswith(("vision_model.", "mlp1.")) for k in shapes[1])
+        assert any(k.startswith("vision_model.") for k in shapes[0])
+        if c.get("mode") == "pipeline":
+            layers = [{k for k in sh if ".layers." in k} for sh in shapes]
+            assert layers[0] and layers[1] and not layers[0] & layers[1], name
+            assert layers[0] | layers[1] == {k for k in whole if ".layers." in k}, name
+            continue
+        assert shapes[0].keys() - shapes[1].keys() and not shapes[1].keys() - shapes[0].keys()
+        halves = {"q_proj.weight": -2, "q_proj.linear.weight": -2, "q_proj.lora_b": -1,
+                  "down_proj.weight": -1, "down_proj.linear.weight": -1, "down_proj.lora_a": -2}
+        split = 0
+        for k, full in whole.items():
+            axis = next((a for end, a in halves.items() if k.endswith(end)), None)
+            if axis is not None:
+                assert shapes[0][k][axis] * 2 == shapes[1][k][axis] * 2 == full[axis], (name, k)
+                split += 1
+            elif k.startswith("language_model.") and k.endswith(("embed_tokens.weight", "norm.weight")):
+                assert shapes[1][k] == full, (name, k)
+        assert split >= 4, name
+
+
+def test_generate_cli_prints_once_and_matches_one_process(cases):
+    model = cases["llama"]["model"]
+    args = cli("generate", "--model", model, "--image", str(IMAGE), "--prompt", PROMPT, "--max-tokens", "12",
+               "--dtype", "float32", "--max-tiles", "1")
+    one = run(args)
+    two = run([*launcher(), *args])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.stdout.strip(), one.stderr[-2000:]
+    # The reply once (rank 0 alone prints), the same as one process's.
+    assert two.stdout == one.stdout, (two.stdout, one.stdout, two.stderr[-2000:])
+
+
+def test_chat_cli_two_turns_with_image(cases):
+    model = cases["qwen3_moe"]["model"]
+    args = cli("chat", "--model", model, "--dtype", "float32", "--max-tokens", "8", "--max-tiles", "1")
+    script = f"/image {IMAGE}\nWhat is it?\nAnd the colour?\n/exit\n"
+    one = run(args, input=script)
+    two = run([*launcher(), *args], input=script)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert len(one.stdout.splitlines()) == 2, one.stdout
+    assert two.stdout == one.stdout, (two.stdout, one.stdout, two.stderr[-2000:])
+    assert two.stderr.count("Chatting with") == 1, two.stderr[-2000:]
+
+
+def _spawn_pair(model, timeout_s: str):
+    """Two ranks started the way mlx.launch starts them (hostfile + MLX_RANK), so each one's exit is observable."""
+    port = free_port_pair()
+    hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlx-internvl-hosts-{port}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    procs = []
+    for rank in (0, 1):
+        env = dict(ENV, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank), **{distributed.TIMEOUT_ENV: timeout_s})
+        procs.append(subprocess.Popen(cli("chat", "--model", model, "--dtype", "float32"), env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return procs, hostfile
+
+
+def _wait_ready(procs, deadline=180):
+    """Both ranks loaded: rank 0 prints its banner (after the group's load barrier) and waits on stdin."""
+    import select
+
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        ready, _, _ = select.select([procs[0].stderr], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            break
+        line = procs[0].stderr.readline()
+        if "Chatting with" in line:
+            return
+        assert line, "rank 0 exited before it was ready"
+    pytest.fail("the two ranks did not come up in time")
+
+
+@pytest.mark.parametrize("victim,how", [(1, signal.SIGKILL), (0, signal.SIGSTOP)])
+def test_a_dead_rank_stops_the_other_with_a_message(cases, victim, how):
+    procs, hostfile = _spawn_pair(cases["qwen2"]["model"], "3")
+    try:
+        _wait_ready(procs)
+        time.sleep(1.0)
+        procs[victim].send_signal(how)
+        other = procs[1 - victim]
+        tic = time.monotonic()
+        _, err = other.communicate(timeout=60)
+        took = time.monotonic() - tic
+        assert other.returncode == 1, err[-2000:]
+        if how == signal.SIGKILL:
+            assert f"rank {victim} is gone" in err, err[-2000:]
+        else:
+            assert f"rank {victim} sent no heartbeat for 3 s" in err, err[-2000:]
+        assert took < 30, took
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait(timeout=30)
+        hostfile.unlink(missing_ok=True)
+
+
+def _config(model_type="qwen2", heads=4, kv=2, inter=96, quant=None):
+    llm = dict(model_type=model_type, hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv,
+               intermediate_size=inter, num_hidden_layers=2, vocab_size=300)
+    return ModelConfig(vision_config=VisionConfig(), llm_config=llm, quantization=quant)
+
+
+def test_unshardable_models_are_clear_errors():
+    with pytest.raises(UserError, match="'phi3'.*no tensor-parallel shard"):
+        sharding.check_shardable(_config("phi3"), 2)
+    with pytest.raises(UserError, match="num_key_value_heads is 2, which 4 ranks cannot split"):
+        sharding.check_shardable(_config(kv=2), 4)
+    with pytest.raises(UserError, match="intermediate_size is 96, which 5 ranks"):
+        sharding.check_shardable(_config(heads=5, kv=5), 5)
+    with pytest.raises(UserError, match="group_size 64 does not divide the per-rank o_proj input"):
+        sharding.check_shardable(_config(quant={"group_size": 64, "bits": 4}), 2)
+    sharding.check_shardable(_config(), 2)
+    with pytest.raises(UserError, match="llama model has no pipeline split"):
+        sharding.check_shardable(_config("llama"), 2, mode="pipeline")
+    with pytest.raises(UserError, match="2 decoder layers cannot make 4 pipeline stages"):
+        sharding.check_shardable(_config(kv=2), 4, mode="pipeline")
+    sharding.check_shardable(_config(inter=128, quant={"group_size": 32, "bits": 4}), 2)

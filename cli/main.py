@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "lora": "lora_cmd",
     "fuse": "fuse_cmd",
     "bench": "bench_cmd",
+    "serve": "serve_cmd",
 }
 
 

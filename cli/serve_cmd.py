@@ -1,0 +1,67 @@
+"""`mlx-internvl serve`: the OpenAI-compatible server and its web chat page; a thin shell over
+`mlx_internvl.server.serve`."""
+
+from __future__ import annotations
+
+import click
+
+from mlx_internvl.errors import UserError
+
+from .generate_cmd import DEFAULT_MODEL, setup_logging
+
+try:
+    from mlx_internvl.server import serve
+except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
+    serve, MISSING = None, e
+
+
+@click.command(name="serve")
+@click.option("--model", "-m", "model_path", default=DEFAULT_MODEL, show_default=True,
+              help="A converted MLX directory, a Hugging Face InternVL directory, or a hub repo id.")
+@click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
+@click.option("--adapter-path", "--adapter", "adapter_path", default=None, type=click.Path(),
+              help="LoRA adapter directory to apply.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Compute dtype (default: the checkpoint's).")
+@click.option("--template", default=None, help="Conversation template (default: the checkpoint's).")
+@click.option("--model-name", default=None, help="The model id clients send (default: the --model argument).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes the server to the network (set --api-key then).")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar="MLX_INTERNVL_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MLX_INTERNVL_API_KEY).")
+@click.option("--allowed-origins", multiple=True,
+              help="Browser origins allowed to call the API from other pages (CORS); repeat for several.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Let requests name http(s) image URLs, which the server then downloads (size-capped, time-limited).")
+@click.option("--allow-local-images", "allow_local_images", default=None, type=click.Path(file_okay=False),
+              help="Let requests name image files under this directory (nothing outside it).")
+@click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
+              help="Default most 448px tiles per image (requests may set max_tiles).")
+@click.option("--num-frames", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Default frames sampled from a video part (requests may set num_frames).")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Reply length when a request does not set max_tokens.")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+              help="Temperature when a request does not set one (0: greedy, as the model cards).")
+@click.option("--max-request-mb", type=click.FloatRange(0.01), default=50.0, show_default=True,
+              help="Largest request body accepted (413 beyond).")
+@click.option("--max-image-mb", type=click.FloatRange(0.01), default=20.0, show_default=True,
+              help="Largest single image or video accepted.")
+@click.option("--vision-cache-size", type=click.IntRange(0), default=32, show_default=True,
+              help="Images whose encoded features are kept (LRU, keyed by content hash).")
+@click.option("--prompt-cache-size", type=click.IntRange(0), default=16, show_default=True,
+              help="Conversations whose KV caches are kept for their next turn (LRU, by token prefix).")
+@click.option("--decode-concurrency", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests decoded together in one batch.")
+@click.option("--max-queue", type=click.IntRange(0), default=32, show_default=True,
+              help="Requests that may wait for a slot; beyond that the server answers 503 at once.")
+@click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
+def command(model_path, verbose, **options):
+    """Serve a model over the OpenAI chat-completions API, with a web chat page at /."""
+    if serve is None:
+        raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
+    setup_logging(verbose)
+    click.echo(f"Loading {model_path}; then serving on http://{options['host']}:{options['port']} "
+               "(chat page at /, API at /v1)", err=True)
+    serve(model_path, **options)

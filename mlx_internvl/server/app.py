@@ -1,0 +1,331 @@
+"""The FastAPI app: OpenAI routes, the web chat page, and the rules every request passes (key, size, slots).
+
+A request is parsed and rendered (media fetched, decoded, tiled, tokenized) on a worker thread, then handed to the
+engine's generation thread; its results come back through an asyncio queue. Streams are FastAPI's native SSE
+(`fastapi.sse`). Every failure is an OpenAI-shaped error with its status; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from ..loading import load
+from ..sampling import SamplingOptions
+from .engine import Engine, Job
+from .media import MediaPolicy
+from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
+from .render import Renderer
+
+
+@dataclass
+class ServerConfig:
+    """Everything `serve()` and `mlx-internvl serve` take, as one value."""
+
+    model: str
+    revision: Optional[str] = None
+    adapter_path: Optional[str] = None
+    dtype: Optional[str] = None
+    template: Optional[str] = None
+    model_name: Optional[str] = None  # the id clients use; default: the --model argument
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    allowed_origins: Sequence[str] = ()
+    allow_remote_images: bool = False
+    allow_local_images: Optional[str] = None
+    max_tiles: Optional[int] = None
+    num_frames: int = 8
+    max_request_mb: float = 50.0
+    max_image_mb: float = 20.0
+    remote_timeout_s: float = 10.0
+    vision_cache_size: int = 32
+    prompt_cache_size: int = 16
+    decode_concurrency: int = 8
+    max_queue: int = 32
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    prefill_step_size: int = 512
+    served_names: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.model_name = self.model_name or str(self.model)
+
+
+def _error(e: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 past `limit`. A moderately oversized body is read to its end (and dropped) before the
+    answer, so that clients which send the whole body before reading get the 413 instead of a broken pipe."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
+                            "(--max-request-mb)", None, "request_too_large")
+    if int(request.headers.get("content-length") or 0) > 8 * limit:
+        raise too_big
+    body, total = bytearray(), 0
+    async for block in request.stream():
+        total += len(block)
+        if total > 8 * limit:
+            break
+        if total <= limit:
+            body += block
+    if total > limit:
+        raise too_big
+    return bytes(body)
+
+
+@dataclass
+class _Server:
+    """What the route handlers share (kept on `app.state.server`)."""
+
+    cfg: ServerConfig
+    engine: Engine
+    renderer: Renderer
+    vocab: int
+    limit: int
+    created: int
+
+    def check_key(self, request: Request) -> None:
+        if self.cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    def sampling(self, req) -> SamplingOptions:
+        try:
+            return SamplingOptions(
+                temperature=self.cfg.temperature if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+        except UserError as e:
+            raise APIError(400, str(e), None, "invalid_value") from None
+
+
+def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
+    """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
+    if engine is None:
+        engine = Engine(lambda: load(cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path, revision=cfg.revision,
+                                     template=cfg.template),
+                        decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
+                        prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
+                        prefill_step_size=cfg.prefill_step_size)
+        engine.start()
+    policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
+                         local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
+                         max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
+    app = FastAPI(title="mlx-internvl", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.config = engine, cfg
+    app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
+                                                     cfg.max_tokens),
+                               engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
+                               int(time.time()))
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal)
+    app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
+    return app
+
+
+async def _api_error(request: Request, e: APIError):
+    return _error(e)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+    return _error(APIError(e.status_code, msg, None, code))
+
+
+async def _validation_error(request: Request, e: RequestValidationError):
+    return _error(APIError(400, str(e.errors()[0].get("msg", e))))
+
+
+async def _internal(request: Request, e: Exception):
+    return _error(APIError(500, f"internal error: {type(e).__name__}"))
+
+
+async def _page():
+    return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+
+
+async def _health(request: Request):
+    st: _Server = request.app.state.server
+    ok = st.engine.alive
+    body = {"status": "ok" if ok else "dead", "model": st.cfg.model_name, "inflight": st.engine.inflight,
+            "stats": st.engine.stats}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def _models(request: Request):
+    st: _Server = request.app.state.server
+    st.check_key(request)
+    return {"object": "list", "data": [{"id": st.cfg.model_name, "object": "model", "created": st.created,
+                                        "owned_by": "mlx-internvl"}]}
+
+
+async def _chat_completions(request: Request):
+    st: _Server = request.app.state.server
+    st.check_key(request)
+    req = parse_request(await _read_body(request, st.limit), st.vocab)
+    if req.model != st.cfg.model_name:
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
+                       "model", "model_not_found")
+    sampling = st.sampling(req)
+    if not st.engine.try_reserve():
+        raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
+                       None, "server_busy")
+    try:
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req)
+    except BaseException:
+        st.engine.release()
+        raise
+    events = _Events(request, st.engine)
+    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
+    events.job = job
+    st.engine.submit(job)
+    try:
+        first = await events.next()
+    except asyncio.TimeoutError:  # the client left
+        return JSONResponse({}, status_code=499)
+    if first[0] == "error":
+        raise first[1]
+    if req.stream:
+        return EventSourceResponse(_stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+                                   headers={"Cache-Control": "no-cache"})
+    return await _collect(first, events, st.cfg.model_name, req)
+
+
+class _Events:
+    """A job's events, from the generation thread to this request's event loop."""
+
+    def __init__(self, request: Request, engine: Engine):
+        self.request, self.engine, self.job = request, engine, None
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, ev) -> None:  # called on the generation thread
+        if ev[0] in ("done", "error"):
+            self.engine.release()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    async def next(self):
+        while True:  # wake up now and then to notice a client that went away
+            try:
+                return await asyncio.wait_for(self.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if not self.engine.alive:
+                    raise APIError(503, "the generation thread has stopped; restart the server", None,
+                                   "engine_stopped") from None
+                if await self.request.is_disconnected():
+                    self.job.cancelled.set()
+                    raise
+
+
+async def _collect(ev, events: _Events, model: str, req):
+    """The whole reply as one `chat.completion`."""
+    text, logprobs = "", []
+    while True:
+        if ev[0] == "delta":
+            text += ev[1]
+            logprobs += ev[2]
+        elif ev[0] == "done":
+            return completion(new_id(), model, text, ev[1], ev[2], logprobs if req.logprobs else None)
+        else:
+            raise ev[1]
+        try:
+            ev = await events.next()
+        except asyncio.TimeoutError:
+            return JSONResponse({}, status_code=499)
+
+
+async def _stream(job: Job, first, next_event, cid: str, model: str, req):
+    """SSE events: a role chunk, content chunks, the finish chunk, the usage chunk if asked, then `[DONE]`."""
+    created = int(time.time())
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def sse(obj) -> bytes:
+        return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
+
+    try:
+        yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
+        ev = first
+        while True:
+            if ev[0] == "delta":
+                yield sse(chunk(cid, model, created, {"content": ev[1]}, None, ev[2] if req.logprobs else None,
+                                include_usage=with_usage))
+            elif ev[0] == "done":
+                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
+                if with_usage:
+                    yield sse(usage_chunk(cid, model, created, ev[2]))
+                break
+            else:  # an error after the stream started: OpenAI's streams carry it as an error object
+                yield sse(ev[1].body())
+                break
+            ev = await next_event()
+        yield format_sse_event(data_str="[DONE]")
+    finally:
+        job.cancelled.set()  # no-op when finished; stops generation when the client went away
+
+
+def serve(model: str, **options) -> None:
+    """Serve `model` until interrupted. Options are `ServerConfig`'s fields (host, port, api_key, max_tiles, ...)."""
+    cfg = ServerConfig(model=model, **options)
+    app = create_app(cfg)
+    print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        app.state.engine.close()
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
+    """Run `app` with uvicorn on a background thread; yields the base URL (port 0: a free port). The app's engine is
+    closed on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.engine.close()

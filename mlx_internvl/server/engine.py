@@ -1,0 +1,347 @@
+"""The generation thread: every MLX array of every request is made and evaluated here.
+
+MLX streams belong to the thread that made them, so request threads only parse, fetch, tile (numpy) and tokenize;
+this one thread takes jobs from a queue, encodes their images, prefills and decodes. A job's prompt is looked up in
+mlx-lm's `LRUPromptCache` by its keyed token ids (see `render`), so a resent conversation prefills only its new
+tokens; image features come from an LRU keyed by the image's content hash, so an image is encoded once per server.
+The new tokens are prefilled one chunk per loop turn, between decode steps of the running batch; then the job
+joins mlx-lm's `BatchGenerator` (continuous batching: decode steps run all active jobs together). A cancelled job
+(client gone, stream aborted) leaves the batch at the next step and frees its slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_p
+
+from ..errors import UserError
+from ..generate import special_token_ids, stream_prefill
+from ..sampling import SamplingOptions
+from .protocol import APIError, usage
+from .render import Prompt
+
+logger = logging.getLogger("mlx_internvl.server")
+MODEL_KEY = "model"
+
+
+@dataclass
+class Job:
+    prompt: Prompt
+    sampling: SamplingOptions
+    emit: Callable[[tuple], None]  # thread-safe: ("delta", text, logprobs) / ("done", reason, usage) / ("error", e)
+    stop: List[str] = field(default_factory=list)
+    top_logprobs: Optional[int] = None  # None: no logprobs
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in on the generation thread
+    cached_tokens: int = 0
+    generated: int = 0
+    text: str = ""
+    sent: int = 0  # characters of `text` already emitted
+    lead: Optional[int] = None  # where the reply starts after leading whitespace
+    logprobs: list = field(default_factory=list)
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int):
+    """mlx-lm's sampling (its top-p filter, then a categorical draw at `temperature`) from the request's own random
+    key, so a seeded reply does not depend on what else is in the batch."""
+    key = mx.random.key(seed)
+
+    def sample(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if 0.0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+
+    return sample
+
+
+class Engine:
+    """`submit(job)` from any thread; results come back through `job.emit`."""
+
+    def __init__(self, load: Callable[[], tuple], decode_concurrency: int = 8, max_queue: int = 32,
+                 prompt_cache_size: int = 16, vision_cache_size: int = 32, prefill_step_size: int = 512):
+        self._load = load
+        self.decode_concurrency, self.max_queue = decode_concurrency, max_queue
+        self.prompt_cache_size, self.vision_cache_size = prompt_cache_size, vision_cache_size
+        self.prefill_step_size = prefill_step_size
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.load_error: Optional[BaseException] = None
+        self.stats = {"requests": 0, "cached_tokens": 0, "prompt_tokens": 0, "vision_hits": 0, "vision_misses": 0,
+                      "max_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.ready.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def try_reserve(self) -> bool:
+        """Take a slot (active or queued); False when the server is full."""
+        with self._lock:
+            if self._inflight >= self.decode_concurrency + self.max_queue:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    # --- everything below runs on the generation thread ---
+
+    def _run(self) -> None:
+        try:
+            self.model, self.processor = self._load()
+            self._stream = mx.default_stream(mx.default_device())
+            tok = self.processor.tokenizer
+            self._skip = special_token_ids(tok)
+            self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
+            self._stop_tokens = StopSequences([(t,) for t in self._eos])
+            self._prompts = LRUPromptCache(max_size=self.prompt_cache_size)
+            self._features: OrderedDict[tuple, mx.array] = OrderedDict()
+            self._new_batch = lambda: BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
+                                                     prefill_batch_size=self.decode_concurrency,
+                                                     stream=self._stream)
+            self._batch = self._new_batch()
+        except BaseException as e:  # reported by start()
+            self.load_error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        active = {}  # uid -> (job, detokenizer)
+        waiting: List[Job] = []
+        prefilling = None  # (job, prefill chunks, join)
+        while not self._stop.is_set():
+            idle = not active and prefilling is None and not waiting
+            try:
+                waiting.append(self._inbox.get(timeout=0.05) if idle else self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for job in [j for j in waiting if j.cancelled.is_set()]:
+                waiting.remove(job)
+                self._finish(job, "cancelled")
+            if prefilling is None and waiting and len(active) < self.decode_concurrency:
+                job = waiting.pop(0)
+                try:
+                    prefilling = self._start_prefill(job)
+                except Exception as e:
+                    self._fail(job, e)
+            if prefilling is not None:
+                prefilling = self._prefill_chunk(prefilling, active)
+            if active:
+                self._decode_or_fail(active)
+        self._batch.close()
+
+    def _prefill_chunk(self, prefilling, active: dict):
+        """Run one prefill chunk; a job whose prompt is done joins the batch. Returns what is still prefilling."""
+        job, steps, join = prefilling
+        try:
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+                return None
+            if next(steps, None) is not None:
+                return prefilling
+            uid, detok = join()
+            active[uid] = (job, detok)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+        except Exception as e:
+            self._fail(job, e)
+        return None
+
+    def _decode_or_fail(self, active: dict) -> None:
+        try:
+            self._decode_step(active)
+        except Exception as e:  # a broken batch fails its jobs, never the server
+            logger.error("decode step failed: %s", traceback.format_exc())
+            for job, _ in active.values():
+                self._fail(job, e)
+            active.clear()
+            self._batch.close()
+            self._batch = self._new_batch()
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if isinstance(e, UserError):
+            e = APIError(400, str(e))
+        elif not isinstance(e, APIError):
+            logger.error("request failed: %s", traceback.format_exc())
+            e = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        job.emit(("error", e))
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if reason != "cancelled":
+            end = len(job.text.rstrip())
+            if job.lead is None:
+                job.lead = len(job.text) - len(job.text.lstrip())
+            if end > max(job.sent, job.lead) or job.logprobs:
+                job.emit(("delta", job.text[max(job.sent, job.lead):end], job.logprobs))
+            job.logprobs = []
+        job.emit(("done", reason, usage(len(job.prompt.ids), job.generated, job.cached_tokens)))
+
+    def _image_rows(self, prompt: Prompt, n_rows: int) -> Optional[mx.array]:
+        """The last `n_rows` image-token rows of the prompt (those not in the prompt cache), encoding as needed."""
+        if n_rows == 0:
+            return None
+        per_tile = self.processor.config.num_image_token
+        rows, parts = 0, []
+        for spec in reversed(prompt.images):
+            feats = self._features.get(spec.key)
+            if feats is None:
+                self.stats["vision_misses"] += 1
+                tiles = spec.tiles if spec.tiles is not None else spec.load()
+                feats = self.model.extract_feature(mx.array(tiles))
+                feats = feats.reshape(-1, feats.shape[-1])
+                mx.eval(feats)
+                self._features[spec.key] = feats
+                while len(self._features) > self.vision_cache_size:
+                    self._features.popitem(last=False)
+            else:
+                self.stats["vision_hits"] += 1
+                self._features.move_to_end(spec.key)
+            parts.insert(0, feats)
+            rows += spec.num_tiles * per_tile
+            if rows >= n_rows:
+                break
+        return mx.concatenate(parts)[-n_rows:] if len(parts) > 1 else parts[0][-n_rows:]
+
+    def _make_sampling(self, opts: SamplingOptions):
+        """mlx-lm's sampler and logits processors for a request (made here: they hold MLX arrays)."""
+        sampler, processors = dataclasses.replace(opts, seed=None).make(special_tokens=self._eos)
+        if opts.seed is not None and opts.temperature > 0:
+            sampler = seeded_sampler(opts.temperature, opts.top_p, opts.seed)
+        return sampler, processors
+
+    def _start_prefill(self, job: Job):
+        """(job, iterator of prefill chunks, join) for a job; `join()` puts it into the decode batch."""
+        p = job.prompt
+        cache, rest = self._prompts.fetch_nearest_cache(MODEL_KEY, p.keyed)
+        if cache is None:
+            cache = self.model.make_cache()
+        elif not rest:  # the whole prompt is cached: run its last token again for the first logits
+            trim_prompt_cache(cache, 1)
+            rest = p.keyed[-1:]
+        job.cached_tokens = len(p.ids) - len(rest)
+        self.stats["requests"] += 1
+        self.stats["cached_tokens"] += job.cached_tokens
+        self.stats["prompt_tokens"] += len(p.ids)
+        suffix = p.ids[job.cached_tokens:]
+        sampler, processors = self._make_sampling(job.sampling)
+        if len(suffix) > 1:
+            n_image = sum(1 for t in suffix[:-1] if t == self.processor.image_token_id)
+            steps = stream_prefill(self.model, suffix[:-1], self._image_rows(p, n_image), cache,
+                                   self.prefill_step_size)
+        else:
+            steps = iter(())
+
+        def join():
+            (uid,) = self._batch.insert([[suffix[-1]]], max_tokens=[p.max_tokens], caches=[cache],
+                                        all_tokens=[list(p.ids[:-1])], samplers=[sampler],
+                                        logits_processors=[processors], stop_sequences=[self._stop_tokens])
+            detok = self.processor.tokenizer.detokenizer
+            detok.reset()
+            return uid, detok
+
+        return job, steps, join
+
+    def _store(self, job: Job, cache, tokens: List[int]) -> None:
+        """Keep a finished (or stopped) job's KV cache for the next turn of its conversation."""
+        n = len(job.prompt.ids)
+        self._prompts.insert_cache(MODEL_KEY, job.prompt.keyed + list(tokens[n:]), cache)
+
+    def _decode_step(self, active: dict) -> None:
+        _, responses = self._batch.next()
+        tok = self.processor.tokenizer
+        done = []
+        for r in responses:
+            job, detok = active[r.uid]
+            job.generated += 1
+            finish = r.finish_reason
+            if finish != "stop":  # the end token itself is not part of the reply
+                if r.token not in self._skip:
+                    detok.add_token(r.token)
+                if job.top_logprobs is not None:
+                    job.logprobs.append(self._logprob(r, job.top_logprobs, tok))
+            if finish is not None:
+                detok.finalize()
+            job.text += detok.last_segment
+            if job.stop and finish != "stop":
+                cut = min((i for i in (job.text.find(s, max(0, job.sent - max(map(len, job.stop))))
+                                       for s in job.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    job.text, finish = job.text[:cut], "stop"
+                    if r.finish_reason is None:
+                        cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
+                        self._store(job, cache, tokens)
+            if finish is not None:
+                if r.finish_reason is not None:
+                    self._store(job, r.prompt_cache, r.all_tokens)
+                done.append(r.uid)
+                self._finish(job, finish)
+            elif job.cancelled.is_set():
+                cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
+                self._store(job, cache, tokens)
+                done.append(r.uid)
+                self._finish(job, "cancelled")
+            else:
+                self._emit_ready(job)
+        for uid in done:
+            active.pop(uid, None)
+
+    def _emit_ready(self, job: Job) -> None:
+        """Send the text that can no longer change: not leading or trailing whitespace (the reply is stripped, as
+        upstream strips it) and not a possible start of a stop string."""
+        if job.lead is None:
+            stripped = job.text.lstrip()
+            if not stripped:
+                return
+            job.lead = len(job.text) - len(stripped)
+        end = len(job.text.rstrip())
+        if job.stop:
+            end = min(end, len(job.text) - max(map(len, job.stop)) + 1)
+        start = max(job.sent, job.lead)
+        if end > start or job.logprobs:
+            job.emit(("delta", job.text[start:max(end, start)], job.logprobs))
+            job.logprobs = []
+            job.sent = max(end, start)
+
+    @staticmethod
+    def _logprob(r, top_n: int, tok):
+        lp = r.logprobs
+        top = []
+        if top_n > 0:
+            idx = mx.argpartition(-lp, kth=top_n - 1)[:top_n]
+            vals = lp[idx]
+            order = mx.argsort(-vals)
+            top = [(tok.decode([i]), v) for i, v in zip(idx[order].tolist(), vals[order].tolist())]
+        return (tok.decode([r.token]), lp[r.token].item(), top)

@@ -1,0 +1,183 @@
+"""The OpenAI chat-completions request, validated, and the response objects, shaped as the `openai` package's types.
+
+Requests are checked field by field before anything reaches the model; every problem becomes an `APIError` that
+the app answers as OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`). Pydantic runs in strict
+mode so `"max_tokens": "5"` is a wrong type, not a number. Unknown top-level fields are ignored, as most
+OpenAI-compatible servers do, except those whose silent omission would change the answer (`tools`, `n` > 1,
+`response_format` other than text): those are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered to the client: HTTP `status` and OpenAI's error body."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class URLRef(_Strict):
+    url: str
+    detail: Optional[str] = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: URLRef
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: URLRef
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[Part], None] = None
+    name: Optional[str] = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+
+class ChatRequest(_Strict):
+    model: str
+    messages: List[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[Dict[str, float]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    n: Optional[int] = None
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list] = None
+    # InternVL extras (the openai client sends them with extra_body=...)
+    max_tiles: Optional[int] = Field(None, ge=1, le=40)
+    num_frames: Optional[int] = Field(None, ge=1, le=64)
+
+    @property
+    def stop_strings(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
+    """A validated `ChatRequest` from the request body, or an `APIError(400)` naming the first bad field."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
+    try:
+        req = ChatRequest.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param or None,
+                       "invalid_type" if "type" in err["type"] else "invalid_value") from None
+    if req.n not in (None, 1):
+        raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1)", "n",
+                       "unsupported_value")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, f"response_format {req.response_format.type!r} is not supported: this server does not "
+                            "constrain decoding to JSON. Omit response_format (or use type 'text') and ask for JSON "
+                            "in the prompt.", "response_format", "unsupported_value")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported by this server", "tools", "unsupported_value")
+    if len(req.stop_strings) > 4 or any(not s for s in req.stop_strings):
+        raise APIError(400, "stop: at most 4 non-empty strings", "stop", "invalid_value")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
+    for k, v in (req.logit_bias or {}).items():
+        if not k.lstrip("-").isdigit() or not 0 <= int(k) < vocab_size:
+            raise APIError(400, f"logit_bias: key {k!r} is not a token id in [0, {vocab_size})", "logit_bias",
+                           "invalid_value")
+        if not -100.0 <= v <= 100.0:
+            raise APIError(400, f"logit_bias[{k}]: {v} is outside [-100, 100]", "logit_bias", "invalid_value")
+    return req
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def logprob_entries(items) -> Optional[dict]:
+    """OpenAI's `logprobs` object from [(token_text, logprob, [(text, logprob), ...]), ...]."""
+    if items is None:
+        return None
+
+    def one(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(one(t, lp), top_logprobs=[one(tt, tlp) for tt, tlp in top]) for t, lp, top in items],
+            "refusal": None}
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, use: dict, logprobs=None) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "finish_reason": finish_reason, "logprobs": logprob_entries(logprobs)}],
+            "usage": use}
+
+
+def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None,
+          include_usage: bool = False) -> dict:
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                        "logprobs": logprob_entries(logprobs)}]}
+    if include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(cid: str, model: str, created: int, use: dict) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": use}

@@ -3,6 +3,8 @@
 import click
 
 from mlx_internvl.bench.run import main
+from mlx_internvl.errors import UserError
+from mlx_internvl.validate import integer
 
 
 def _csv(value):
@@ -24,6 +26,12 @@ def _csv(value):
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
 def command(presets, dtypes, tiles, decode_tokens, no_torch, torch_device, no_load_time, json_path, markdown_path):
     """Measure vision, time to first token, prefill, decode, memory and load time on full-size architectures."""
-    tile_list = tuple(int(t) for t in tiles.split(","))
+    try:
+        tile_list = tuple(int(t) for t in tiles.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--tiles {tiles!r}: expected comma-separated whole numbers, e.g. 1,13") from None
+    for t in tile_list:
+        integer("--tiles", t, minimum=1, maximum=40)
+    integer("--decode-tokens", decode_tokens, minimum=1)
     main(_csv(presets), _csv(dtypes), tile_list, decode_tokens, not no_torch, torch_device, not no_load_time,
          json_path, markdown_path, echo=click.echo)

@@ -39,7 +39,7 @@ HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video P
 @click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, verbose, images, **options):
+            exif_transpose, stop_on_eos, verbose, images, **options):
     """Chat with a model about images, turn by turn."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
@@ -47,7 +47,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
-                          **load_extras(model, processor, dtype, options, group))
+                          **load_extras(model, processor, dtype, options, group),
+                          stop_on_eos=stop_on_eos)
     tty = sys.stdin.isatty()
     pending, video = list(images), None
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
@@ -61,7 +62,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         if not line:
             continue
         if line.startswith("/"):
-            cmd, *args = shlex.split(line)
+            cmd, *args = split_command(line) or ["/help"]
             if cmd in ("/exit", "/quit"):
                 break
             elif cmd == "/clear":
@@ -97,6 +98,16 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
             click.echo(stats_text(last, session.draft), err=True)
     if group is not None:
         group.close()
+
+
+def split_command(line: str):
+    """The words of a `/command` line; None (after saying why) when it cannot be split, e.g. an unbalanced quote,
+    so the conversation goes on."""
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        click.echo(f"Error: cannot read the command ({e}); quote paths with spaces as \"a b.jpg\"", err=True)
+        return None
 
 
 def read_media(images, video, num_frames: int):

@@ -22,6 +22,7 @@ from mlx_internvl.loading import load
 from mlx_internvl.prompt_cache import PromptCacheFile
 from mlx_internvl.sampling import KVOptions, SamplingOptions
 from mlx_internvl.speculative import load_draft
+from mlx_internvl.validate import integer
 
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
@@ -56,6 +57,9 @@ def model_options(f):
                      help="Frames sampled from a video, one tile each."),
         click.option("--exif-transpose", is_flag=True,
                      help="Rotate photos by their EXIF orientation (upstream does not, so off by default)."),
+        click.option("--stop-on-eos", is_flag=True,
+                     help="Also stop on the tokenizer's eos token (upstream chat() stops only on the template's end "
+                          "token, so this is off by default)."),
         click.option("--verbose", "-v", is_flag=True, help="Show the prompt, tiles and speed on stderr."),
     ])
 
@@ -172,10 +176,11 @@ def default_prompt(prompt, images, video) -> str:
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, verbose, images, video, prompt, **options):
+            exif_transpose, stop_on_eos, verbose, images, video, prompt, **options):
     """Answer one prompt about images or a video, streaming the reply."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
+    integer("max_tokens", max_tokens, minimum=1)
     group = distributed.start()  # None unless launched as a group (mlx.launch); then rank 0 reads and prints
     run = (lambda fn: fn()) if group is None else group.on_leader
     prompt = run(lambda: default_prompt(prompt, images, video))
@@ -190,7 +195,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
-                                kv=kv, **extras):
+                                kv=kv, stop_on_eos=stop_on_eos, **extras):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()

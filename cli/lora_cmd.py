@@ -39,12 +39,17 @@ def _targets(ctx, param, value):
 @click.option("--quantize", "q_bits", type=click.Choice(["4", "8"]), default=None,
               help="QLoRA: quantize the base to 4 or 8 bits before training (an already quantized base is used "
                    "as is).")
-@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Base weight dtype (default: the checkpoint's).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per microbatch, per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Microbatches per optimizer step.")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Peak learning rate of AdamW, with bias correction as torch.optim.AdamW (so rates from upstream "
+                   "InternVL / XTuner / ms-swift recipes carry over).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Adam bias correction. --no-bias-correction is MLX's default AdamW, whose first ~100 steps are "
+                   "several times larger than --lr.")
 @click.option("--min-lr", type=float, default=0.0, show_default=True, help="Where the cosine decay ends.")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear warmup, in optimizer steps.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
@@ -66,7 +71,7 @@ def _targets(ctx, param, value):
 def command(model_path, data, val, root, adapter_path, resume, rank, alpha, dropout, targets, num_layers, dora,
             train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr, min_lr, warmup,
             weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every, report_every,
-            keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad):
+            keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad, bias_correction):
     """Fine-tune an InternVL model with LoRA / QLoRA / DoRA. Run it under `mlx.launch` for data-parallel training
     on several processes or Macs."""
     lora = LoraConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=dropout, targets=targets,
@@ -75,7 +80,8 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
                         weight_decay=weight_decay, iters=iters, epochs=epochs, max_length=max_length,
                         max_tiles=max_tiles, val_every=val_every, val_batches=val_batches, save_every=save_every,
                         report_every=report_every, grad_checkpoint=grad_checkpoint, seed=seed,
-                        compile=not no_compile, keep_checkpoints=keep_checkpoints, skip_bad=skip_bad)
+                        compile=not no_compile, keep_checkpoints=keep_checkpoints, skip_bad=skip_bad,
+                        bias_correction=bias_correction)
     finetune(model_path, list(data), adapter_path, val=list(val) or None, root=root, lora=lora, args=args,
-             resume=resume, quantize_bits=int(q_bits) if q_bits else None, q_group_size=q_group_size, dtype=dtype,
+             resume=resume, quantize_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size), dtype=dtype,
              log=click.echo)

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from mlx_internvl.config import ModelConfig, config_from_hf
 from mlx_internvl.tokenizer import IMG_CONTEXT, token_id
+from mlx_internvl.validate import naming
 from mlx_internvl.weights import DTYPES
 
 from .checkpoint import Checkpoint
@@ -25,7 +26,8 @@ def read_hf(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None
             ) -> Tuple[ModelConfig, Dict[str, mx.array], Callable[[str], Optional[str]]]:
     """`(config, lazy weights under our names, source(key) -> 'file:key' it came from)` for the checkpoint at
     `path` whose config.json is `raw`. `dtype` (default: the checkpoint's own) applies to float tensors."""
-    config = config_from_hf(raw, str(path / "config.json"))
+    with naming(path / "config.json"):
+        config = config_from_hf(raw, str(path / "config.json"))
     config.source_path = str(path)
     if config.image_token_id is None:
         config.image_token_id = token_id(path, IMG_CONTEXT)

@@ -29,6 +29,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
 from .files import save_safetensors
+from .validate import integer, naming, number
 from .weights import weight_mismatches
 
 logger = logging.getLogger("mlx_internvl")
@@ -61,16 +62,15 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def validate(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"--rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise UserError(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        integer("--rank", self.rank, minimum=1)
+        number("--alpha", self.alpha, minimum=0.0, min_open=True, fix="the LoRA scale is alpha / rank")
+        number("--dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
         if self.train_projector not in PROJECTOR_MODES:
             raise UserError(f"train_projector must be one of lora, full or None, got {self.train_projector!r}")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise UserError(f"--num-layers must be at least 1, got {self.num_layers}")
+        integer("--num-layers", self.num_layers, minimum=1, allow_none=True)
+        if self.targets is not None and (not isinstance(self.targets, (list, tuple))
+                                         or not all(isinstance(t, str) and t for t in self.targets)):
+            raise UserError(f"--targets: expected layer names such as q_proj,v_proj, got {self.targets!r}")
 
     def to_json(self, **extra) -> dict:
         out = dataclasses.asdict(self)
@@ -82,9 +82,14 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> LoraConfig:
+    def from_json(cls, data: dict, where: str = "adapter_config.json") -> LoraConfig:
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        with naming(where):
+            config.validate()
+        return config
 
 
 def _linear_names(layer: nn.Module) -> List[str]:

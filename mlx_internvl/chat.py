@@ -20,9 +20,17 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from . import validate
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .images import ImageInput
-from .processing import add_image_placeholders, add_video_placeholders, frame_to_tile, image_to_tiles, load_image
+from .processing import (
+    add_image_placeholders,
+    add_video_placeholders,
+    as_image_list,
+    frame_to_tile,
+    image_to_tiles,
+    load_image,
+)
 from .prompt_cache import as_prompt_cache, image_hashes
 from .sampling import KVOptions, SamplingOptions, split_options
 from .templates import chat_messages
@@ -35,11 +43,16 @@ class ChatSession:
     def __init__(self, model, processor, system_message: Optional[str] = None, max_tiles=None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                  kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False, draft=None,
-                 prompt_cache_file=None, **options):
+                 prompt_cache_file=None, stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), **options):
         """`sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`, `kv_bits=8`) apply to every
         turn; a seed seeds once, here. `draft`: a `speculative.Draft`; `prompt_cache_file`: a path or a loaded
-        `prompt_cache.PromptCacheFile`."""
+        `prompt_cache.PromptCacheFile`. Replies end at the template's end token (`stop_on_eos` adds the tokenizer's
+        eos, `extra_stop_tokens` more)."""
         self.model, self.processor = model, processor
+        max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
+        max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
+        validate.conversation("", None, system_message)
+        self.stop_ids = processor.stop_token_ids(stop_on_eos, extra_stop_tokens)
         self.draft = draft
         self.prompt_cache_file = None
         if prompt_cache_file is not None:
@@ -125,7 +138,8 @@ class ChatSession:
         n_before = len(self._tiles)
         done = False
         try:
-            question = self._add_media(question, list(images or []), video)
+            validate.conversation(question)
+            question = self._add_media(question, as_image_list(images), video)
             num_tiles = [t.shape[0] for t in self._tiles]
             ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message).ids
             max_tokens = proc.clamp_max_tokens(len(ids), max_tokens or self.max_tokens)
@@ -153,7 +167,8 @@ class ChatSession:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
                                        logits_processors=self.logits_processors, prompt_cache=self._cache,
                                        kv=self.kv, num_tiles=num_tiles, on_token=generated.append,
-                                       draft=self.draft, draft_features=draft_feats):
+                                       draft=self.draft, draft_features=draft_feats,
+                                       extra_stop_tokens=self.stop_ids):
                     text += r.text
                     yield r
             finally:

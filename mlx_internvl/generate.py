@@ -7,8 +7,10 @@ mlx-lm's `BatchGenerator`, whose `BatchKVCache.merge` left-pads the per-request 
 batch member is prefilled on its own (its image embeddings differ in length), so batching changes only the decode
 steps.
 
-Generation stops on the template's end token (`<|im_end|>`, `<|end|>`) and on the tokenizer's eos. Special tokens
-are left out of the text, and the returned text is stripped, as upstream `chat()` decodes and strips its answer.
+Generation stops on the template's end token (`<|im_end|>`, `<|end|>`) only, as upstream `chat()`/`batch_chat()`
+do; stopping on the tokenizer's eos too is an option (`stop_on_eos`). Special tokens, and ids past the tokenizer's
+vocabulary (padded embedding rows), are left out of the text, and the returned text is stripped, as upstream
+`chat()` decodes (`skip_special_tokens=True`) and strips its answer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .errors import UserError
 from .images import ImageInput
 from .prompt_cache import prepare_request
 from .sampling import KVOptions, SamplingOptions, split_options
+from .validate import integer
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -59,13 +62,18 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
                   max_tokens: int, sampler=None, logits_processors=None, prompt_cache=None,
                   kv: Optional[KVOptions] = None, num_tiles: Sequence[int] = (),
                   on_token: Optional[Callable[[int], None]] = None, draft=None,
-                  draft_features: Optional[mx.array] = None) -> Iterator[GenerationResponse]:
+                  draft_features: Optional[mx.array] = None, stop_on_eos: bool = False,
+                  extra_stop_tokens: Sequence = ()) -> Iterator[GenerationResponse]:
     """Stream a reply to `input_ids` (1-D list) whose `<IMG_CONTEXT>` positions take `image_features` rows.
 
     `prompt_cache` (mlx-lm KV caches) may already hold a prefix of the conversation; then `input_ids` is only the
     part after it. `on_token` sees every token that entered the cache. `kv` holds the cache settings.
     `draft` (a `speculative.Draft`) decodes speculatively; then `prompt_cache` is the combined cache of both models
-    (`draft.make_cache`) and `draft_features` the draft's image features."""
+    (`draft.make_cache`) and `draft_features` the draft's image features.
+    Generation stops on the template's end token only, as upstream `chat()`; `stop_on_eos` adds the tokenizer's
+    eos, `extra_stop_tokens` more tokens (strings or ids)."""
+    max_tokens = integer("max_tokens", max_tokens, minimum=1)
+    stop = processor.stop_token_ids(stop_on_eos, extra_stop_tokens)
     kv = kv or KVOptions()
     kv.check(model)
     tic = time.perf_counter()
@@ -85,13 +93,14 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
                               prompt_cache=prompt_cache, input_embeddings=embeds, **kv.step_kwargs())
     # On Apple silicon, mlx-lm's wired limit keeps the weights resident while generating.
     with wired_limit(model, [generation_stream]):
-        yield from _responses(steps, processor.tokenizer, len(input_ids), max_tokens, tic, list(num_tiles), on_token)
+        yield from _responses(steps, processor.tokenizer, len(input_ids), max_tokens, tic, list(num_tiles), on_token,
+                              stop, processor.vocab_ids)
 
 
 def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, tic: float, num_tiles: List[int],
-               on_token) -> Iterator[GenerationResponse]:
-    """The text pieces of mlx-lm's token stream `steps`: stop on an end token, leave special tokens out."""
-    eos = set(tokenizer.eos_token_ids)
+               on_token, stop: set, vocab) -> Iterator[GenerationResponse]:
+    """The text pieces of mlx-lm's token stream `steps`: stop on an end token, leave special tokens (and ids
+    the tokenizer has no token for) out."""
     skip = special_token_ids(tokenizer)
     detok = tokenizer.detokenizer
     detok.reset()
@@ -108,10 +117,11 @@ def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, tic: float, num
             tic = time.perf_counter()
         if on_token:
             on_token(token)
-        if token in eos:
+        if token in stop:
             finish = "stop"
             break
-        if token not in skip:
+        # An id past the tokenizer (embeddings are often padded) has no text: upstream's decode drops it.
+        if token not in skip and token in vocab:
             detok.add_token(token)
         if n == max_tokens:
             break
@@ -135,15 +145,18 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     video=None, num_frames: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS,
                     sampling: Optional[SamplingOptions] = None, kv: Optional[KVOptions] = None, max_tiles=None,
                     system_message: Optional[str] = None, history=None, exif_transpose: bool = False,
-                    inputs: Optional[dict] = None, draft=None, prompt_cache_file=None,
+                    inputs: Optional[dict] = None, draft=None, prompt_cache_file=None, stop_on_eos: bool = False,
+                    extra_stop_tokens: Sequence = (),
                     **options) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`) say how to sample and cache.
     `inputs` may be the processor's output for this request, computed beforehand. `draft` (a
     `speculative.Draft`) decodes speculatively; `prompt_cache_file` (a path or a loaded
-    `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends."""
+    `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends. Generation stops on the
+    template's end token (`stop_on_eos` adds the tokenizer's eos, `extra_stop_tokens` more)."""
     sampling, kv = split_options(sampling, kv, options)
+    max_tokens = integer("max_tokens", max_tokens, minimum=1)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
@@ -160,7 +173,8 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
             prompt_cache_file=prompt_cache_file, prefill_step_size=kv.prefill_step_size)
     yield from stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
                              logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
-                             draft=draft, draft_features=draft_features)
+                             draft=draft, draft_features=draft_features, stop_on_eos=stop_on_eos,
+                             extra_stop_tokens=extra_stop_tokens)
 
 
 def generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,
@@ -186,11 +200,12 @@ def format_stats(r: GenerationResponse) -> str:
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence] = None, *,
                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                    kv: Optional[KVOptions] = None, max_tiles=None, system_message: Optional[str] = None,
-                   **options) -> BatchResult:
+                   stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), **options) -> BatchResult:
     """Replies to several independent requests at once (upstream `batch_chat`): `images[i]` is the list of
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches; `kv` gives
     the prefill chunk (the batch keeps plain caches)."""
     sampling, kv = split_options(sampling, kv, options)
+    max_tokens = integer("max_tokens", max_tokens, minimum=1)
     images = list(images) if images is not None else [None] * len(prompts)
     if len(images) != len(prompts):
         raise UserError(f"batch_generate got {len(prompts)} prompts but {len(images)} image lists")
@@ -213,7 +228,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     prompt_time = time.perf_counter() - tic
     n_prompt = sum(len(p) for p in prompt_ids)
 
-    eos = sorted(processor.tokenizer.eos_token_ids)
+    eos = sorted(processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos], sampler=sampler,
                          logits_processors=processors, completion_batch_size=len(prompts),
                          prefill_batch_size=len(prompts), prefill_step_size=kv.prefill_step_size)

@@ -7,16 +7,18 @@ greyscale is clipped at 255 by Pillow, not rescaled (a warning says so).
 EXIF orientation is *not* applied by default, because the official preprocessing does not apply it and parity with
 the official model card matters more; `exif_transpose=True` (CLI `--exif-transpose`) rotates photos as a viewer
 would. Images larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 megapixels)
-are refused with an error instead of Pillow's warning, unless `max_pixels` raises the limit.
+are refused with an error (the size is read from the header, before decoding), unless `max_pixels` says otherwise.
+URLs are downloaded within an overall deadline (`URL_DEADLINE_S`) and size cap (`URL_MAX_BYTES`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import struct
+import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,7 +30,9 @@ ImageInput = Union[str, Path, bytes, bytearray, Image.Image]
 logger = logging.getLogger("mlx_internvl")
 
 EXIF_ORIENTATION = 0x0112
-URL_TIMEOUT_S = 30
+URL_TIMEOUT_S = 30  # per read
+URL_DEADLINE_S = 60  # for the whole download
+URL_MAX_BYTES = 64 << 20
 
 
 def describe(source) -> str:
@@ -40,11 +44,42 @@ def describe(source) -> str:
     return str(source)
 
 
-def _read_url(url: str) -> bytes:
+def _read_url(url: str, deadline_s: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
+    """The body at `url`, within an overall deadline and a size cap (a server that trickles bytes or sends an
+    endless body is cut off, not waited for)."""
+    deadline_s = URL_DEADLINE_S if deadline_s is None else deadline_s
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
+    end = time.monotonic() + deadline_s
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as r:
-            return r.read()
+        with urllib.request.urlopen(url, timeout=min(URL_TIMEOUT_S, deadline_s)) as r:
+            declared = r.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise UserError(f"image {url}: {int(declared)} bytes is over the {max_bytes}-byte limit for "
+                                "downloaded images; download it yourself and pass the file")
+            sock = getattr(getattr(getattr(r, "fp", None), "raw", None), "_sock", None)
+            chunks, size = [], 0
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise UserError(f"image {url}: the download took longer than {deadline_s:g} s; check the URL "
+                                    "or download the file and pass its path")
+                if sock is not None:
+                    sock.settimeout(min(left, URL_TIMEOUT_S))
+                chunk = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UserError(f"image {url}: more than {max_bytes} bytes, the limit for downloaded images; "
+                                    "download it yourself and pass the file")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except UserError:
+        raise
     except (urllib.error.URLError, OSError, ValueError) as e:
+        if time.monotonic() >= end:
+            raise UserError(f"image {url}: the download took longer than {deadline_s:g} s; check the URL or "
+                            "download the file and pass its path") from e
         raise UserError(f"image {url}: cannot be downloaded ({getattr(e, 'reason', e)})") from e
 
 
@@ -70,36 +105,45 @@ def exif_orientation(image: Image.Image) -> int:
         return 1
 
 
+def _check_size(source, width: int, height: int, limit: Optional[int]) -> None:
+    if width < 1 or height < 1:
+        raise UserError(f"image {describe(source)}: {width}x{height} pixels; an image needs at least one pixel "
+                        "in each direction")
+    if limit and width * height > limit:
+        raise UserError(f"image {describe(source)}: too large to decode safely ({width}x{height} pixels is over "
+                        f"the limit of {limit}, a decompression-bomb guard). If you trust this file, raise the limit "
+                        "(max_pixels=..., or PIL.Image.MAX_IMAGE_PIXELS).")
+
+
 def open_image(source: ImageInput, exif_transpose: bool = False, max_pixels: Optional[int] = None) -> Image.Image:
-    """An RGB PIL image from a path, http(s) URL, raw bytes or a PIL image, converted as upstream converts it."""
+    """An RGB PIL image from a path, http(s) URL, raw bytes or a PIL image, converted as upstream converts it.
+
+    The pixel count is checked from the header, before any pixel is decoded; Pillow's global
+    `MAX_IMAGE_PIXELS` is read, never changed, so this is safe to call from several threads."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, Image.Image):
         image = source
-        if limit and image.width * image.height > limit:
-            raise UserError(f"image {describe(source)}: {image.width}x{image.height} pixels is over the limit of "
-                            f"{limit}")
+        _check_size(source, image.width, image.height, limit)
     else:
-        old_limit = Image.MAX_IMAGE_PIXELS
+        if not isinstance(source, (str, Path, bytes, bytearray)):
+            raise UserError(f"image {describe(source)}: expected a path, an http(s) URL, bytes or a PIL image, got "
+                            f"{type(source).__name__}")
         try:
-            Image.MAX_IMAGE_PIXELS = limit
-            with warnings.catch_warnings():
-                # Pillow only warns between 1x and 2x its limit; such a file is refused here too.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = _open(source)
-                image.load()
+            image = _open(source)
+            _check_size(source, image.width, image.height, limit)
+            image.load()
         except UserError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except Image.DecompressionBombError as e:
             raise UserError(
                 f"image {describe(source)}: too large to decode safely ({e}). If you trust this file, raise the "
-                "limit (max_pixels=..., or PIL.Image.MAX_IMAGE_PIXELS)."
+                "limit (PIL.Image.MAX_IMAGE_PIXELS)."
             ) from e
         except UnidentifiedImageError as e:
             raise UserError(f"image {describe(source)}: not a readable image file (unknown or corrupt format)") from e
-        except (OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"image {describe(source)}: cannot be decoded ({e})") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
+            # Pillow's decoders raise these on truncated or corrupt data.
+            raise UserError(f"image {describe(source)}: cannot be decoded ({type(e).__name__}: {e})") from e
     if exif_transpose:
         image = ImageOps.exif_transpose(image)
     elif exif_orientation(image) != 1:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import config_from_hf
 from .errors import UserError
+from .files import atomic_write_text
 from .hub import local_or_download
 from .loading import load_model, resolve_model_path
 from .processing import Processor
@@ -249,5 +250,4 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: Union[str, Path]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_text(path, json.dumps(report, indent=2), "parity report")

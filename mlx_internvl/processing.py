@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from . import validate
 from .config import ModelConfig
 from .errors import UserError
 from .images import ImageInput, open_image
@@ -33,6 +34,17 @@ FRAME_LABEL = "Frame-{k}: "  # upstream README/training form; older InternVL2 mo
 IMAGE_LABEL = "Image-{k}: "
 
 MaxTiles = Union[None, int, Sequence[Optional[int]]]
+
+
+def as_image_list(images) -> list:
+    """`images` as a list: None -> [], one image (path, URL, bytes, PIL image) -> [it], a list/tuple as is."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+        return [images]
+    if not isinstance(images, (list, tuple)):
+        raise UserError(f"images: expected a list of paths, URLs, bytes or PIL images, got {type(images).__name__}")
+    return list(images)
 
 
 def load_image(source: ImageInput, exif_transpose: bool = False) -> Image.Image:
@@ -205,6 +217,30 @@ class Processor:
             raise UserError(f"the tokenizer has no {token!r} token; is this an InternVL tokenizer?")
         return tid
 
+    def stop_token_ids(self, stop_on_eos: bool = False, extra_stop_tokens: Sequence = ()) -> set:
+        """The ids generation stops on: the template's end token (upstream `chat()` stops on nothing else); with
+        `stop_on_eos` also the tokenizer's eos; plus `extra_stop_tokens` (token strings or ids)."""
+        ids = {self.eos_token_id}
+        if stop_on_eos:
+            ids |= set(self.tokenizer.eos_token_ids)
+        if isinstance(extra_stop_tokens, (str, int)):
+            extra_stop_tokens = [extra_stop_tokens]
+        for t in extra_stop_tokens or ():
+            if isinstance(t, str):
+                ids.add(self._token_id(t))
+            elif isinstance(t, int) and not isinstance(t, bool) and t in self.vocab_ids:
+                ids.add(t)
+            else:
+                raise UserError(f"extra_stop_tokens: {t!r} is neither a token of the tokenizer nor one of its ids")
+        return ids
+
+    @property
+    def vocab_ids(self) -> frozenset:
+        """Every id the tokenizer has a token for (the embedding table is often padded past these)."""
+        if getattr(self, "_vocab_ids", None) is None:
+            self._vocab_ids = frozenset(self.tokenizer.get_vocab().values())
+        return self._vocab_ids
+
     @property
     def system_message(self) -> Optional[str]:
         return self.config.system_message
@@ -241,6 +277,7 @@ class Processor:
     def image_tiles(self, images: Sequence[ImageInput], max_tiles: MaxTiles = None,
                     exif_transpose: bool = False) -> List[np.ndarray]:
         """Per image, its `[T, S, S, 3]` tiles; `max_tiles` is one limit for all or one per image."""
+        max_tiles = validate.max_tiles(max_tiles)
         limits = list(max_tiles) if isinstance(max_tiles, (list, tuple)) else [max_tiles] * len(images)
         if len(limits) != len(images):
             raise UserError(f"max_tiles has {len(limits)} entries for {len(images)} images")
@@ -262,10 +299,14 @@ class Processor:
         'prompt': str, 'image_spans': [(start, end), ...]}`. `video` is a file path (decoded with PyAV,
         `num_frames` frames sampled as upstream) or a
         list of PIL frames; its frames follow the images."""
-        tiles = self.image_tiles(list(images or []), max_tiles, exif_transpose)
+        validate.conversation(text, history, system_message)
+        num_frames = validate.num_frames(num_frames)
+        tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
         n_frames = 0
         if video is not None:
             frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, num_frames=num_frames)
+            if not frames:
+                raise UserError("video: no frames were given or decoded; pass a list of PIL frames or a video file")
             tiles += [frame_to_tile(f, self.config) for f in frames]
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
@@ -282,8 +323,7 @@ class Processor:
 
     def clamp_max_tokens(self, n_prompt: int, max_tokens: int) -> int:
         """`max_tokens`, checked, and cut to what fits in the context after an `n_prompt`-token prompt."""
-        if max_tokens < 1:
-            raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
+        max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
         self.check_length(n_prompt)
         ctx = self.context_length
         return min(max_tokens, ctx - n_prompt) if ctx else max_tokens

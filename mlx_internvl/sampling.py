@@ -121,7 +121,9 @@ class KVOptions:
         llm = model.config.llm_config
         head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
         if self.kv_bits is not None and head_dim % self.kv_group_size:
-            raise UserError(f"kv_group_size {self.kv_group_size} must divide the head size {head_dim}")
+            raise UserError(f"kv_bits {self.kv_bits}: the KV cache is quantized in groups of kv_group_size "
+                            f"{self.kv_group_size}, which must divide this model's head size {head_dim}; leave the "
+                            "cache unquantized or choose another kv_group_size")
 
     def make_cache(self, model) -> list:
         """A fresh mlx-lm prompt cache for `model` (rotating when `max_kv_size` is set)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import UserError
+from .validate import conversation
 
 INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501
 INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"  # noqa: E501
@@ -130,4 +131,5 @@ def build_query(
     system_message: Optional[str] = None,
 ) -> str:
     """The full prompt for `question` after `history` [(question, answer), ...], ending with the assistant role."""
+    conversation(question, history, system_message)
     return template.render_spans(system_message, chat_messages(question, history))[0]

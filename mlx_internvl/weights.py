@@ -18,9 +18,18 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, config_from_mlx, detect_format
 from .errors import CheckpointError, UserError
-from .files import LAYOUT_FILES, TOKENIZER_FILES, copy_model_files, read_json, save_json, save_weights, staged_output
+from .files import (
+    LAYOUT_FILES,
+    TOKENIZER_FILES,
+    copy_model_files,
+    read_json,
+    save_json,
+    save_weights,
+    staged_output,
+)
 from .model import InternVLChatModel
 from .tokenizer import IMG_CONTEXT, token_id
+from .validate import check_config_json, naming
 
 MLX_FORMAT_VERSION = 1
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -49,8 +58,13 @@ def build_model(config: ModelConfig) -> InternVLChatModel:
 
 def read_config(path: Path) -> Tuple[dict, str]:
     """`(config.json as a dict, its format: 'mlx' | 'original' | 'hf')` of a model directory."""
+    where = str(Path(path) / "config.json")
     raw = read_json(Path(path) / "config.json")
-    return raw, detect_format(raw, str(Path(path) / "config.json"))
+    if not isinstance(raw, dict):
+        check_config_json(raw, where)  # says what the top level should be
+    fmt = detect_format(raw, where)
+    check_config_json(raw, where, fmt)
+    return raw, fmt
 
 
 def weight_mismatches(expected: Dict[str, tuple], weights: Dict[str, mx.array],
@@ -112,6 +126,8 @@ def quantize(model: nn.Module, bits: int, group_size: int, quantize_vision: bool
     """
     if bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--q-bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--q-group-size {group_size} is not supported; use 32, 64 or 128")
     config = {"group_size": group_size, "bits": bits, "mode": "affine"}
     lm_predicate = getattr(model.language_model, "quant_predicate", None)
 
@@ -160,7 +176,8 @@ def load_mlx_model(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None) -> I
             f"{path / 'config.json'}: written by format version {raw.get('mlx_internvl_format')}, this "
             f"mlx-internvl reads version {MLX_FORMAT_VERSION}; convert the model again"
         )
-    config = config_from_mlx(raw)
+    with naming(path / "config.json"):
+        config = config_from_mlx(raw)
     config.source_path = str(path)
     if config.image_token_id is None:
         config.image_token_id = token_id(path, IMG_CONTEXT)

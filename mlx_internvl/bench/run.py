@@ -17,6 +17,7 @@ from typing import Iterable, List, Optional
 import mlx.core as mx
 
 from ..errors import UserError
+from ..files import atomic_write_text
 from .presets import PRESETS
 
 ALL_DTYPES = ("float32", "bfloat16", "4bit")
@@ -128,9 +129,7 @@ def main(presets: Optional[List[str]], dtypes: Optional[List[str]], tiles, decod
     echo(f"Machine: {info}")
     echo(table)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+        atomic_write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2), "JSON results")
     if markdown_path:
-        with open(markdown_path, "w") as f:
-            f.write(f"Machine: `{info}`\n\n{table}\n")
+        atomic_write_text(markdown_path, f"Machine: `{info}`\n\n{table}\n", "markdown table")
     return results

@@ -1,9 +1,11 @@
 """Encoded samples -> padded microbatches, in an order that is a pure function of (seed, position).
 
-Samples are sorted by length and cut into microbatches of `batch_size` neighbours (little padding, as mlx-lm's
-`iterate_batches` does); each epoch visits those microbatches in a permutation drawn from `seed + epoch`. So the
-k-th microbatch of a run is known from k alone: resuming needs only the count of microbatches consumed, and
-several processes agree on the stream without talking to each other.
+Samples are sorted by their padded length and cut into microbatches of `batch_size` neighbours (little padding,
+as mlx-lm's `iterate_batches` does); samples of the same padded length are shuffled among themselves first (with
+`seed`), so a microbatch is not a run of one answer class when answers are short and alike. Each epoch visits
+those microbatches in a permutation drawn from `seed + epoch`. So the k-th microbatch of a run is known from k
+alone: resuming needs only the count of microbatches consumed, and several processes agree on the stream without
+talking to each other.
 
 A microbatch carries, besides ids and the loss mask, the image positions of `model.image_positions` (which feature
 row each `<IMG_CONTEXT>` position takes) so that the merge needs no host round-trip inside a compiled step.
@@ -37,7 +39,10 @@ class Batcher:
         self.image_token_id = image_token_id
         self.seed = seed
         self.shuffle = shuffle
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
+        # Sorted by padded length; samples that pad to the same length are shuffled among themselves, so that
+        # neighbours of equal length (short answers, often one class) do not always share a microbatch.
+        tie = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
+        order = sorted(range(len(samples)), key=lambda i: (-(-len(samples[i].ids) // PAD_TO), int(tie[i])))
         self.batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
     def __len__(self) -> int:

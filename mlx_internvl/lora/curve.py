@@ -13,6 +13,8 @@ from typing import Dict, List
 
 from PIL import Image, ImageDraw
 
+from ..files import atomic_write, output_errors
+
 FIELDS = ["step", "split", "loss", "learning_rate", "tokens_per_second", "peak_memory_gb"]
 
 
@@ -26,27 +28,39 @@ class LossLog:
         """Start a new file, or on resume keep the rows up to `resume_step`."""
         if not self.enabled:
             return
-        rows = [r for r in self.rows() if int(r["step"]) <= resume_step] if resume_step else []
-        with open(self.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        rows = [r for r in self.rows() if _step(r) <= resume_step] if resume_step else []
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(self.csv, write, "loss log")
 
     def add(self, **row) -> None:
         if not self.enabled:
             return
-        with open(self.csv, "a", newline="") as f:
+        with output_errors(self.csv, "loss log"), open(self.csv, "a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
 
     def rows(self) -> List[Dict[str, str]]:
         if not self.csv.exists():
             return []
         with open(self.csv, newline="") as f:
-            return list(csv.DictReader(f))
+            return [r for r in csv.DictReader(f) if _step(r) >= 0]
 
     def plot(self) -> None:
         if self.enabled:
             draw_curve(self.rows(), self.png)
+
+
+def _step(row) -> int:
+    """The row's step, -1 for a row a crash cut short (it is dropped)."""
+    try:
+        return int(row.get("step") or -1)
+    except ValueError:
+        return -1
 
 
 def draw_curve(rows: List[Dict[str, str]], out: Path, size=(800, 480)) -> None:
@@ -84,6 +98,4 @@ def draw_curve(rows: List[Dict[str, str]], out: Path, size=(800, 480)) -> None:
         d.text((5, bottom - 10), f"{y0:.3g}", fill="black")
         d.text((5, top), f"{y1:.3g}", fill="black")
     d.text(((left + right) // 2 - 15, bottom + 25), "step", fill="black")
-    tmp = out.with_name(out.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: img.save(tmp, format="PNG"), "loss plot")

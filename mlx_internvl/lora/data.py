@@ -9,7 +9,8 @@
 
 Every bad line is collected as `file:line: why`, so one pass shows all of them. Image paths are resolved against
 `root` (os.path.join, also for lists; upstream concatenates strings for lists) and checked to exist. Images are
-not decoded here; only their headers are read later, to count tiles.
+decoded once, in full, when the samples are encoded (to count tiles and to catch truncated or corrupt files up
+front); their pixels are loaded again only when a batch needs them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
-
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 from ..images import open_image
@@ -160,6 +159,8 @@ def parse_openai(obj: dict, root: Optional[Path]) -> Sample:
                 if not isinstance(part, dict):
                     raise BadLine(f"messages[{i}].content[{j}] must be an object")
                 if part.get("type") == "text":
+                    if not isinstance(part.get("text", ""), str):
+                        raise BadLine(f"messages[{i}].content[{j}].text must be a string")
                     text += part.get("text", "")
                 elif part.get("type") in ("image", "image_url"):
                     refs.append(_image_part_ref(part, i, j))
@@ -217,7 +218,10 @@ def read_jsonl(path: Path, root: Optional[Path], repeat_time: float = 1.0, max_t
     name = display or str(path)
     samples, problems = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # JSON Lines are separated by \n only (str.splitlines would also split on \r, \x0b, \u2028, ... and then
+        # the line numbers in messages would not be the ones an editor shows).
+        with open(path, encoding="utf-8", newline="") as f:  # no newline translation either
+            lines = f.read().split("\n")
     except OSError as e:
         raise UserError(f"{path}: cannot read the data file ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
@@ -232,10 +236,16 @@ def read_jsonl(path: Path, root: Optional[Path], repeat_time: float = 1.0, max_t
         except json.JSONDecodeError as e:
             problems.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            problems.append(f"{where}: JSON nested too deeply to read (thousands of levels); is the line garbled?")
+            continue
         try:
             sample = parse_record(obj, root)
-        except BadLine as e:
+        except (BadLine, UserError) as e:
             problems.append(f"{where}: {e}")
+            continue
+        except RecursionError:
+            problems.append(f"{where}: nested too deeply to read")
             continue
         sample.where, sample.max_tiles = where, max_tiles
         samples.append(sample)
@@ -255,7 +265,7 @@ def read_meta(path: Path, root_override: Optional[Path] = None) -> Tuple[List[Sa
     """InternVL's meta json: relative `annotation`/`root` paths are taken relative to the meta file."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{path}: cannot read the meta json ({e})") from e
     if not isinstance(meta, dict) or not meta:
         raise UserError(f"{path}: a meta file maps dataset names to {{'root', 'annotation', 'repeat_time'}} objects")
@@ -271,7 +281,11 @@ def read_meta(path: Path, root_override: Optional[Path] = None) -> Tuple[List[Sa
         if not isinstance(repeat, (int, float)) or repeat <= 0 or (repeat > 1 and repeat != int(repeat)):
             raise UserError(f"{path}: dataset {name!r}: repeat_time must be a fraction in (0, 1] or a whole number, "
                             f"got {repeat!r}")
-        s, p = read_jsonl(ann, root, repeat, entry.get("max_dynamic_patch"))
+        max_tiles = entry.get("max_dynamic_patch")
+        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
+            raise UserError(f"{path}: dataset {name!r}: max_dynamic_patch must be a whole number >= 1, got "
+                            f"{max_tiles!r}")
+        s, p = read_jsonl(ann, root, repeat, max_tiles)
         samples += s
         problems += p
         sources.append(str(ann))
@@ -314,12 +328,11 @@ def open_image_ref(ref: str):
 
 
 def image_size(ref: str) -> Tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels (remote images are fetched)."""
-    if _is_remote(ref):
-        im = open_image_ref(ref)
-        return im.size
+    """(width, height) of the image, which is decoded in full once here, so that a truncated or corrupt file, or a
+    decompression bomb, is reported with the other bad lines before training starts, not at the step that needs
+    it. The pixels are not kept."""
     try:
-        with Image.open(ref) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadLine(f"image {ref} is not a readable image file ({e})") from e
+        im = open_image_ref(ref)
+    except UserError as e:
+        raise BadLine(str(e)) from e
+    return im.size

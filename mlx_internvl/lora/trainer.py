@@ -34,12 +34,13 @@ from tqdm import tqdm
 from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
 from ..backbones import forward_embeddings
 from ..errors import UserError
-from ..files import save_json
+from ..files import check_writable_dir, output_errors, save_json
 from ..model import scatter_image_features
+from ..validate import check_training_args
 from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
 from .curve import LossLog
 from .data import Dataset
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint, sweep_partial
+from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged, sweep_partial
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
 STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum")
@@ -66,6 +67,9 @@ class TrainingArgs:
     compile: bool = True
     keep_checkpoints: int = 2
     skip_bad: bool = False
+    # AdamW with bias correction, as torch.optim.AdamW (upstream InternVL, XTuner, ms-swift); False is MLX's
+    # default, whose early steps are several times larger than --lr.
+    bias_correction: bool = True
 
 
 @dataclass
@@ -153,7 +157,7 @@ def make_optimizer(args: TrainingArgs, total_steps: int):
     schedule = optim.cosine_decay(args.lr, decay, end=args.min_lr)
     if args.warmup:
         schedule = optim.join_schedules([optim.linear_schedule(0.0, args.lr, args.warmup), schedule], [args.warmup])
-    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay, bias_correction=args.bias_correction)
 
 
 def total_steps(args: TrainingArgs, n_batches: int, world: int) -> int:
@@ -222,8 +226,8 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
           on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`."""
     args = args or TrainingArgs()
-    if args.grad_accum < 1:
-        raise UserError(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    check_training_args(args)
+    lora.validate()
     run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log)
     lora = _start(run, processor, lora, resume, base_model)
     step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
@@ -233,17 +237,22 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
         _validate(run, 0)
     bar = tqdm(total=run.steps, initial=run.result.start_step, disable=run.rank != 0, dynamic_ncols=True,
                desc="lora")
-    with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
-        for s in range(run.result.start_step + 1, run.steps + 1):
-            tic = time.perf_counter()
-            ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
-            run.window[:2] = [run.window[0] + ce_sum.item(), run.window[1] + answer_tokens]
-            run.window[3] += time.perf_counter() - tic
-            bar.update(1)
-            _after_step(run, s, bar)
-            if on_step is not None:
-                on_step(s, {"loss": ce_sum.item() / answer_tokens, "answer_tokens": answer_tokens})
-    bar.close()
+    try:
+        with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
+            for s in range(run.result.start_step + 1, run.steps + 1):
+                tic = time.perf_counter()
+                ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
+                step_ce = ce_sum.item()
+                if not math.isfinite(step_ce):
+                    stop_diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
+                run.window[:2] = [run.window[0] + step_ce, run.window[1] + answer_tokens]
+                run.window[3] += time.perf_counter() - tic
+                bar.update(1)
+                _after_step(run, s, bar)
+                if on_step is not None:
+                    on_step(s, {"loss": step_ce / answer_tokens, "answer_tokens": answer_tokens})
+    finally:
+        bar.close()  # an error message then starts on a line of its own
     model.eval()
     run.say(f"Adapters: {run.out / 'adapters.safetensors'} (step {run.steps}); loss curve: {run.out / 'loss.csv'}, "
             f"{run.out / 'loss.png'}")
@@ -274,8 +283,9 @@ def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingAr
 def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Optional[str]) -> LoraConfig:
     """Add the adapters and the optimizer, from the last checkpoint when resuming. Returns the adapter layout."""
     out, args, say, model = run.out, run.args, run.say, run.model
+    check_writable_dir(out, "--adapter-path directory")
     sweep_partial(out)
-    checkpoint = latest_checkpoint(out)
+    checkpoint = latest_checkpoint(out, log=say)
     if checkpoint is not None and not resume:
         raise UserError(f"{out} already holds a training run (up to {checkpoint.name}). Pass --resume to continue "
                         "it, or choose a new --adapter-path.")
@@ -292,7 +302,8 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
     run.optimizer = make_optimizer(args, run.steps)
     run.optimizer.init(model.trainable_parameters())
     if run.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
+        with output_errors(out, "--adapter-path directory"):
+            out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
     settings = dict(asdict(args), world_size=run.world)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, run.optimizer)
@@ -355,6 +366,8 @@ def _after_step(run: Run, s: int, bar) -> None:
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
         _validate(run, s, bar)
     if s % args.save_every == 0 or s == run.steps:
+        if not adapters_finite(run.model):
+            stop_diverged(s, "the update made an adapter weight NaN or infinite", run.out)
         if run.rank == 0:
             save_checkpoint(run.out, run.model, run.optimizer, s, run.consumed, run.settings, args.keep_checkpoints)
             run.log_file.plot()

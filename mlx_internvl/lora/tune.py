@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from mlx.utils import tree_flatten
+
 from ..adapters import LoraConfig
+from ..errors import UserError
+from ..files import check_writable_dir
 from ..loading import load
+from ..validate import QUANT_GROUPS, check_training_args, choice
 from ..weights import quantize
 from .data import load_dataset
 from .trainer import TrainingArgs, TrainResult, train
@@ -22,6 +27,12 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
     """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
     and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
     before training (QLoRA); a base converted with `--quantize` is used as it is."""
+    if quantize_bits is not None:
+        choice("--quantize", quantize_bits, (4, 8))
+        choice("--q-group-size", q_group_size, QUANT_GROUPS)
+    check_training_args(args or TrainingArgs())
+    check_writable_dir(Path(adapter_path).expanduser(), "--adapter-path directory")
+    (lora or LoraConfig()).validate()
     train_data = load_dataset(data, root)
     val_data = load_dataset(val, root) if val else None
     model, processor = load(model_path, dtype=dtype)
@@ -31,5 +42,9 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
                 "--quantize is ignored.")
         else:
             model.config.quantization = quantize(model, quantize_bits, q_group_size)
+            if not any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters())):
+                raise UserError(f"--quantize {quantize_bits} --q-group-size {q_group_size}: no layer of this model "
+                                f"can be quantized with groups of {q_group_size} (their input sizes are not "
+                                "multiples of it); choose another --q-group-size")
     return train(model, processor, train_data, adapter_path, lora or LoraConfig(), args or TrainingArgs(),
                  val_data=val_data, resume=resume, base_model=str(model_path), on_step=on_step, log=log)

@@ -126,8 +126,10 @@ class Engine:
             self.model, self.processor = self._load()
             self._stream = mx.default_stream(mx.default_device())
             tok = self.processor.tokenizer
-            self._skip = special_token_ids(tok)
-            self._eos = sorted(tok.eos_token_ids)
+            # Special tokens and ids past the tokenizer (padded embedding rows) have no text, as upstream decodes.
+            self._skip = special_token_ids(tok) | (set(range(self.model.config.llm_config["vocab_size"]))
+                                                   - self.processor.vocab_ids)
+            self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
             self._prompts = LRUPromptCache(max_size=self.prompt_cache_size)
             self._features: OrderedDict[tuple, mx.array] = OrderedDict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from mlx_internvl import distributed
 from mlx_internvl.errors import UserError
 
 from .generate_cmd import DEFAULT_MODEL, setup_logging
@@ -58,10 +59,18 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Requests that may wait for a slot; beyond that the server answers 503 at once.")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
-    """Serve a model over the OpenAI chat-completions API, with a web chat page at /."""
+    """Serve a model over the OpenAI chat-completions API, with a web chat page at /.
+
+    Under mlx.launch the model is split over the ranks; rank 0 alone listens."""
     if serve is None:
         raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
     setup_logging(verbose)
+    # Launched as a group (mlx.launch): the model is split over the ranks, rank 0 alone listens, the others follow.
+    group = distributed.start()
     click.echo(f"Loading {model_path}; then serving on http://{options['host']}:{options['port']} "
                "(chat page at /, API at /v1)", err=True)
-    serve(model_path, **options)
+    try:
+        serve(model_path, group=group, **options)
+    finally:
+        if group is not None:
+            group.close()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import signal
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
@@ -125,15 +127,27 @@ class _Server:
             raise APIError(400, str(e), None, "invalid_value") from None
 
 
+def start_engine(cfg: ServerConfig, group=None) -> Engine:
+    """The generation thread for `cfg`, started (the model loaded). With a `group`, the model is split over its
+    ranks and every rank runs this thread (rank 0 shares its requests with the others)."""
+    def load_model():
+        if group is not None:
+            return sharding.load(group, cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path,
+                                 revision=cfg.revision, template=cfg.template)
+        return load(cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path, revision=cfg.revision,
+                    template=cfg.template)
+
+    engine = Engine(load_model, decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
+                    prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
+                    prefill_step_size=cfg.prefill_step_size, group=group)
+    engine.start()
+    return engine
+
+
 def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
     if engine is None:
-        engine = Engine(lambda: load(cfg.model, dtype=cfg.dtype, adapter_path=cfg.adapter_path, revision=cfg.revision,
-                                     template=cfg.template),
-                        decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
-                        prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
-                        prefill_step_size=cfg.prefill_step_size)
-        engine.start()
+        engine = start_engine(cfg)
     policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
                          local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
                          max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
@@ -298,10 +312,18 @@ async def _stream(job: Job, first, next_event, cid: str, model: str, req):
         job.cancelled.set()  # no-op when finished; stops generation when the client went away
 
 
-def serve(model: str, **options) -> None:
-    """Serve `model` until interrupted. Options are `ServerConfig`'s fields (host, port, api_key, max_tiles, ...)."""
+def serve(model: str, group=None, **options) -> None:
+    """Serve `model` until interrupted. Options are `ServerConfig`'s fields (host, port, api_key, max_tiles, ...).
+    With a `distributed.Group`, every rank calls this: rank 0 listens, the others follow its generation loop until
+    rank 0 stops."""
     cfg = ServerConfig(model=model, **options)
-    app = create_app(cfg)
+    engine = start_engine(cfg, group)
+    if group is not None and not group.is_leader:
+        # Ctrl-C reaches every local rank; only rank 0 acts on it, then tells the others to stop at a step boundary.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine.wait()
+        return
+    app = create_app(cfg, engine)
     print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
           flush=True)
     try:

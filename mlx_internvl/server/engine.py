@@ -25,9 +25,11 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
+from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
 from ..sampling import SamplingOptions
+from . import spmd
 from .protocol import APIError, usage
 from .render import Prompt
 
@@ -43,6 +45,8 @@ class Job:
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs
     cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = 0  # set by the generation thread; the same on every rank of a group
+    dropped: bool = False  # cancellation as the generation loop sees it (on every rank at the same step)
     # filled in on the generation thread
     cached_tokens: int = 0
     generated: int = 0
@@ -71,8 +75,12 @@ class Engine:
     """`submit(job)` from any thread; results come back through `job.emit`."""
 
     def __init__(self, load: Callable[[], tuple], decode_concurrency: int = 8, max_queue: int = 32,
-                 prompt_cache_size: int = 16, vision_cache_size: int = 32, prefill_step_size: int = 512):
+                 prompt_cache_size: int = 16, vision_cache_size: int = 32, prefill_step_size: int = 512,
+                 group=None):
         self._load = load
+        self.group = group  # a `distributed.Group`: every rank runs this loop; rank 0's jobs are shared (spmd.py)
+        self._jobs: dict = {}  # id -> job, from its arrival to its end
+        self._ids = 0
         self.decode_concurrency, self.max_queue = decode_concurrency, max_queue
         self.prompt_cache_size, self.vision_cache_size = prompt_cache_size, vision_cache_size
         self.prefill_step_size = prefill_step_size
@@ -95,6 +103,10 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def wait(self) -> None:
+        """Until the loop ends (on a follower rank: when rank 0 stops)."""
+        self._thread.join()
 
     @property
     def alive(self) -> bool:
@@ -145,13 +157,12 @@ class Engine:
         active = {}  # uid -> (job, detokenizer)
         waiting: List[Job] = []
         prefilling = None  # (job, prefill chunks, join)
-        while not self._stop.is_set():
-            idle = not active and prefilling is None and not waiting
-            try:
-                waiting.append(self._inbox.get(timeout=0.05) if idle else self._inbox.get_nowait())
-            except queue.Empty:
-                pass
-            for job in [j for j in waiting if j.cancelled.is_set()]:
+        while True:
+            new = self._sync(idle=not active and prefilling is None and not waiting)
+            if new is None:
+                break
+            waiting.extend(new)
+            for job in [j for j in waiting if j.dropped]:
                 waiting.remove(job)
                 self._finish(job, "cancelled")
             if prefilling is None and waiting and len(active) < self.decode_concurrency:
@@ -166,11 +177,32 @@ class Engine:
                 self._decode_or_fail(active)
         self._batch.close()
 
+    def _sync(self, idle: bool) -> Optional[List[Job]]:
+        """The jobs that arrived, and cancellations marked as `dropped`; None when the loop should end. Under a
+        group, rank 0 shares both (and its stop) so every rank changes its batch at the same step."""
+        stop, new = self._stop.is_set(), []
+        if not stop and (self.group is None or self.group.is_leader):
+            try:
+                new.append(self._inbox.get(timeout=0.05) if idle else self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+        for job in new:
+            self._ids += 1
+            job.id = self._ids
+        dropped = [i for i, j in self._jobs.items() if j.cancelled.is_set()]
+        if self.group is not None:
+            stop, new, dropped = spmd.exchange(self.group, stop, new, dropped, self._fail, Job)
+        for job in new:
+            self._jobs[job.id] = job
+        for i in dropped:
+            self._jobs[i].dropped = True
+        return None if stop else new
+
     def _prefill_chunk(self, prefilling, active: dict):
         """Run one prefill chunk; a job whose prompt is done joins the batch. Returns what is still prefilling."""
         job, steps, join = prefilling
         try:
-            if job.cancelled.is_set():
+            if job.dropped:
                 self._finish(job, "cancelled")
                 return None
             if next(steps, None) is not None:
@@ -194,6 +226,7 @@ class Engine:
             self._batch = self._new_batch()
 
     def _fail(self, job: Job, e: Exception) -> None:
+        self._jobs.pop(job.id, None)
         if isinstance(e, UserError):
             e = APIError(400, str(e))
         elif not isinstance(e, APIError):
@@ -202,6 +235,7 @@ class Engine:
         job.emit(("error", e))
 
     def _finish(self, job: Job, reason: str) -> None:
+        self._jobs.pop(job.id, None)
         if reason != "cancelled":
             end = len(job.text.rstrip())
             if job.lead is None:
@@ -241,7 +275,7 @@ class Engine:
         """mlx-lm's sampler and logits processors for a request (made here: they hold MLX arrays)."""
         sampler, processors = dataclasses.replace(opts, seed=None).make(special_tokens=self._eos)
         if opts.seed is not None and opts.temperature > 0:
-            sampler = seeded_sampler(opts.temperature, opts.top_p, opts.seed)
+            sampler = agree(seeded_sampler(opts.temperature, opts.top_p, opts.seed))
         return sampler, processors
 
     def _start_prefill(self, job: Job):
@@ -310,7 +344,7 @@ class Engine:
                     self._store(job, r.prompt_cache, r.all_tokens)
                 done.append(r.uid)
                 self._finish(job, finish)
-            elif job.cancelled.is_set():
+            elif job.dropped:
                 cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
                 self._store(job, cache, tokens)
                 done.append(r.uid)

@@ -1,0 +1,52 @@
+"""One server over a group of ranks (`mlx.launch ... -- mlx-internvl serve`): rank 0 listens on HTTP, every rank
+runs the same generation loop. Each loop turn rank 0 shares what changed — the jobs that arrived (token ids, image
+tiles, sampling settings) and the ids of the jobs whose client went away — so every rank inserts into and removes
+from its batch at the same step and the prompt and image-feature caches stay alike. Followers' jobs emit nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import numpy as np
+
+from .render import ImageSpec, Prompt
+
+
+def _load_tiles(job) -> None:
+    """Rank 0 decodes every image before sharing, so a broken image fails there alone, before any rank uses it."""
+    for spec in job.prompt.images:
+        if spec.tiles is None:
+            spec.tiles = spec.load()
+
+
+def _payload(job) -> tuple:
+    p = job.prompt
+    images = [(spec.key, spec.num_tiles, spec.tiles) for spec in p.images]
+    return (job.id, p.ids, p.keyed, images, p.max_tokens, job.sampling, job.stop, job.top_logprobs)
+
+
+def _unavailable():
+    raise RuntimeError("a follower rank has the image tiles already")
+
+
+def exchange(group, stop: bool, new: list, dropped: List[int], fail: Callable, job_type) -> tuple:
+    """(stop, new jobs, dropped ids) as rank 0 has them, on every rank."""
+    if group.is_leader:
+        ready = []
+        for job in new:
+            try:
+                _load_tiles(job)
+            except Exception as e:  # the job ends here, on rank 0 only: the others never heard of it
+                fail(job, e)
+                continue
+            ready.append(job)
+        group.share((stop, [_payload(j) for j in ready], dropped))
+        return stop, ready, dropped
+    stop, payloads, dropped = group.share(None)
+    jobs = []
+    for (job_id, ids, keyed, images, max_tokens, sampling, stops, top) in payloads:
+        specs = [ImageSpec(key, n, np.asarray(tiles), _unavailable) for key, n, tiles in images]
+        jobs.append(job_type(prompt=Prompt(ids, keyed, specs, max_tokens), sampling=sampling,
+                             emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id))
+    return stop, jobs, dropped

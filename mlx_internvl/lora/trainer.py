@@ -207,6 +207,9 @@ class Run:
     log_file: Optional[LossLog] = None
     consumed: int = 0  # microbatches of the stream used so far (all processes)
     window: List[float] = field(default_factory=lambda: [0.0, 0.0, 0, 0.0])  # ce, answer tokens, inputs, seconds
+    callback: Optional[object] = None  # an mlx-lm TrainingCallback (process 0 only)
+    trained_tokens: int = 0  # input tokens reported so far (all processes), as mlx-lm counts them
+    last_report: int = 0  # the step of the last loss report
 
     @property
     def rank(self) -> int:
@@ -219,13 +222,18 @@ class Run:
 
 def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
           val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`."""
+          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
+          training_callback=None) -> TrainResult:
+    """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`.
+    `training_callback` (an mlx-lm `TrainingCallback`, e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)
+    gets every loss report and validation with mlx-lm's keys, on process 0."""
     args = args or TrainingArgs()
     if args.grad_accum < 1:
         raise UserError(f"--grad-accum must be at least 1, got {args.grad_accum}")
     run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log)
     lora = _start(run, processor, lora, resume, base_model)
+    run.callback = training_callback if run.rank == 0 else None
+    run.last_report = run.result.start_step
     step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
     mx.reset_peak_memory()
     model.train()
@@ -351,6 +359,14 @@ def _after_step(run: Run, s: int, bar) -> None:
         run.log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
                          tokens_per_second=f"{result.tokens_per_second:.1f}",
                          peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+        run.trained_tokens += inputs * run.world
+        if run.callback is not None:  # mlx-lm's keys, as its own trainer reports them
+            run.callback.on_train_loss_report({
+                "iteration": s, "train_loss": result.train_loss, "learning_rate": lr,
+                "iterations_per_second": (s - run.last_report) / seconds,
+                "tokens_per_second": result.tokens_per_second, "trained_tokens": run.trained_tokens,
+                "peak_memory": result.peak_memory_gb})
+        run.last_report = s
         run.window = [0.0, 0.0, 0, 0.0]
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
         _validate(run, s, bar)
@@ -364,8 +380,11 @@ def _after_step(run: Run, s: int, bar) -> None:
 
 def _validate(run: Run, step: int, bar=None) -> None:
     run.model.eval()
+    tic = time.perf_counter()
     val = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen)
     run.model.train()
+    if run.callback is not None:
+        run.callback.on_val_loss_report({"iteration": step, "val_loss": val, "val_time": time.perf_counter() - tic})
     run.result.val_losses.append((step, val))
     lr = float(run.optimizer.learning_rate.item())
     run.log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",

@@ -50,7 +50,8 @@ from mlx_internvl.adapters import LoraConfig, apply_lora, trainable_weights
 from mlx_internvl.weights import quantize
 from mlx_internvl.lora.batching import collate
 from mlx_internvl.lora.render import Encoded
-from mlx_internvl.lora.trainer import TrainingArgs, grad_checkpointing, make_optimizer, make_step
+from mlx_internvl.lora.checkpointing import grad_checkpointing
+from mlx_internvl.lora.trainer import TrainingArgs, make_optimizer, make_step
 
 preset, dtype, bits, rank, gc, steps, before, answer = sys.argv[1:9]
 bits = None if bits == "none" else int(bits)

@@ -1,7 +1,8 @@
 """`mlx-internvl chat`: an interactive multi-turn conversation on stdin/stdout.
 
 Lines are questions; commands start with `/`: `/image PATH [PATH...]` and `/video PATH` attach media to the next
-question, `/clear` forgets the conversation, `/history` shows it, `/exit` (or end of input) quits. A thin shell over
+question, `/clear` forgets the conversation, `/history` shows it, `/exit` (or end of input) quits. On a terminal,
+lines can be edited and earlier ones recalled (readline, see `repl.py`). A thin shell over
 `mlx_internvl.chat.ChatSession`; a bad image or an over-long prompt prints one error line and the chat goes on.
 """
 
@@ -28,19 +29,22 @@ from .generate_cmd import (
     setup_logging,
     stats_text,
 )
+from .options import Command, GreedyOption
+from .repl import LineReader
 
 HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
         "/history, /help, /exit")
 
 
-@click.command(name="chat")
+@click.command(name="chat", cls=Command)
 @model_options
 @sampling_options
-@click.option("--image", "-i", "images", multiple=True, help="Image(s) to attach to the first question.")
+@click.option("--image", "-i", "images", cls=GreedyOption,
+              help="Image(s) to attach to the first question: --image a.jpg b.jpg, or --image repeated.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
             exif_transpose, stop_on_eos, verbose, images, **options):
-    """Chat with a model about images, turn by turn."""
+    """Chat with a model about images, turn by turn (line editing and history on a terminal)."""
     setup_logging(verbose)
     sampling, kv = option_values(options)
     group = distributed.start()  # None unless launched as a group; then rank 0 reads stdin and shares each line
@@ -49,55 +53,68 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
                           **load_extras(model, processor, dtype, options, group),
                           stop_on_eos=stop_on_eos)
-    tty = sys.stdin.isatty()
-    pending, video = list(images), None
+    media = {"images": list(images), "video": None}  # attached to the next question
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
-    while True:
-        if tty:
-            click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline() if group is None else group.on_leader(sys.stdin.readline)
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            cmd, *args = split_command(line) or ["/help"]
-            if cmd in ("/exit", "/quit"):
+    reader = LineReader()
+    try:
+        while True:
+            line = reader.read(">> ") if group is None else group.on_leader(reader.read, ">> ")
+            if line is None:
                 break
-            elif cmd == "/clear":
-                session.clear()
-                pending, video = [], None
-                click.echo("[conversation cleared]", err=True)
-            elif cmd == "/image" and args:
-                pending += args
-                click.echo(f"[{len(pending)} image(s) attached to the next question]", err=True)
-            elif cmd == "/video" and len(args) == 1:
-                video = args[0]
-                click.echo("[video attached to the next question]", err=True)
-            elif cmd == "/history":
-                for q, a in session.history:
-                    click.echo(f"User: {q}\nAssistant: {a}", err=True)
-            else:
-                click.echo(HELP, err=True)
-            continue
-        last = None
-        try:
-            if group is not None:  # the files are on rank 0's machine: it reads them for everyone
-                pending, video = group.on_leader(read_media, pending, video, num_frames)
-            for last in session.stream(line, images=pending, video=video):
-                click.echo(last.text, nl=False)
-                sys.stdout.flush()
-        except UserError as e:
-            click.echo(f"Error: {e}", err=True)
-            continue
-        finally:
-            pending, video = [], None
-        click.echo()
-        if verbose and last is not None:
-            click.echo(stats_text(last, session.draft), err=True)
-    if group is not None:
-        group.close()
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if _slash_command(line, session, media):
+                    break
+                continue
+            _answer(line, session, media, group, num_frames, verbose)
+    finally:
+        reader.close()
+        if group is not None:
+            group.close()
+
+
+def _slash_command(line: str, session, media: dict) -> bool:
+    """Run one `/command`; True when the chat should end."""
+    cmd, *args = split_command(line) or ["/help"]
+    if cmd in ("/exit", "/quit"):
+        return True
+    if cmd == "/clear":
+        session.clear()
+        media.update(images=[], video=None)
+        click.echo("[conversation cleared]", err=True)
+    elif cmd == "/image" and args:
+        media["images"] += args
+        click.echo(f"[{len(media['images'])} image(s) attached to the next question]", err=True)
+    elif cmd == "/video" and len(args) == 1:
+        media["video"] = args[0]
+        click.echo("[video attached to the next question]", err=True)
+    elif cmd == "/history":
+        for q, a in session.history:
+            click.echo(f"User: {q}\nAssistant: {a}", err=True)
+    else:
+        click.echo(HELP, err=True)
+    return False
+
+
+def _answer(line: str, session, media: dict, group, num_frames: int, verbose: bool) -> None:
+    """Stream the reply to `line` with the attached media; a bad file or prompt is one error line."""
+    pending, video = media["images"], media["video"]
+    media.update(images=[], video=None)
+    last = None
+    try:
+        if group is not None:  # the files are on rank 0's machine: it reads them for everyone
+            pending, video = group.on_leader(read_media, pending, video, num_frames)
+        for last in session.stream(line, images=pending, video=video):
+            click.echo(last.text, nl=False)
+            sys.stdout.flush()
+    except UserError as e:
+        click.echo(f"Error: {e}", err=True)
+        return
+    click.echo()
+    if verbose and last is not None:
+        click.echo(stats_text(last, session.draft), err=True)
 
 
 def split_command(line: str):

@@ -24,6 +24,8 @@ from mlx_internvl.sampling import KVOptions, SamplingOptions
 from mlx_internvl.speculative import load_draft
 from mlx_internvl.validate import integer
 
+from .options import Command, GreedyOption, adapter_option, max_tokens_option, parse_logit_bias
+
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
 
@@ -34,23 +36,23 @@ def _apply(f, options):
 
 
 def model_options(f):
-    """Which model, how to prompt it, how to tile."""
+    """Which model, how to prompt it, how to tile. Spelled as in mlx-lm where mlx-lm has the option
+    (`--adapter-path`, `-m/--max-tokens`, `--system-prompt`)."""
     return _apply(f, [
-        click.option("--model", "-m", "model_path", default=DEFAULT_MODEL, show_default=True,
-                     help="A converted MLX directory, a Hugging Face InternVL directory, or a hub repo id "
-                          "(downloaded and converted once, then cached)."),
+        click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+                     help="A converted MLX directory (ours or mlx-vlm's, e.g. an mlx-community repo), a Hugging Face "
+                          "InternVL directory, or a hub repo id (downloaded and converted once, then cached)."),
         click.option("--revision", default=None,
                      help="Hub revision (branch, tag or commit) when --model is a repo id."),
-        click.option("--adapter", "adapter_path", default=None, type=click.Path(),
-                     help="LoRA adapter directory to apply."),
+        adapter_option(),
         click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
                      help="Compute dtype (default: the checkpoint's)."),
         click.option("--template", default=None,
                      help="Conversation template (default: the checkpoint's): internvl2_5, Hermes-2, "
                           "internlm2-chat, phi3-chat."),
-        click.option("--system", "system_message", default=None,
+        click.option("--system", "--system-prompt", "system_message", default=None,
                      help="System message (default: the template's, as upstream)."),
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        max_tokens_option(),
         click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
                      help="Most 448px tiles per image, thumbnail not counted (default: the config's, 12)."),
         click.option("--num-frames", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -60,7 +62,7 @@ def model_options(f):
         click.option("--stop-on-eos", is_flag=True,
                      help="Also stop on the tokenizer's eos token (upstream chat() stops only on the template's end "
                           "token, so this is off by default)."),
-        click.option("--verbose", "-v", is_flag=True, help="Show the prompt, tiles and speed on stderr."),
+        click.option("--verbose", "-v", is_flag=True, help="Show the layout read, prompt, tiles and speed on stderr."),
     ])
 
 
@@ -75,6 +77,8 @@ def sampling_options(f):
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--presence-penalty", type=float, default=None),
         click.option("--frequency-penalty", type=float, default=None),
+        click.option("--logit-bias", callback=parse_logit_bias, default=None,
+                     help="Additive biases by token id: JSON '{\"42\": -100}' or 42:-100,7:2.5."),
         click.option("--xtc-probability", type=float, default=None, help="XTC sampling probability (0: off)."),
         click.option("--xtc-threshold", type=float, default=None),
         click.option("--seed", type=int, default=None, help="Random seed for sampling."),
@@ -167,10 +171,11 @@ def default_prompt(prompt, images, video) -> str:
     raise UserError("give a --prompt (and --image/--video to ask about pictures)")
 
 
-@click.command(name="generate")
+@click.command(name="generate", cls=Command)
 @model_options
 @sampling_options
-@click.option("--image", "-i", "images", multiple=True, help="Image path or URL; repeat for several images.")
+@click.option("--image", "-i", "images", cls=GreedyOption,
+              help="Image path(s) or URL(s): --image a.jpg b.jpg, or --image repeated.")
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
 @click.option("--prompt", "-p", default=None,
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")

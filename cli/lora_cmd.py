@@ -1,8 +1,88 @@
-"""`mlx-internvl lora`: a thin shell over `mlx_internvl.lora.finetune`."""
+"""`mlx-internvl lora`: a thin shell over `mlx_internvl.lora.finetune`.
+
+mlx_lm.lora's spellings work too: `--learning-rate`, `--max-seq-length`, `--steps-per-report`, `--steps-per-eval`,
+`--grad-accumulation-steps`, `--fine-tune-type`, `--train`, `--report-to`/`--project-name` (mlx-lm's reporting
+callbacks: wandb, swanlab), `--data DIR` holding `train.jsonl` (and `valid.jsonl`), and `-c config.yaml` with
+mlx-lm's keys or ours; options on the command line win over the file, as in mlx-lm.
+"""
+
+from pathlib import Path
 
 import click
+import yaml
+from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
+from mlx_internvl.errors import UserError
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
+
+from .options import adapter_option
+
+# mlx-lm's YAML keys (and a few of its option names) -> this command's parameter names.
+YAML_KEYS = {
+    "model": "model_path", "learning_rate": "lr", "max_seq_length": "max_length", "steps_per_report": "report_every",
+    "steps_per_eval": "val_every", "grad_accumulation_steps": "grad_accum", "quantize": "q_bits",
+}
+# mlx-lm keys that have no counterpart here and change nothing in what is trained: accepted with a note.
+YAML_IGNORED = {
+    "train": "training is what this command does", "test": "there is no test pass; use --val",
+    "test_batches": "there is no test pass", "mask_prompt": "the loss always covers the answers only",
+    "clear_cache_threshold": "not needed", "trust_remote_code": "no remote code is ever run",
+    "optimizer_config": "AdamW with --weight-decay is used", "wandb": "use report_to",
+}
+
+
+def _read_config(ctx, param, value):
+    """`-c FILE`: the YAML file's options become this command's defaults (the command line still wins)."""
+    if not value:
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"{value}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{value}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{value}: expected a mapping of option names to values, got {type(data).__name__}")
+    names = {p.name for p in ctx.command.params}
+    defaults, unknown = {}, []
+    for key, v in data.items():
+        k = str(key).replace("-", "_")
+        if k in YAML_IGNORED:
+            click.echo(f"{value}: ignoring {key!r} ({YAML_IGNORED[k]})", err=True)
+            continue
+        if k == "lora_parameters" and isinstance(v, dict):
+            for sub, sv in v.items():
+                if sub == "keys":
+                    defaults["targets"] = ",".join(str(t).split(".")[-1] for t in sv)
+                elif sub in ("rank", "dropout"):
+                    defaults[sub] = sv
+                elif sub == "scale":
+                    defaults["lora_scale"] = float(sv)
+                else:
+                    unknown.append(f"lora_parameters.{sub}")
+            continue
+        if k == "optimizer":
+            if str(v).lower() != "adamw":
+                raise UserError(f"{value}: optimizer {v!r}: only adamw is implemented")
+            continue
+        if k == "lr_schedule" and isinstance(v, dict):
+            if "warmup" in v:
+                defaults["warmup"] = int(v["warmup"])
+            continue
+        k = YAML_KEYS.get(k, k)
+        if k not in names or k in ("config",):
+            unknown.append(str(key))
+            continue
+        if k in ("data", "val") and not isinstance(v, (list, tuple)):
+            v = [v]
+        if k == "q_bits" and v is not None:
+            v = str(v)
+        defaults[k] = v
+    if unknown:
+        raise UserError(f"{value}: unknown option(s) {', '.join(sorted(unknown))}; see `mlx-internvl lora --help`")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _targets(ctx, param, value):
@@ -15,15 +95,17 @@ def _targets(ctx, param, value):
 
 
 @click.command(name="lora")
+@click.option("-c", "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_read_config, help="A YAML file of options (mlx-lm's keys or these options' names).")
 @click.option("--model", "model_path", required=True, help="Base model: MLX dir, HF dir (either layout) or hub id.")
 @click.option("--data", multiple=True, required=True,
               help="Training data: jsonl (InternVL, ms-swift or OpenAI-style lines) or an InternVL meta .json. "
-                   "Repeat to combine files.")
+                   "Repeat to combine files. A directory means its train.jsonl (and valid.jsonl), as in mlx-lm.")
 @click.option("--val", multiple=True, help="Validation data, same formats as --data.")
 @click.option("--root", type=click.Path(), default=None,
               help="Directory image paths are relative to (default: each jsonl file's directory; a meta file's "
                    "'root').")
-@click.option("--adapter-path", required=True, type=click.Path(), help="Where adapters and checkpoints go.")
+@adapter_option(required=True, help="Where adapters and checkpoints go.")
 @click.option("--resume", is_flag=True, help="Continue the run in --adapter-path from its last checkpoint.")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank.  [default: 2 x rank]")
@@ -33,6 +115,8 @@ def _targets(ctx, param, value):
                    "routers.")
 @click.option("--num-layers", type=int, default=None, help="Adapt only the last N decoder layers (default: all).")
 @click.option("--dora", is_flag=True, help="DoRA instead of LoRA (mlx-lm's DoRALinear).")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "dora"]), default=None,
+              help="mlx-lm's spelling: dora is --dora.")
 @click.option("--train-vision", is_flag=True, help="Also LoRA-adapt the vision encoder (qkv, proj, fc1, fc2).")
 @click.option("--train-projector", type=click.Choice(["lora", "full"]), default=None,
               help="Also train the mlp1 projector, by LoRA or in full.")
@@ -43,8 +127,9 @@ def _targets(ctx, param, value):
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Base weight dtype (default: the checkpoint's).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per microbatch, per process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Microbatches per optimizer step.")
-@click.option("--lr", type=float, default=1e-4, show_default=True,
+@click.option("--grad-accum", "--grad-accumulation-steps", "grad_accum", type=int, default=1, show_default=True,
+              help="Microbatches per optimizer step.")
+@click.option("--lr", "--learning-rate", "lr", type=float, default=1e-4, show_default=True,
               help="Peak learning rate of AdamW, with bias correction as torch.optim.AdamW (so rates from upstream "
                    "InternVL / XTuner / ms-swift recipes carry over).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
@@ -55,33 +140,77 @@ def _targets(ctx, param, value):
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--iters", type=int, default=None, help="Optimizer steps (default: one epoch, or --epochs).")
 @click.option("--epochs", type=float, default=None)
-@click.option("--max-length", type=int, default=4096, show_default=True,
+@click.option("--max-length", "--max-seq-length", "max_length", type=int, default=4096, show_default=True,
               help="Longer samples are cut after their images; a sample whose images do not fit is skipped.")
 @click.option("--max-tiles", type=int, default=None,
               help="Tiles per image (default: the checkpoint's max_dynamic_patch), split over a sample's images.")
-@click.option("--val-every", type=int, default=100, show_default=True)
+@click.option("--val-every", "--steps-per-eval", "val_every", type=int, default=100, show_default=True)
 @click.option("--val-batches", type=int, default=-1, show_default=True, help="-1: the whole validation set.")
 @click.option("--save-every", type=int, default=100, show_default=True)
-@click.option("--report-every", type=int, default=10, show_default=True)
+@click.option("--report-every", "--steps-per-report", "report_every", type=int, default=10, show_default=True)
+@click.option("--report-to", default=None,
+              help="Also log the losses through mlx-lm's reporting callbacks: wandb, swanlab, or wandb,swanlab.")
+@click.option("--project-name", default=None, help="Project name for --report-to (default: the adapter directory's).")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute layer activations in the backward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the training step uncompiled.")
 @click.option("--skip-bad", is_flag=True, help="Train on the good samples and list the bad ones, instead of stopping.")
+@click.option("--train", "train_flag", is_flag=True, hidden=True, help="Accepted for mlx-lm compatibility.")
+@click.option("--lora-scale", "lora_scale", type=float, default=None, hidden=True,
+              help="mlx-lm's lora_parameters.scale (= alpha / rank).")
 def command(model_path, data, val, root, adapter_path, resume, rank, alpha, dropout, targets, num_layers, dora,
-            train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr, min_lr, warmup,
-            weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every, report_every,
-            keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad, bias_correction):
+            fine_tune_type, train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr,
+            min_lr, warmup, weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every,
+            report_every, report_to, project_name, keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad,
+            train_flag, lora_scale, bias_correction):
     """Fine-tune an InternVL model with LoRA / QLoRA / DoRA. Run it under `mlx.launch` for data-parallel training
     on several processes or Macs."""
-    lora = LoraConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=dropout, targets=targets,
-                      num_layers=num_layers, dora=dora, train_vision=train_vision, train_projector=train_projector)
+    data, val = _data_dirs(list(data), list(val))
+    if alpha is None:
+        alpha = lora_scale * rank if lora_scale is not None else 2.0 * rank
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
+                      dora=dora or fine_tune_type == "dora", train_vision=train_vision,
+                      train_projector=train_projector)
     args = TrainingArgs(batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, min_lr=min_lr,
                         weight_decay=weight_decay, iters=iters, epochs=epochs, max_length=max_length,
                         max_tiles=max_tiles, val_every=val_every, val_batches=val_batches, save_every=save_every,
                         report_every=report_every, grad_checkpoint=grad_checkpoint, seed=seed,
                         compile=not no_compile, keep_checkpoints=keep_checkpoints, skip_bad=skip_bad,
                         bias_correction=bias_correction)
-    finetune(model_path, list(data), adapter_path, val=list(val) or None, root=root, lora=lora, args=args,
+    callback = _reporting_callback(report_to, project_name, adapter_path, {**vars(lora), **vars(args)})
+    finetune(model_path, data, adapter_path, val=val or None, root=root, lora=lora, args=args,
              resume=resume, quantize_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size), dtype=dtype,
-             log=click.echo)
+             log=click.echo, training_callback=callback)
+
+
+def _data_dirs(data, val):
+    """mlx-lm's `--data DIR`: DIR/train.jsonl to train on, and DIR/valid.jsonl to validate on unless --val is given."""
+    files = []
+    for d in data:
+        p = Path(d)
+        if not p.is_dir():
+            files.append(d)
+            continue
+        if not (p / "train.jsonl").is_file():
+            raise UserError(f"--data {d}: a directory must hold train.jsonl (and may hold valid.jsonl), as in mlx-lm")
+        files.append(str(p / "train.jsonl"))
+        if not val and (p / "valid.jsonl").is_file():
+            val = [str(p / "valid.jsonl")]
+    return files, val
+
+
+def _reporting_callback(report_to, project_name, adapter_path, config):
+    """mlx-lm's `get_reporting_callbacks` (wandb, swanlab), with its errors as one-line user errors."""
+    if not report_to:
+        return None
+    log_dir = str(Path(adapter_path).expanduser())
+    try:
+        return get_reporting_callbacks(report_to, project_name=project_name or Path(log_dir).name, log_dir=log_dir,
+                                       config={k: v for k, v in config.items() if isinstance(v, (int, float, str,
+                                                                                                 bool, list,
+                                                                                                 type(None)))})
+    except ImportError as e:
+        raise UserError(f"--report-to {report_to}: {e}") from None
+    except ValueError as e:
+        raise UserError(f"--report-to {report_to}: {e}") from None

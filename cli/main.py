@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "fuse": "fuse_cmd",
     "bench": "bench_cmd",
     "serve": "serve_cmd",
+    "cache": "cache_cmd",
 }
 
 

@@ -17,7 +17,7 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 
 
 @click.command(name="serve")
-@click.option("--model", "-m", "model_path", default=DEFAULT_MODEL, show_default=True,
+@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="A converted MLX directory, a Hugging Face InternVL directory, or a hub repo id.")
 @click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
 @click.option("--adapter-path", "--adapter", "adapter_path", default=None, type=click.Path(),

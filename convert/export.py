@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_internvl import model_card, publish
 from mlx_internvl.config import HF_TEXT_ARCHITECTURES, LANGUAGE_MODELS, ModelConfig
 from mlx_internvl.errors import UserError
 from mlx_internvl.files import (
@@ -235,15 +236,20 @@ def export_hf(
     layout: str = "original",
     dtype: Optional[str] = None,
     force: bool = False,
+    upload_repo: Optional[str] = None,
+    card_command: Optional[str] = None,
 ) -> Path:
     """Write `model_or_path` (an `InternVLChatModel`, or an MLX directory written by `convert`) to `out_dir` as a
     Hugging Face checkpoint in `layout` ('original' or 'hf'), dequantized, in `dtype` (default: the weights' own
-    float dtype). Tokenizer files come from the model's source directory (`config.source_path`, set on load)."""
+    float dtype), with a model card (`card_command`: the command it shows). Tokenizer files come from the model's
+    source directory (`config.source_path`, set on load). `upload_repo` then uploads it to the hub."""
+    publish.check_repo_id(upload_repo)
     if layout not in LAYOUTS:
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = Path(out_dir).expanduser()
     check_new_output(out, force)
     model = _model_of(model_or_path)
+    spec = model_or_path if isinstance(model_or_path, (str, Path)) else (model.source_path or "model")
     config: ModelConfig = model.config
     check_exportable(config, layout)
     src = model.source_path
@@ -263,4 +269,8 @@ def export_hf(
         save_json(tmp / "config.json", cfg)
         names = TOKENIZER_FILES + (LAYOUT_FILES if config.source_format == layout else ())
         copy_model_files(src, tmp, names, remote_code=layout == "original" and has_code)
+        model_card.write(tmp, model_card.for_export(spec, src, out, layout=layout, upload_repo=upload_repo,
+                                                    command=card_command))
+    if upload_repo:
+        publish.upload(out, upload_repo)
     return out

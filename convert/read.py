@@ -8,6 +8,7 @@ source directory. Nothing from the checkpoint's remote code (`*.py`) is imported
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -18,14 +19,21 @@ from mlx_internvl.tokenizer import IMG_CONTEXT, token_id
 from mlx_internvl.validate import naming
 from mlx_internvl.weights import DTYPES
 
+from . import mlx_vlm
 from .checkpoint import Checkpoint
 from .keymap import build_plan
+
+logger = logging.getLogger("mlx_internvl")
+SOURCE_LAYOUTS = {"original": "OpenGVLab's original InternVLChatModel layout",
+                  "hf": "transformers' -hf InternVLForConditionalGeneration layout"}
 
 
 def read_hf(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None
             ) -> Tuple[ModelConfig, Dict[str, mx.array], Callable[[str], Optional[str]]]:
     """`(config, lazy weights under our names, source(key) -> 'file:key' it came from)` for the checkpoint at
-    `path` whose config.json is `raw`. `dtype` (default: the checkpoint's own) applies to float tensors."""
+    `path` whose config.json is `raw`. `dtype` (default: the checkpoint's own) applies to float tensors.
+    A checkpoint written by mlx-vlm (same config, MLX tensors) is read too; if it is quantized, `config.quantization`
+    says so and the model must be quantized (`weights.apply_quantization`) before the weights are loaded."""
     with naming(path / "config.json"):
         config = config_from_hf(raw, str(path / "config.json"))
     config.source_path = str(path)
@@ -35,8 +43,18 @@ def read_hf(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None
     plan = build_plan(ckpt.keys(), config.source_format, config.llm_config, config.source_llm_architecture)
     # InternVL stores an lm_head tensor even for tied bases, so the tensor decides.
     config.llm_config["tie_word_embeddings"] = "language_model.lm_head.weight" not in plan
-    if dtype is None:
-        dtype = _checkpoint_dtype(raw)
+    layout = mlx_vlm.detect(ckpt, raw, config.source_format, str(path / "config.json"),
+                            config.source_llm_architecture)
+    if layout is not None:
+        # Already MLX tensors (perhaps quantized: the model needs `apply_quantization` before loading them),
+        # stored in the dtype mlx-vlm chose, whatever the copied config says.
+        plan = mlx_vlm.adapt_plan(plan)
+        config.quantization = layout.quantization
+        logger.info("%s: read as %s", path, layout.describe())
+    else:
+        logger.info("%s: read as %s, converted in memory", path, SOURCE_LAYOUTS[config.source_format])
+        if dtype is None:
+            dtype = _checkpoint_dtype(raw)
     weights = {}
     for key, entry in plan.items():
         arr = entry.fn(*[ckpt.get(s) for s in entry.sources])

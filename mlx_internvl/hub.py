@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -46,7 +46,7 @@ def is_repo_id(text: str) -> bool:
 
 def download(repo_id: str, revision: Optional[str] = None) -> Path:
     """The local snapshot directory of `repo_id` (downloaded with progress bars, or found in the hub cache)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = constants.HF_HUB_OFFLINE  # huggingface-hub's own reading of HF_HUB_OFFLINE
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as e:

@@ -17,11 +17,12 @@ import mlx.core as mx
 
 from .adapters import load_adapters
 from .convert.convert import convert
+from .convert.mlx_vlm import is_mlx_vlm_dir
 from .convert.read import read_hf
 from .hub import HubUnavailable, conversion_dir, latest_conversion, local_or_download
 from .model import InternVLChatModel
 from .processing import Processor
-from .weights import build_model, load_mlx_model, load_weights_checked, parse_dtype, read_config
+from .weights import apply_quantization, build_model, load_mlx_model, load_weights_checked, parse_dtype, read_config
 
 logger = logging.getLogger("mlx_internvl")
 PathLike = Union[str, Path]
@@ -42,7 +43,7 @@ def resolve_model_path(path_or_repo: PathLike, revision: Optional[str] = None) -
             logger.warning("%s: hub unavailable; using the converted copy %s", repo, done)
             return done
         raise
-    if read_config(src)[1] == "mlx":
+    if read_config(src)[1] == "mlx" or is_mlx_vlm_dir(src):  # ours, or mlx-vlm's (mlx-community): read as is
         return src
     out = conversion_dir(repo, src)
     if not (out / "config.json").exists():
@@ -60,9 +61,13 @@ def load_model(path_or_repo: PathLike, dtype=None, lazy: bool = False, revision:
     raw, fmt = read_config(path)
     if fmt == "mlx":
         model = load_mlx_model(path, raw, dtype)
+        logger.info("%s: read as mlx-internvl's own MLX layout%s", path,
+                    f" ({model.config.quantization['bits']}-bit)" if model.config.quantization else "")
     else:
         config, weights, source = read_hf(path, raw, dtype)
         model = build_model(config)
+        if config.quantization:  # an mlx-vlm quantized checkpoint
+            apply_quantization(model, config.quantization, weights)
         load_weights_checked(model, weights, source, str(path / "config.json"))
     if not lazy:
         mx.eval(model.parameters())

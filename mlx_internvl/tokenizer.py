@@ -4,25 +4,20 @@ Qwen, Phi-3, Llama and `-hf` checkpoints load with transformers' own classes. Or
 name `tokenization_internlm2.InternLM2Tokenizer` in their `auto_map`; that class is a thin layer over
 sentencepiece (BOS, then the text split on added tokens, each piece sentencepiece-encoded), which
 `SentencePieceTokenizer` reproduces on transformers' Python tokenizer base, so the checkpoint's code never runs.
-The result is wrapped in mlx-lm's `TokenizerWrapper` for streaming detokenization.
+Everything else is loaded by mlx-lm's own `tokenizer_utils.load`, which also picks the streaming detokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
 import sentencepiece as spm
-from mlx_lm.tokenizer_utils import (
-    BPEStreamingDetokenizer,
-    NaiveStreamingDetokenizer,
-    SPMStreamingDetokenizer,
-    TokenizerWrapper,
-    _is_bpe_decoder,
-    _is_spm_decoder,
-)
+from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as mlx_lm_load
 
 from .errors import UserError
 
@@ -94,31 +89,46 @@ def _tokenizer_config(path: Path) -> dict:
         return json.load(fh)
 
 
-def load_hf_tokenizer(path: Path):
-    """A transformers tokenizer for the checkpoint at `path`, never running its remote code."""
+def needs_own_tokenizer(path: Path) -> bool:
+    """InternLM2's sentencepiece tokenizer exists only as remote code; every other one loads without it."""
     path = Path(path)
     cfg = _tokenizer_config(path)
     cls_name = str(cfg.get("tokenizer_class") or "")
-    if (path / "tokenizer.model").exists() and (cls_name.startswith("InternLM2") or (
-        cfg.get("auto_map") and not (path / "tokenizer.json").exists()
-    )):
-        return _sentencepiece_class().from_pretrained(str(path))
-    from transformers import AutoTokenizer
+    return (path / "tokenizer.model").exists() and (cls_name.startswith("InternLM2") or (
+        bool(cfg.get("auto_map")) and not (path / "tokenizer.json").exists()))
+
+
+@contextmanager
+def _quiet_transformers():
+    """AutoTokenizer reads config.json and warns that `internvl_chat` is not a model type it knows: harmless here."""
     from transformers.utils import logging as hf_logging
 
-    # AutoTokenizer reads config.json and warns that `internvl_chat` is not a model type it knows: harmless here.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as e:  # transformers raises ValueError/OSError/KeyError here, depending on what is missing
-        files = sorted(p.name for p in path.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
-        raise UserError(
-            f"{path}: cannot load the tokenizer without remote code ({type(e).__name__}: {e}). "
-            f"Tokenizer files present: {', '.join(files) or 'none'}."
-        ) from e
+        yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _tokenizer_error(path: Path, e: Exception) -> UserError:
+    files = sorted(p.name for p in path.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+    return UserError(f"{path}: cannot load the tokenizer without remote code ({type(e).__name__}: {e}). "
+                     f"Tokenizer files present: {', '.join(files) or 'none'}.")
+
+
+def load_hf_tokenizer(path: Path):
+    """A transformers tokenizer for the checkpoint at `path`, never running its remote code."""
+    path = Path(path)
+    if needs_own_tokenizer(path):
+        return _sentencepiece_class().from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as e:  # transformers raises ValueError/OSError/KeyError, depending on what is missing
+            raise _tokenizer_error(path, e) from e
 
 
 def _listed_token_id(path: Path, token: str) -> Optional[int]:
@@ -154,15 +164,16 @@ def token_id(path: Path, token: str) -> Optional[int]:
 
 
 def load_tokenizer(path: Path, eos_token_ids: Optional[Iterable[int]] = None):
-    """mlx-lm `TokenizerWrapper` around `load_hf_tokenizer(path)` (streaming detokenizer chosen as mlx-lm does)."""
-    tok = load_hf_tokenizer(path)
-    detok = NaiveStreamingDetokenizer
-    tj = Path(path) / "tokenizer.json"
-    if tj.exists():
-        with open(tj, encoding="utf-8") as f:
-            decoder = json.load(f).get("decoder")
-        if decoder and _is_spm_decoder(decoder):
-            detok = SPMStreamingDetokenizer
-        elif decoder and _is_bpe_decoder(decoder):
-            detok = BPEStreamingDetokenizer
-    return TokenizerWrapper(tok, detok, eos_token_ids=list(eos_token_ids or []))
+    """An mlx-lm `TokenizerWrapper`, loaded by mlx-lm's own `tokenizer_utils.load` (so the streaming detokenizer is
+    the one mlx-lm picks), except InternLM2's sentencepiece tokenizer, whose class is remote code and which
+    `SentencePieceTokenizer` replaces (with mlx-lm's naive streaming detokenizer, what mlx-lm falls back to
+    without a tokenizer.json; its sentencepiece one walks ids beyond the sentencepiece vocabulary)."""
+    path = Path(path)
+    eos = list(eos_token_ids or [])
+    if needs_own_tokenizer(path):
+        return TokenizerWrapper(load_hf_tokenizer(path), NaiveStreamingDetokenizer, eos_token_ids=eos)
+    with _quiet_transformers():
+        try:
+            return mlx_lm_load(path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos)
+        except Exception as e:  # transformers raises ValueError/OSError/KeyError, depending on what is missing
+            raise _tokenizer_error(path, e) from e

@@ -198,12 +198,14 @@ def save_config(config: ModelConfig, path: Path) -> None:
 
 
 def save_mlx_model(weights: Dict[str, mx.array], config: ModelConfig, out: Path, source_dir: Optional[Path] = None,
-                   force: bool = False, remote_code: bool = False) -> Path:
-    """Write a converted MLX directory (weights, config, the source's tokenizer files) at `out`, atomically.
-    `weights` is emptied as it is written."""
+                   force: bool = False, remote_code: bool = False, card: Optional[str] = None) -> Path:
+    """Write a converted MLX directory (weights, config, the source's tokenizer files, the model card text `card`
+    as README.md) at `out`, atomically. `weights` is emptied as it is written."""
     out = Path(out).expanduser()
     with staged_output(out, force) as tmp:
         save_weights(weights, tmp)
         save_config(config, tmp)
         copy_model_files(source_dir, tmp, TOKENIZER_FILES + LAYOUT_FILES, remote_code=remote_code)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return out

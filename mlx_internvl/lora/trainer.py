@@ -11,14 +11,13 @@
 - Image features enter through positions computed with the batch (`model.image_positions`) and the merge of
   inference (`model.scatter_image_features`), so nothing in the step reads values back to the host.
 - `Run` is the state one run carries between steps: batches, optimizer, loss window, log and result.
-- Gradient checkpointing recomputes each decoder layer (and ViT layer when it is trained) in the backward pass.
+- Gradient checkpointing (`checkpointing.py`) recomputes decoder (and trained ViT) layers in the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..files import check_writable_dir, output_errors, save_json
 from ..model import scatter_image_features
 from ..validate import check_training_args
 from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
+from .checkpointing import grad_checkpointing, layer_types
 from .curve import LossLog
 from .data import Dataset
 from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged, sweep_partial
@@ -105,30 +105,6 @@ def loss_sum(model, batch: dict, frozen_features: bool = True):
     return ce.astype(mx.float32).sum(), weights.sum()
 
 
-@contextmanager
-def grad_checkpointing(layer_types):
-    """Recompute these layer classes' forward passes in the backward pass (class-wide, restored on exit)."""
-    saved = {cls: cls.__call__ for cls in layer_types}
-
-    def wrap(fn):
-        def call(self, *args, **kwargs):
-            def inner(params, *a, **k):
-                self.update(params)
-                return fn(self, *a, **k)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        return call
-
-    for cls, fn in saved.items():
-        cls.__call__ = wrap(fn)
-    try:
-        yield
-    finally:
-        for cls, fn in saved.items():
-            cls.__call__ = fn
-
-
 def make_step(model, optimizer, frozen_features: bool = True, compile: bool = True):
     """`(step, state)`: `step(batch, prev_grad, do_update, scale) -> (ce_sum, n_answer_tokens, grad or None)`.
 
@@ -186,13 +162,6 @@ def evaluate(model, batcher: Optional[Batcher], limit: int, group, frozen: bool)
     return (total / mx.maximum(count, 1)).item()
 
 
-def _layer_types(model, lora: LoraConfig):
-    types = {type(model.language_model.layers[0])}
-    if lora.train_vision:
-        types.add(type(model.vision_model.encoder.layers[0]))
-    return types
-
-
 @dataclass
 class Run:
     """What a training run carries from one optimizer step to the next."""
@@ -211,6 +180,9 @@ class Run:
     log_file: Optional[LossLog] = None
     consumed: int = 0  # microbatches of the stream used so far (all processes)
     window: List[float] = field(default_factory=lambda: [0.0, 0.0, 0, 0.0])  # ce, answer tokens, inputs, seconds
+    callback: Optional[object] = None  # an mlx-lm TrainingCallback (process 0 only)
+    trained_tokens: int = 0  # input tokens reported so far (all processes), as mlx-lm counts them
+    last_report: int = 0  # the step of the last loss report
 
     @property
     def rank(self) -> int:
@@ -223,13 +195,18 @@ class Run:
 
 def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
           val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`."""
+          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
+          training_callback=None) -> TrainResult:
+    """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`.
+    `training_callback` (an mlx-lm `TrainingCallback`, e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)
+    gets every loss report and validation with mlx-lm's keys, on process 0."""
     args = args or TrainingArgs()
     check_training_args(args)
     lora.validate()
     run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log)
     lora = _start(run, processor, lora, resume, base_model)
+    run.callback = training_callback if run.rank == 0 else None
+    run.last_report = run.result.start_step
     step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
     mx.reset_peak_memory()
     model.train()
@@ -238,7 +215,7 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     bar = tqdm(total=run.steps, initial=run.result.start_step, disable=run.rank != 0, dynamic_ncols=True,
                desc="lora")
     try:
-        with grad_checkpointing(_layer_types(model, lora) if args.grad_checkpoint else ()):
+        with grad_checkpointing(layer_types(model, lora) if args.grad_checkpoint else ()):
             for s in range(run.result.start_step + 1, run.steps + 1):
                 tic = time.perf_counter()
                 ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
@@ -362,6 +339,14 @@ def _after_step(run: Run, s: int, bar) -> None:
         run.log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
                          tokens_per_second=f"{result.tokens_per_second:.1f}",
                          peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+        run.trained_tokens += inputs * run.world
+        if run.callback is not None:  # mlx-lm's keys, as its own trainer reports them
+            run.callback.on_train_loss_report({
+                "iteration": s, "train_loss": result.train_loss, "learning_rate": lr,
+                "iterations_per_second": (s - run.last_report) / seconds,
+                "tokens_per_second": result.tokens_per_second, "trained_tokens": run.trained_tokens,
+                "peak_memory": result.peak_memory_gb})
+        run.last_report = s
         run.window = [0.0, 0.0, 0, 0.0]
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
         _validate(run, s, bar)
@@ -377,8 +362,11 @@ def _after_step(run: Run, s: int, bar) -> None:
 
 def _validate(run: Run, step: int, bar=None) -> None:
     run.model.eval()
+    tic = time.perf_counter()
     val = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen)
     run.model.train()
+    if run.callback is not None:
+        run.callback.on_val_loss_report({"iteration": step, "val_loss": val, "val_time": time.perf_counter() - tic})
     run.result.val_losses.append((step, val))
     lr = float(run.optimizer.learning_rate.item())
     run.log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",

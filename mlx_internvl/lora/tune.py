@@ -23,10 +23,12 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
              val: Optional[Union[PathLike, Sequence[PathLike]]] = None, root: Optional[PathLike] = None,
              lora: Optional[LoraConfig] = None, args: Optional[TrainingArgs] = None, resume: bool = False,
              quantize_bits: Optional[int] = None, q_group_size: int = 64, dtype: Optional[str] = None,
-             on_step: Optional[Callable] = None, log: Callable[[str], None] = print) -> TrainResult:
+             on_step: Optional[Callable] = None, log: Callable[[str], None] = print,
+             training_callback=None) -> TrainResult:
     """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
     and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
-    before training (QLoRA); a base converted with `--quantize` is used as it is."""
+    before training (QLoRA); a base converted with `--quantize` is used as it is. `training_callback` is an
+    mlx-lm `TrainingCallback` (e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)."""
     if quantize_bits is not None:
         choice("--quantize", quantize_bits, (4, 8))
         choice("--q-group-size", q_group_size, QUANT_GROUPS)
@@ -47,4 +49,5 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
                                 f"can be quantized with groups of {q_group_size} (their input sizes are not "
                                 "multiples of it); choose another --q-group-size")
     return train(model, processor, train_data, adapter_path, lora or LoraConfig(), args or TrainingArgs(),
-                 val_data=val_data, resume=resume, base_model=str(model_path), on_step=on_step, log=log)
+                 val_data=val_data, resume=resume, base_model=str(model_path), on_step=on_step, log=log,
+                 training_callback=training_callback)

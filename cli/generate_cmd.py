@@ -135,11 +135,24 @@ def option_values(options: dict):
     return value(SamplingOptions), value(KVOptions)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the message, not the stream of the first call (commands
+    run in-process, e.g. under a test runner or a notebook, may swap stderr between calls)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """mlx-internvl's own notes (conversion, EXIF, 16-bit images) on stderr; other libraries keep their levels."""
     logger = logging.getLogger("mlx_internvl")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)

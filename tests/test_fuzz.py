@@ -265,7 +265,7 @@ def cli_outcome(cls, capsys, argv, given_options):
 @given(opts=st.dictionaries(st.sampled_from(GENERATE_OPTIONS), st.sampled_from(NUMBERS), min_size=1, max_size=3),
        max_tokens=st.sampled_from(["1", "2", "0", "-3", "x"]))
 def test_cli_generate_options(tiny, capsys, opts, max_tokens):
-    argv = ["generate", "-m", str(tiny[2]), "-p", "Hi", "--max-tokens", max_tokens]
+    argv = ["generate", "--model", str(tiny[2]), "-p", "Hi", "--max-tokens", max_tokens]
     for k, v in opts.items():
         argv += [k, v]
     cli_outcome("CLI option values (generate)", capsys, argv, list(opts) + ["--max-tokens"])

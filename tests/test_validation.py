@@ -56,7 +56,7 @@ def one_error(capsys, argv) -> str:
     ("--max-tokens", "0", "max_tokens"), ("--repetition-penalty", "-1", "repetition_penalty"),
     ("--max-kv-size", "3", "max_kv_size"), ("--seed", "-5", "seed")])
 def test_generate_options(capsys, option, value, named):
-    err = one_error(capsys, ["generate", "-m", "/nonexistent/model", "-p", "hi", option, value])
+    err = one_error(capsys, ["generate", "--model", "/nonexistent/model", "-p", "hi", option, value])
     assert err.startswith(f"Error: {named}") and "/nonexistent" not in err
 
 
@@ -84,7 +84,7 @@ def test_bench_tiles(capsys):
 
 def test_chat_survives_an_unbalanced_quote(tiny):
     _, mlx_dir, _, _ = tiny
-    r = CliRunner().invoke(cli, ["chat", "-m", str(mlx_dir), "--max-tokens", "3"],
+    r = CliRunner().invoke(cli, ["chat", "--model", str(mlx_dir), "--max-tokens", "3"],
                            input='/image "x\nHello\n/exit\n', catch_exceptions=False)
     assert r.exit_code == 0
     assert "cannot read the command (No closing quotation)" in r.output

@@ -37,6 +37,9 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Let requests name http(s) image URLs, which the server then downloads (size-capped, time-limited).")
 @click.option("--allow-local-images", "allow_local_images", default=None, type=click.Path(file_okay=False),
               help="Let requests name image files under this directory (nothing outside it).")
+@click.option("--allow-private-image-hosts", is_flag=True,
+              help="With --allow-remote-images: also fetch from loopback, private and link-local addresses (by "
+                   "default only public addresses are fetched; redirects to another host must stay public).")
 @click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
               help="Default most 448px tiles per image (requests may set max_tiles).")
 @click.option("--num-frames", type=click.IntRange(1, 64), default=8, show_default=True,
@@ -64,6 +67,8 @@ def command(model_path, verbose, **options):
     Under mlx.launch the model is split over the ranks; rank 0 alone listens."""
     if serve is None:
         raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
+    if options["allow_private_image_hosts"] and not options["allow_remote_images"]:
+        raise UserError("--allow-private-image-hosts only widens --allow-remote-images: pass both, or neither")
     setup_logging(verbose)
     # Launched as a group (mlx.launch): the model is split over the ranks, rank 0 alone listens, the others follow.
     group = distributed.start()

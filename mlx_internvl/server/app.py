@@ -60,6 +60,7 @@ class ServerConfig:
     max_request_mb: float = 50.0
     max_image_mb: float = 20.0
     remote_timeout_s: float = 10.0
+    allow_private_image_hosts: bool = False  # remote image URLs on loopback/private/link-local addresses
     vision_cache_size: int = 32
     prompt_cache_size: int = 16
     decode_concurrency: int = 8
@@ -148,7 +149,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
     if engine is None:
         engine = start_engine(cfg)
-    policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
+    policy = MediaPolicy(allow_remote=cfg.allow_remote_images, allow_private_hosts=cfg.allow_private_image_hosts,
                          local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
                          max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
     app = FastAPI(title="mlx-internvl", docs_url=None, redoc_url=None, openapi_url=None)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from mlx_internvl import distributed
@@ -70,6 +72,8 @@ def command(model_path, verbose, **options):
     if options["allow_private_image_hosts"] and not options["allow_remote_images"]:
         raise UserError("--allow-private-image-hosts only widens --allow-remote-images: pass both, or neither")
     setup_logging(verbose)
+    if verbose:  # why each remote image URL failed (its clients only see one text for any failure)
+        logging.getLogger("mlx_internvl.server.media").setLevel(logging.DEBUG)
     # Launched as a group (mlx.launch): the model is split over the ranks, rank 0 alone listens, the others follow.
     group = distributed.start()
     click.echo(f"Loading {model_path}; then serving on http://{options['host']}:{options['port']} "

@@ -230,6 +230,24 @@ def test_https_speaks_to_the_name_over_the_vetted_address(tmp_path, monkeypatch)
             fetch_url(f"https://127.0.0.1:{port}/x.png", LOOPBACK_OK)
 
 
+@contextlib.contextmanager
+def logged_by(name: str):
+    """The messages `name` logs at any level, whatever the CLI's logging set-up did to its parents."""
+    import logging
+
+    lines, logger = [], logging.getLogger(name)
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -238,7 +256,7 @@ def closed_port() -> int:
     return port
 
 
-def test_the_server_answers_one_text_for_every_failed_remote_url(caplog):
+def test_the_server_answers_one_text_for_every_failed_remote_url():
     """Refused address, refused redirects, 404, not an image, empty, too large, connection refused, too slow: a
     client sees the same 400, so it cannot tell an open port from a closed one (the log at debug level can)."""
     pytest.importorskip("fastapi")
@@ -259,14 +277,14 @@ def test_the_server_answers_one_text_for_every_failed_remote_url(caplog):
                 "/missing", "/text", "/empty", "/big", "/port", "/ftp")] + [
                 (f"http://127.0.0.1:{closed_port()}/x.png", lax), (f"http://127.0.0.1:{slow}/x.png", lax)]
             bodies = []
-            with caplog.at_level("DEBUG", logger="mlx_internvl.server"):
+            with logged_by("mlx_internvl.server.media") as logged:
                 for url, policy in failures:
                     with pytest.raises(APIError) as e:
                         fetch(url, "p", policy)
                     bodies.append((e.value.status, e.value.body()))
     assert all(b == bodies[0] for b in bodies), bodies
     assert bodies[0][0] == 400 and bodies[0][1]["error"]["code"] == "image_download_failed"
-    logged = caplog.text
+    logged = "\n".join(logged)
     assert "HTTP 404" in logged and "not a public address" in logged and "deadline" in logged
     assert "Traceback" not in logged
 
@@ -286,3 +304,14 @@ def test_one_fetcher():
                 if isinstance(node, ast.ImportFrom) and node.module else [])
             found += [(f.relative_to(root).as_posix(), n) for n in names if n in clients]
     assert found == [("mlx_internvl/fetch.py", "http.client")]
+
+
+def test_serve_refuses_the_private_option_alone(capsys):
+    pytest.importorskip("fastapi")
+    from mlx_internvl.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "/nonexistent", "--allow-private-image-hosts"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--allow-private-image-hosts only widens --allow-remote-images" in err, err
+    assert "Traceback" not in err

@@ -28,7 +28,7 @@ from ..fetch import FetchError, FetchPolicy, fetch_url
 from ..images import open_image
 from .protocol import APIError
 
-logger = logging.getLogger("mlx_internvl.server")
+logger = logging.getLogger("mlx_internvl.server.media")  # `serve -v` shows its debug lines
 # One text for every remote URL that fails, whatever the cause (refused address, unreachable, HTTP error, slow,
 # too large, not an image): otherwise a client could map the server's network from the differences.
 REMOTE_FAILED = ("the URL could not be fetched (refused by this server's rules, unreachable, an HTTP error, too "

@@ -54,6 +54,10 @@ class FetchPolicy:
     max_bytes: int = 64 << 20
     max_redirects: int = 5
 
+    def __post_init__(self):
+        if not (self.deadline_s > 0 and self.max_bytes > 0 and self.max_redirects >= 0):
+            raise ValueError(f"FetchPolicy: deadline_s and max_bytes must be > 0 and max_redirects >= 0, got {self}")
+
 
 def is_public(ip: ipaddress._BaseAddress) -> bool:
     """Whether `ip` is a public unicast address; IPv4 addresses inside IPv6 (mapped, 6to4, NAT64) are judged as
@@ -232,8 +236,12 @@ def _target(url: str, max_redirects: int, hop: int) -> Tuple[str, str, int, str]
                          "https are fetched")
     if not parts.hostname:
         raise FetchError("the URL has no host")
+    try:  # the ASCII (IDNA) form, as DNS, the Host header and TLS SNI need it
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise FetchError(f"{parts.hostname!r} is not a valid host name") from None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), path
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
 
 
 def _body(response: http.client.HTTPResponse, watch: _Watch, max_bytes: int) -> bytes:

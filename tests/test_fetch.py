@@ -133,6 +133,46 @@ def test_tls_handshake_that_trickles_is_cut_at_the_deadline():
         assert time.monotonic() - t < 3
 
 
+def test_a_name_lookup_that_hangs_is_cut_at_the_deadline_on_few_threads(monkeypatch):
+    """20 fetches at once of a name whose lookup never returns: all cut at the 1 s deadline, and no more than
+    `RESOLVER_THREADS` threads are left waiting on the resolver."""
+    from mlx_internvl import fetch as fetch_module
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hangs(host, *a, **k):
+        if host != "hangs.example":
+            return real(host, *a, **k)
+        release.wait(20)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hangs)
+    errors = []
+
+    def one():
+        try:
+            fetch_url("http://hangs.example/x.png", FetchPolicy(deadline_s=1))
+        except FetchError as e:
+            errors.append(str(e))
+
+    t, waiting = time.monotonic(), []
+    workers = [threading.Thread(target=one) for _ in range(20)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(10)
+        took = time.monotonic() - t
+        waiting = [th for th in threading.enumerate() if th.name == "mlx-internvl-resolve"]
+    finally:
+        release.set()
+        for th in waiting:
+            th.join(5)
+    assert took < 3 and len(errors) == 20 and all("within the 1 s deadline" in e for e in errors), (took, errors)
+    assert 0 < len(waiting) <= fetch_module.RESOLVER_THREADS
+
+
 def test_loopback_refused_by_default_and_allowed_by_the_option():
     with http_server({"/x.png": (200, {}, png())}) as (port, seen):
         for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]"):

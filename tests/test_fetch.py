@@ -355,3 +355,18 @@ def test_serve_refuses_the_private_option_alone(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 1 and "--allow-private-image-hosts only widens --allow-remote-images" in err, err
     assert "Traceback" not in err
+
+
+def test_open_image_fetches_through_the_same_rules():
+    """The library and CLI (`open_image`): a URL the user named may be on loopback; a redirect from it to another
+    port may not, and the user is told why."""
+    from mlx_internvl.errors import UserError
+    from mlx_internvl.images import open_image
+
+    with http_server({"/x.png": (200, {}, png())}) as (other, other_seen):
+        routes = {"/x.png": (200, {}, png()), "/away": (302, {"Location": f"http://127.0.0.1:{other}/x.png"}, b"")}
+        with http_server(routes) as (port, _):
+            assert open_image(f"http://localhost:{port}/x.png").size == (8, 6)
+            with pytest.raises(UserError, match="cannot be downloaded .*127.0.0.1, which is not a public address"):
+                open_image(f"http://127.0.0.1:{port}/away")
+    assert other_seen == []

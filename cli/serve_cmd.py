@@ -36,7 +36,8 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--allowed-origins", multiple=True,
               help="Browser origins allowed to call the API from other pages (CORS); repeat for several.")
 @click.option("--allow-remote-images", is_flag=True,
-              help="Let requests name http(s) image URLs, which the server then downloads (size-capped, time-limited).")
+              help="Let requests name http(s) image URLs, which the server then downloads: public addresses only, "
+                   "redirects re-checked, size-capped (--max-image-mb), 10 s for the whole download.")
 @click.option("--allow-local-images", "allow_local_images", default=None, type=click.Path(file_okay=False),
               help="Let requests name image files under this directory (nothing outside it).")
 @click.option("--allow-private-image-hosts", is_flag=True,

@@ -252,22 +252,44 @@ def test_urls_that_are_not_fetched(url, words):
         fetch_url(url, LOOPBACK_OK)
 
 
-def test_https_speaks_to_the_name_over_the_vetted_address(tmp_path, monkeypatch):
-    """TLS to `localhost`: certificate checked against the name (SNI too), connection to its loopback address."""
+@pytest.fixture
+def tls(tmp_path, monkeypatch):
+    """A server context with a certificate for `localhost`, which `ssl.create_default_context()` then trusts."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    names = []
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
-    server.sni_callback = lambda sock, name, ctx: names.append(name)
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # ssl.create_default_context() trusts it
-    with http_server({"/x.png": (200, {}, png())}, tls=server) as (port, seen):
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    return server
+
+
+def test_https_speaks_to_the_name_over_the_vetted_address(tls):
+    """TLS to `localhost`: certificate checked against the name (SNI too), connection to its loopback address."""
+    names = []
+    tls.sni_callback = lambda sock, name, ctx: names.append(name)
+    with http_server({"/x.png": (200, {}, png())}, tls=tls) as (port, seen):
         assert fetch_url(f"https://localhost:{port}/x.png", LOOPBACK_OK) == png()
         assert names == ["localhost"] and seen == [("/x.png", f"localhost:{port}")]
         with pytest.raises(FetchError, match="SSL"):  # the certificate is not for 127.0.0.1
             fetch_url(f"https://127.0.0.1:{port}/x.png", LOOPBACK_OK)
+
+
+def test_header_trickle_over_tls_is_cut_at_the_deadline(tls):
+    def talk(conn, stop):
+        try:
+            with tls.wrap_socket(conn, server_side=True) as tconn:
+                tconn.recv(65536)
+                trickle_headers(tconn, stop)
+        except OSError:
+            pass
+
+    with raw_server(talk) as (port, _):
+        t = time.monotonic()
+        with pytest.raises(FetchError, match="within the 1 s deadline"):
+            fetch_url(f"https://localhost:{port}/x.png", FetchPolicy(allow_private=True, deadline_s=1))
+        assert time.monotonic() - t < 3
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -327,14 +328,17 @@ def test_the_server_answers_one_text_for_every_failed_remote_url():
 
     lax = MediaPolicy(allow_remote=True, allow_private_hosts=True, remote_timeout_s=1, max_bytes=50_000)
     strict = MediaPolicy(allow_remote=True, remote_timeout_s=1)
+    clip = (Path(__file__).parent / "fixtures" / "video" / "carphone_pristine.mp4").read_bytes()
     with http_server({"/x.png": (200, {}, png())}) as (other, _), raw_server(trickle_headers) as (slow, _):
-        routes = {"/x.png": (200, {}, png()), "/text": (200, {"Content-Type": "text/plain"}, b"+OK redis ready"),
+        routes = {"/x.png": (200, {}, png()), "/clip.mp4": (200, {}, clip),
+                  "/text": (200, {"Content-Type": "text/plain"}, b"+OK redis ready"),
                   "/empty": (200, {}, b""), "/big": (200, {}, b"\0" * 60_000),
                   "/port": (302, {"Location": f"http://127.0.0.1:{other}/x.png"}, b""),
                   "/ftp": (302, {"Location": f"ftp://127.0.0.1:{other}/x.png"}, b"")}
         with http_server(routes) as (port, _):
             base = f"http://127.0.0.1:{port}"
             assert fetch(base + "/x.png", "p", lax).data == png()
+            assert fetch(base + "/clip.mp4", "p", MediaPolicy(allow_remote=True, allow_private_hosts=True)).data == clip
             failures = [(base + "/x.png", strict)] + [(base + p, lax) for p in (
                 "/missing", "/text", "/empty", "/big", "/port", "/ftp")] + [
                 (f"http://127.0.0.1:{closed_port()}/x.png", lax), (f"http://127.0.0.1:{slow}/x.png", lax)]
@@ -354,7 +358,6 @@ def test_the_server_answers_one_text_for_every_failed_remote_url():
 def test_one_fetcher():
     """Nothing but `mlx_internvl/fetch.py` speaks HTTP itself (a second fetch loop would miss these rules)."""
     import ast
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     clients = {"urllib.request", "http.client", "httpx", "requests", "urllib3", "aiohttp"}

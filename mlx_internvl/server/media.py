@@ -34,7 +34,9 @@ logger = logging.getLogger("mlx_internvl.server.media")  # `serve -v` shows its 
 REMOTE_FAILED = ("the URL could not be fetched (refused by this server's rules, unreachable, an HTTP error, too "
                  "slow, too large, or not an image or video); send the image as a data: URL instead")
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4 / MOV / 3GP
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x30\x26\xb2\x75")  # MKV/WebM...
+# MKV/WebM, Ogg, FLV, MPEG program and video streams, ASF/WMV, Y4M
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3",
+                b"\x30\x26\xb2\x75", b"YUV4MPEG2")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Bad requests sent to a running server over raw HTTP, and what came back: used by `test_server_errors.py`, and
-`python tests/server_bad_requests.py` prints the README's table (it builds the tiny test checkpoint and serves it).
+`python tests/server_bad_requests.py` prints docs/serve.md's table (it builds the tiny test checkpoint and serves it).
 
 The server for these is started with an API key, `--allow-remote-images --allow-private-image-hosts` (1 s
 deadline; the image servers are on 127.0.0.1), `--allow-local-images` on a temporary directory and a 1 MB request

@@ -80,7 +80,7 @@ def _remote(url: str, param: str, policy: MediaPolicy) -> bytes:
             raise FetchError(f"the {len(data)} bytes are neither an image nor a video container")
         return data
     except FetchError as e:  # why, only in the server's own log: a client must not learn what is behind a URL
-        logger.debug("%s: %s not fetched: %s", param, url[:200], e)
+        logger.debug("%s: %r not fetched: %s", param, url[:200], str(e).replace("\n", " "))  # one line each
         raise APIError(400, f"{param}: {REMOTE_FAILED}", param, "image_download_failed") from None
 
 

@@ -307,6 +307,13 @@ class Processor:
             raise UserError(f"max_tiles has {len(limits)} entries for {len(images)} images")
         return [image_to_tiles(load_image(im, exif_transpose), self.config, m) for im, m in zip(images, limits)]
 
+    def frame_tiles(self, video, num_frames: int) -> List[np.ndarray]:
+        """A video file's sampled frames (tiled as they decode, so no full-size frame is kept) or PIL frames, as
+        `[1, S, S, 3]` tiles."""
+        if isinstance(video, (list, tuple)):
+            return [frame_to_tile(f, self.config) for f in video]
+        return load_video_frames(video, num_frames=num_frames, each=lambda f: frame_to_tile(f, self.config))
+
     def __call__(
         self,
         text: str,
@@ -328,10 +335,10 @@ class Processor:
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
         n_frames = 0
         if video is not None:
-            frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, num_frames=num_frames)
+            frames = self.frame_tiles(video, num_frames)
             if not frames:
                 raise UserError("video: no frames were given or decoded; pass a list of PIL frames or a video file")
-            tiles += [frame_to_tile(f, self.config) for f in frames]
+            tiles += frames
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
         rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label)

@@ -6,12 +6,12 @@ import base64
 
 import numpy as np
 import pytest
+from conftest import ASSETS
 
 import mlx_internvl.render as library_render
 import mlx_internvl.server.render as server_render
 import mlx_internvl.video as video_module
 from builders import Case
-from conftest import ASSETS
 from server_bad_requests import b64, png_header_only, send, small_png
 from server_util import IMG1, data_url, serving
 

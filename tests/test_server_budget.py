@@ -155,3 +155,20 @@ def test_within_budget_requests_still_answer(default_server, tight_server):
     for url in (default_server[0], tight_server[0]):
         status, reply = send(url, chat(image(data_url(IMG1)), max_tiles=2))
         assert status == 200 and reply["usage"]["prompt_tokens"] > 12, reply
+
+
+def test_serve_options_reach_the_server_config(monkeypatch, tmp_path):
+    import mlx_internvl.cli.serve_cmd as serve_cmd
+    from mlx_internvl.cli.main import main
+    from mlx_internvl.server.app import ServerConfig
+
+    seen = {}
+    monkeypatch.setattr(serve_cmd, "serve", lambda model, group=None, **options: seen.update(options))
+    main(["serve", "--model", str(tmp_path), "--max-images", "3", "--max-frames", "5", "--max-request-tiles", "7",
+          "--max-text-kb", "2.5", "--max-video-megapixels", "0.5"])
+    cfg = ServerConfig(model="m", **seen)
+    assert (cfg.max_images, cfg.max_frames, cfg.max_request_tiles, cfg.max_text_kb, cfg.max_video_megapixels) == (
+        3, 5, 7, 2.5, 0.5)
+    defaults = ServerConfig(model="m")
+    assert (defaults.max_images, defaults.max_frames, defaults.max_request_tiles, defaults.max_text_kb,
+            defaults.max_video_megapixels) == (16, 64, 128, 1024.0, 4000.0)

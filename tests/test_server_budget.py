@@ -172,3 +172,21 @@ def test_serve_options_reach_the_server_config(monkeypatch, tmp_path):
     defaults = ServerConfig(model="m")
     assert (defaults.max_images, defaults.max_frames, defaults.max_request_tiles, defaults.max_text_kb,
             defaults.max_video_megapixels) == (16, 64, 128, 1024.0, 4000.0)
+
+
+def test_the_text_bound_never_exceeds_the_real_token_count():
+    """`bytes / (3 L)` is a lower bound on the tokens transformers' own Qwen2.5 tokenizer (NFC-normalizing
+    byte-level BPE) makes, for whitespace runs, long repeats, CJK, emoji and decomposed Hangul that NFC composes."""
+    import unicodedata
+
+    from transformers import AutoTokenizer
+
+    from mlx_internvl.server.budget import SHRINK, longest_token_bytes, text_bytes
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / "qwen2_5"))
+    per_token = SHRINK * longest_token_bytes(tok)
+    assert longest_token_bytes(tok) >= max(len(tok.decode([i]).encode()) for i in range(0, 151643, 97))
+    texts = [" " * 5000, "\n" * 3000, "-" * 4000, "a" * 9000, "数据" * 2000, "🙂" * 1000, "<|im_start|>" * 300,
+             unicodedata.normalize("NFD", "각한글" * 1500), unicodedata.normalize("NFD", "ΐǖ" * 2000)]
+    for text in texts:
+        assert len(tok.encode(text)) >= -(-text_bytes(text) // per_token) >= 1, text[:10]

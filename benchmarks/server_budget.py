@@ -16,6 +16,7 @@ passes `--rss-limit-gb` and records that.
 
     python benchmarks/server_budget.py --source /work/main --label main
     python benchmarks/server_budget.py --label budget
+    python benchmarks/server_budget.py --table      # the JSON's labels side by side, as Markdown
 """
 
 from __future__ import annotations
@@ -161,9 +162,10 @@ def measure(source: Path, ckpt: Path, body: dict, limit_mb: float) -> dict:
 
         def watchdog():
             while server.poll() is None and not done.is_set():
-                if proc_status(server.pid)["VmRSS"] > limit_mb:
+                if proc_status(server.pid).get("VmRSS", 0) > limit_mb:
                     killed.set()
                     server.kill()
+                    return
                 time.sleep(0.05)
 
         threading.Thread(target=watchdog, daemon=True).start()
@@ -188,15 +190,38 @@ def measure(source: Path, ckpt: Path, body: dict, limit_mb: float) -> dict:
         server.wait()
 
 
+def table(results: dict) -> str:
+    """One row per case and label: status, peak RSS above idle, RSS left, CPU seconds."""
+    rows = ["| Case | Run | Status | Peak RSS above idle (MB) | Left resident (MB) | CPU (s) |",
+            "|---|---|---|---|---|---|"]
+    names = dict.fromkeys(n for run in results.values() for n in run["cases"])
+    for name in names:
+        for label, run in results.items():
+            r = run["cases"].get(name)
+            if r is None:
+                continue
+            if r.get("killed_over_mb"):
+                rows.append(f"| {name} | {label} | killed past {r['killed_over_mb'] / 1024:g} GB | - | - | - |")
+                continue
+            status = f"{r['status']} {r['code'] or ''}".strip()
+            rows.append(f"| {name} | {label} | {status} | {r['peak_above_idle_mb']} | {r['left_above_idle_mb']} "
+                        f"| {r['cpu_s']} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, default=ROOT, help="checkout whose mlx_internvl serves (default: this)")
-    ap.add_argument("--label", required=True)
+    ap.add_argument("--label")
+    ap.add_argument("--table", action="store_true", help="print the results JSON as a Markdown table and stop")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server-budget-linux-cpu.json")
     ap.add_argument("--huge", action="store_true", help="also the 45 MB text case")
     ap.add_argument("--only", nargs="*", help="case names to run")
     ap.add_argument("--rss-limit-gb", type=float, default=8.0)
     args = ap.parse_args()
+    if args.table or not args.label:
+        print(table(json.loads(args.out.read_text())))
+        return
     from builders import Case, build
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,9 +237,10 @@ def main():
             results[name] = dict(measure(args.source.resolve(), ckpts[ckpt], body, args.rss_limit_gb * 1024),
                                  sent=sizes.get(name.split("@")[0], ""))
             print(name, json.dumps(results[name]), flush=True)
-    table = json.loads(args.out.read_text()) if args.out.exists() else {}
-    table[args.label] = {"source": str(args.source), "cases": results}
-    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+    stored[args.label] = dict(stored.get(args.label, {}), source=str(args.source))
+    stored[args.label]["cases"] = dict(stored[args.label].get("cases", {}), **results)
+    args.out.write_text(json.dumps(stored, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,18 @@ def test_the_text_bound_never_exceeds_the_real_token_count():
              unicodedata.normalize("NFD", "각한글" * 1500), unicodedata.normalize("NFD", "ΐǖ" * 2000)]
     for text in texts:
         assert len(tok.encode(text)) >= -(-text_bytes(text) // per_token) >= 1, text[:10]
+
+
+def test_a_video_without_a_declared_frame_size_is_refused():
+    from types import SimpleNamespace
+
+    from mlx_internvl.server.budget import Budget, Limits
+    from mlx_internvl.server.protocol import APIError
+
+    processor = SimpleNamespace(context_length=512, config=SimpleNamespace(num_image_token=4),
+                                tokenizer=SimpleNamespace(get_vocab=lambda: {"ab": 0}))
+    budget = Budget(Limits(), processor)
+    assert budget.video("v", 176, 144, 90, 0, 10**8) == 90 * 176 * 144
+    with pytest.raises(APIError, match="does not say its frame size") as e:
+        budget.video("v", 0, 0, 90, 0, 10**8)
+    assert e.value.status == 400 and e.value.code == "invalid_video"

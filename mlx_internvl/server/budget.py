@@ -75,6 +75,9 @@ class Budget:
 
     def video(self, param: str, width: int, height: int, decoded: int, so_far: int, max_pixels: int) -> int:
         """Pixels decoding this video costs (`decoded` frames of `width` x `height`), added to `so_far`, checked."""
+        if width < 1 or height < 1:
+            raise APIError(400, f"{param}: the video's container does not say its frame size, so what decoding it "
+                                "costs cannot be counted; re-encode it (e.g. as MP4/H.264)", param, "invalid_video")
         if width * height > max_pixels:
             raise APIError(400, f"{param}: {width}x{height} pixels per frame is over this server's limit of "
                                 f"{max_pixels} (a decompression bomb?)", param, "video_too_large")

@@ -151,10 +151,21 @@ def test_within_budget_tiles_stay_uint8_until_encoded(default_server):
     assert spec.tiles is None  # let go once handed to the vision model
 
 
-def test_within_budget_requests_still_answer(default_server, tight_server):
+def test_within_budget_image_reply_equals_generate_token_for_token(default_server, tight_server, built):
+    """Under the default limits and under tight ones, an image request inside them answers as `stream_generate`."""
+    import mlx_internvl
+    from mlx_internvl.generate import stream_generate
+
+    model, processor = mlx_internvl.load(built.original_dir, dtype="float32")
+    pieces = list(stream_generate(model, processor, "Describe.", [IMG1], max_tokens=8, max_tiles=2))
+    toks = [p.token for p in pieces][:-1 if pieces[-1].finish_reason == "stop" else None]
+    expected = [processor.tokenizer.decode([t]) for t in toks]
+    assert len(expected) >= 4
     for url in (default_server[0], tight_server[0]):
-        status, reply = send(url, chat(image(data_url(IMG1)), max_tiles=2))
-        assert status == 200 and reply["usage"]["prompt_tokens"] > 12, reply
+        status, reply = send(url, chat(image(data_url(IMG1)), max_tiles=2, max_tokens=8, logprobs=True))
+        assert status == 200, reply
+        assert [c["token"] for c in reply["choices"][0]["logprobs"]["content"]] == expected
+        assert reply["usage"]["prompt_tokens"] == pieces[-1].prompt_tokens
 
 
 def test_serve_options_reach_the_server_config(monkeypatch, tmp_path):

@@ -149,6 +149,11 @@ def test_within_budget_tiles_stay_uint8_until_encoded(default_server):
     expected = processor.image_tiles([IMG1], max_tiles=6)[0]  # the library's float32 tiles
     np.testing.assert_array_equal(spec.pixel_values(), expected)
     assert spec.tiles is None  # let go once handed to the vision model
+    if __import__("importlib").util.find_spec("av"):
+        clip = "data:video/mp4;base64," + base64.b64encode(CLIP.read_bytes()).decode()
+        frames = renderer.render(parse_request(__import__("json").dumps(chat(video(clip), num_frames=3)).encode(),
+                                               10**6)).images
+        assert [(f.tiles.dtype, f.tiles.shape) for f in frames] == [(np.uint8, (1, 56, 56, 3))] * 3
 
 
 def test_within_budget_image_reply_equals_generate_token_for_token(default_server, tight_server, built):

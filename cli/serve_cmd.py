@@ -47,6 +47,16 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Default most 448px tiles per image (requests may set max_tiles).")
 @click.option("--num-frames", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Default frames sampled from a video part (requests may set num_frames).")
+@click.option("--max-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Most images in one request (400 beyond, before any is fetched).")
+@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True,
+              help="Most video frames in one request, all its videos together.")
+@click.option("--max-request-tiles", type=click.IntRange(1), default=128, show_default=True,
+              help="Most 448px tiles in one request, images' tiles and video frames together (counted from headers).")
+@click.option("--max-text-kb", type=click.FloatRange(0.001), default=1024.0, show_default=True,
+              help="Most text in one request, all messages together, in KB of UTF-8 (413 beyond, before tokenizing).")
+@click.option("--max-video-megapixels", type=click.FloatRange(0.001), default=4000.0, show_default=True,
+              help="Most pixels decoded from a request's videos: frames read (up to the last sampled) x frame size.")
 @click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Reply length when a request does not set max_tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import logging
@@ -129,15 +130,11 @@ def fetch(url: str, param: str, policy: MediaPolicy) -> Media:
     return Media(data, hashlib.sha256(data).hexdigest())
 
 
-def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
-    """An RGB image, as upstream converts it; a 400 for anything that is not a safe, readable image."""
+@contextlib.contextmanager
+def _image_errors(param: str):
+    """Pillow's failures on a hostile or broken file, as 400s."""
     try:
-        image = Image.open(io.BytesIO(media.data))  # reads the header only
-        if image.width * image.height > max_pixels:
-            raise APIError(400, f"{param}: {image.width}x{image.height} pixels is over this server's limit of "
-                                f"{max_pixels} (a decompression bomb?)", param, "image_too_large")
-        image.load()
-        return open_image(image, max_pixels=max_pixels)
+        yield
     except APIError:
         raise
     except Image.DecompressionBombError as e:
@@ -146,3 +143,21 @@ def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
         raise APIError(400, f"{param}: not an image (unknown or corrupt format)", param, "invalid_image") from None
     except (UserError, OSError, SyntaxError, ValueError) as e:
         raise APIError(400, f"{param}: the image cannot be decoded ({e})", param, "invalid_image") from None
+
+
+def image_header(media: Media, param: str, max_pixels: int) -> Image.Image:
+    """The image, its header read and its size checked, no pixel decoded (`.size` gives its tile count)."""
+    with _image_errors(param):
+        image = Image.open(io.BytesIO(media.data))  # reads the header only
+        if image.width * image.height > max_pixels:
+            raise APIError(400, f"{param}: {image.width}x{image.height} pixels is over this server's limit of "
+                                f"{max_pixels} (a decompression bomb?)", param, "image_too_large")
+        return image
+
+
+def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
+    """An RGB image, as upstream converts it; a 400 for anything that is not a safe, readable image."""
+    image = image_header(media, param, max_pixels)
+    with _image_errors(param):
+        image.load()
+        return open_image(image, max_pixels=max_pixels)

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from builders import Case
+from builders import ROPE_KINDS, Case, rope_case
 
 torch = pytest.importorskip("torch")
 
@@ -29,49 +29,11 @@ from mlx_internvl.reference import ReferenceModel  # noqa: E402
 STEPS = 12
 LOGPROB_TOL = 1e-4
 LIMIT = 32  # the rope limit of every case (max_position_embeddings for dynamic, the original length otherwise)
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2"}
-HEAD_DIM = {"qwen3": 24, "qwen3_moe": 16}  # builders.text_config; 64 / 4 heads for the others
-
-
-def rope_scaling(kind: str, head_dim: int):
-    """(rope_scaling, extra text-config keys) of one kind, with its limit at LIMIT."""
-    if kind == "default":
-        return None, {}
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": 2.0}, {}
-    if kind == "dynamic":
-        return {"rope_type": "dynamic", "factor": 2.0}, {"max_position_embeddings": LIMIT}
-    long_ctx = {"max_position_embeddings": 4 * LIMIT, "original_max_position_embeddings": LIMIT}
-    if kind == "llama3":
-        return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": LIMIT}, {"max_position_embeddings": 4 * LIMIT}
-    if kind == "yarn":
-        return {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": LIMIT}, {
-            "max_position_embeddings": 4 * LIMIT}
-    if kind == "longrope":
-        n = head_dim // 2
-        short = [1.0 + 0.05 * i for i in range(n)]
-        long = [1.0 + 1.5 * i for i in range(n)]  # far from `short`, so a wrong choice changes every logit
-        return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
-                "original_max_position_embeddings": LIMIT}, long_ctx
-    raise AssertionError(kind)
-
-
-KINDS = {
-    "qwen2": ("default", "linear", "dynamic", "llama3", "yarn", "longrope"),  # InternVL2.5/3 (InternVL3: dynamic)
-    "qwen3": ("default", "dynamic", "yarn"),
-    "qwen3_moe": ("default", "yarn"),
-    "llama": ("default", "linear", "dynamic", "llama3"),
-    "internlm2": ("default", "linear", "dynamic"),  # InternVL2/2.5's InternLM2 configs carry dynamic
-    "phi3": ("default", "longrope"),  # InternVL2-4B: Phi-3-mini-128k, longrope
-}
-CASES = [(text, kind) for text, kinds in KINDS.items() for kind in kinds]
+CASES = [(text, kind) for text, kinds in ROPE_KINDS.items() for kind in kinds]
 
 
 def make_case(text: str, kind: str) -> Case:
-    scaling, extra = rope_scaling(kind, HEAD_DIM.get(text, 16))
-    return Case(f"rb_{text}_{kind}", text=text, template=TEMPLATES.get(text, "internvl2_5"), rope_scaling=scaling,
-                extra_text=extra, kv_heads=4 if text == "phi3" else 2, seed=3)
+    return rope_case(f"rb_{text}_{kind}", text, kind, LIMIT)
 
 
 def rows_around_limit(seed: int):

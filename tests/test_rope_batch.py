@@ -108,3 +108,30 @@ def test_each_batch_row_decodes_as_alone_in_transformers(build_case, text, kind)
         assert tokens == ref_tokens, f"row {i} ({len(ids)} prompt tokens): tokens differ"
         err = np.abs(np.stack(logprobs) - ref_lp).max()
         assert err < LOGPROB_TOL, f"row {i} ({len(ids)} prompt tokens): log-probabilities {err:.2e} apart"
+
+
+# Checkpoints of the kinds released configs carry, with prompts (about 55-250 tokens) around longrope's limit;
+# dynamic NTK's limit is the context `generate` accepts, so its prompts stay below it.
+CARRIED = [("qwen2", "dynamic"), ("internlm2", "dynamic"), ("phi3", "longrope")]
+
+
+@pytest.mark.parametrize("text,kind", CARRIED, ids=[f"{t}-{k}" for t, k in CARRIED])
+def test_batch_generate_equals_generate(build_case, text, kind):
+    """`batch_generate` (text and images) gives each prompt the tokens `generate` gives it alone."""
+    import mlx_internvl
+    from mlx_internvl.generate import batch_generate, stream_generate
+    from server_util import IMG1, IMG2
+
+    built = build_case(rope_case(f"load_{text}_{kind}", text, kind, 512 if kind == "dynamic" else 200))
+    model, processor = mlx_internvl.load(built.original_dir, dtype="float32")
+    prompts = ["Hi.", "What is in the image?", "Describe both of them in detail.", "Count to ten, slowly, in words."]
+    images = [None, [IMG1], [IMG1, IMG2], None]
+    batch = batch_generate(model, processor, prompts, images, max_tokens=16, max_tiles=2)
+    lengths = []
+    for prompt, ims, got in zip(prompts, images, batch.token_ids):
+        pieces = list(stream_generate(model, processor, prompt, ims, max_tokens=16, max_tiles=2))
+        alone = [p.token for p in pieces][: -1 if pieces[-1].finish_reason == "stop" else None]
+        assert got == alone, f"{prompt!r}: batched tokens differ from the tokens alone"
+        lengths.append(len(processor(prompt, images=ims, max_tiles=2)["input_ids"][0]))
+    if kind == "longrope":
+        assert min(lengths) <= 200 < max(lengths), lengths  # rows on both sides of the short/long switch

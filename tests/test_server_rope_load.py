@@ -25,7 +25,8 @@ openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 20
 LIMIT = 200  # the prompts below are 55 and 189-254 tokens long
-REQUESTS = [[user("Hi.")], [user("What is in the image?", IMG1)], [user("Describe both of them in detail.", IMG1, IMG2)],
+REQUESTS = [[user("Hi.")], [user("What is in the image?", IMG1)],
+            [user("Describe both of them in detail.", IMG1, IMG2)],
             [user("Count to ten, slowly and carefully, please, in words.")], [user("Name it.", IMG2)],
             [user("What is it?", IMG1), {"role": "assistant", "content": "A photo."}, user("Which colours?")],
             [{"role": "system", "content": "Be brief."}, user("Why is the sky blue?")], [user("A city.")]]

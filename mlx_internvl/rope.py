@@ -23,9 +23,11 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE, SuScaledRoPE, initialize_rope
 
 
+@mx.compile  # one fused kernel instead of a dozen small ones per call
 def rope_rows(x: mx.array, dims: int, offset: mx.array, inv_freqs: mx.array, traditional: bool) -> mx.array:
     """`x [B, H, L, D]` rotated by the angles `(offset[b] + t) * inv_freqs[b]` of its own row (`inv_freqs
-    [B, dims/2]`, the reciprocal of `mx.fast.rope`'s `freqs`); features past `dims` are left as they are."""
+    [B, dims/2]`, the reciprocal of `mx.fast.rope`'s `freqs`); features past `dims` are left as they are. The
+    arithmetic is float32, as in `mx.fast.rope`'s GPU kernel."""
     positions = offset[:, None].astype(mx.float32) + mx.arange(x.shape[-2], dtype=mx.float32)
     theta = (positions[:, :, None] * inv_freqs[:, None, :])[:, None]  # [B, 1, L, dims/2]
     cos, sin = mx.cos(theta), mx.sin(theta)

@@ -114,14 +114,14 @@ def batch_safe(rope: nn.Module, llm_config: dict) -> nn.Module:
     """The rope module to use in place of the backbone's own `rope`: the same one where fixed frequencies make it
     right for a batch, a per-row one where they depend on the length."""
     rs = llm_config.get("rope_scaling") or {}
-    kind = rs.get("type", "default")
+    kind = rs.get("type") or rs.get("rope_type") or "default"
     if type(rope) is nn.RoPE and kind not in ("default", "mrope", "longrope", "su") and not (
-            kind == "linear" and rope.scale == 1 / rs["factor"]):
+            kind == "linear" and rope.scale == 1 / rs.get("factor", 1.0)):
         # The backbone ignored the scaling (mlx-lm's Qwen3-MoE builds a plain rope whatever the config says).
         rope = initialize_rope(rope.dims, rope.base, rope.traditional, rs, llm_config.get("max_position_embeddings"))
     if type(rope) is DynamicNTKScalingRoPE:
         return DynamicNTKRoPE(rope.dims, rope.max_position_embeddings, rope.traditional, rope.base, rope.factor)
-    if rs.get("type") in ("longrope", "su"):
+    if kind in ("longrope", "su"):
         dims = rope.dim if isinstance(rope, SuScaledRoPE) else rope.dims
         return _longrope(dims, llm_config, rs)
     return rope

@@ -46,6 +46,14 @@ def _row_offsets(offset: mx.array, batch: int) -> mx.array:
     return mx.broadcast_to(offset.reshape(-1), (batch,))
 
 
+@mx.compile
+def _ntk_rows(x, offset, dims: int, base: float, factor: float, max_positions: int, traditional: bool):
+    n = mx.maximum(offset + x.shape[-2], max_positions).astype(mx.float32)
+    log_base = math.log(base) + dims / (dims - 2) * mx.log(factor * n / max_positions - (factor - 1))
+    inv_freqs = mx.exp(-log_base[:, None] * (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    return rope_rows(x, dims, offset, inv_freqs, traditional)
+
+
 class DynamicNTKRoPE(DynamicNTKScalingRoPE):
     """mlx-lm's dynamic NTK rope (same formula as transformers' and InternLM2's), with each batch row's base taken
     from that row's own length: `base * (factor * n / max - (factor - 1)) ** (d / (d - 2))`, n = max(length, max)."""
@@ -53,12 +61,8 @@ class DynamicNTKRoPE(DynamicNTKScalingRoPE):
     def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
         if not isinstance(offset, mx.array):
             return super().__call__(x, offset)
-        offset = _row_offsets(offset, x.shape[0])
-        n = mx.maximum(offset + x.shape[-2], self.max_position_embeddings).astype(mx.float32)
-        grow = self.factor * n / self.max_position_embeddings - (self.factor - 1)
-        log_base = math.log(self.base) + self.dims / (self.dims - 2) * mx.log(grow)
-        inv_freqs = mx.exp(-log_base[:, None] * (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims))
-        return rope_rows(x, self.dims, offset, inv_freqs, self.traditional)
+        return _ntk_rows(x, _row_offsets(offset, x.shape[0]), self.dims, self.base, self.factor,
+                         self.max_position_embeddings, self.traditional)
 
 
 class LongRoPE(nn.Module):

@@ -10,7 +10,8 @@ choose their frequencies from the length the sequence has reached, and that leng
 Here each row gets the frequencies its own length gives, exactly as if it were decoded alone (transformers decides
 once per batch, from the longest row, so a row's reply would depend on what else is in the batch). `mx.fast.rope`
 takes one frequency vector per call, so batched calls rotate with per-row angles computed in float32; single
-sequences (int offsets: prefill, `generate`) keep the `mx.fast.rope` call.
+sequences (int offsets: prefill, `generate`) keep the `mx.fast.rope` call. A backbone that ignores the config's
+scaling (mlx-lm's Qwen3-MoE builds a plain rope) gets the one mlx-lm's `initialize_rope` builds for it.
 """
 
 from __future__ import annotations

@@ -140,6 +140,13 @@ CONFIGS = {
     "quantization without group_size": (_set(None, "quantization", {"bits": 4}), "missing key 'group_size'"),
     "downsample_ratio 0": (_set(None, "downsample_ratio", 0), "'downsample_ratio'"),
     "rope_scaling a string": (_set("llm_config", "rope_scaling", "x"), "'rope_scaling'"),
+    "rope_scaling type unknown": (_set("llm_config", "rope_scaling", {"type": "ntk-by-parts", "factor": 2.0}),
+                                  "rope_scaling (type 'ntk-by-parts') is not supported; supported types: default"),
+    "rope_scaling dynamic without factor": (_set("llm_config", "rope_scaling", {"type": "dynamic"}),
+                                            "(type 'dynamic') needs a positive number 'factor', got None"),
+    "rope_scaling longrope factors too short": (
+        _set("llm_config", "rope_scaling", {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
+                                            "original_max_position_embeddings": 32}), "'short_factor' has 1 values"),
     "select_layer 99": (_set(None, "select_layer", 99), "select_layer 99"),
     "a JSON list": (None, "expected a JSON object"),
 }

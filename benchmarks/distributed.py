@@ -119,13 +119,18 @@ def _spawn(cmd, n: int, work: Path, port: int = 47311) -> None:
 
 
 def markdown(preset: str, results: dict) -> str:
+    return f"{preset}, float32\n\n" + table(results)
+
+
+def table(results: dict) -> str:
+    """The docs' table of memory and speed per rank, from `measure` (or the committed results file)."""
     rows = ["| ranks | rank | weights held (GB) | MLX peak after load (GB) | MLX peak (GB) | peak RSS (GB) | "
             "decode tok/s |", "|---|---|---|---|---|---|---|"]
     for n, ranks in results.items():
         for r in ranks:
             rows.append(f"| {n} | {r['rank']} | {r['held_gb']:.2f} | {r['peak_after_load_gb']:.2f} | "
                         f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['decode_tps']:.2f} |")
-    return f"{preset}, float32\n\n" + "\n".join(rows)
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ REGIONS: Dict[str, Region] = {
     "convert-memory": Region(lambda: script("benchmarks/convert_memory.py").markdown(
         results("convert-memory-linux-cpu.json"))),
     "distributed-plan": Region(lambda: script("benchmarks/distributed.py").plan(), live=True),
+    "distributed-bandwidth": Region(lambda: script("benchmarks/distributed.py").bandwidth(), live=True),
     "distributed-speed": Region(lambda: script("benchmarks/distributed.py").table(
         results("distributed-linux-cpu.json")["results"])),
     "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True),

@@ -64,7 +64,15 @@ class Region:
 def _bench() -> str:
     from mlx_internvl.bench.run import markdown
 
-    return markdown(results("linux-cpu-openblas.json")["results"])
+    rows = results("linux-cpu-openblas.json")["results"]
+    out = [markdown(rows)]
+    for r in rows:
+        if r.get("side") == "mlx" and r.get("bandwidth_gbs") and r.get("decode_bytes_per_token"):
+            gb = r["decode_bytes_per_token"] / 1e9
+            out.append(f"{r['preset']} {r['dtype']}: bandwidth (numpy streaming read) {r['bandwidth_gbs']:.1f} GB/s; a "
+                       f"decode step reads {gb:.2f} GB of weights, so the limit is {r['bandwidth_gbs'] / gb:.1f} tok/s "
+                       f"and MLX decodes at {r['decode_bw_fraction']:.0%} of it.")
+    return "\n\n".join(out)
 
 
 def _design_choices() -> str:

@@ -88,6 +88,25 @@ def _speculative_cache() -> str:
     return script("benchmarks/speculative.py").cache_markdown([json.loads(f.read_text())["cache"] for f in files])
 
 
+def _parity_listing() -> str:
+    """`mlx-internvl parity` on the test suite's tiny Qwen2 checkpoint, as the Parity page shows it."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from builders import Case, build
+    from mlx_internvl.parity import format_report, run_parity
+
+    prompt = "What is in the picture?"
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = build(Case("m_qwen2"), Path(tmp) / "ckpt").hf_dir
+        report = run_parity(hf_dir, [ROOT / "tests" / "fixtures" / "images" / "image1.jpg"], prompt, device="cpu",
+                            max_tiles=4)
+    report["model"] = "./tiny-qwen2-hf"
+    command = (f'mlx-internvl parity ./tiny-qwen2-hf --image image1.jpg --prompt "{prompt}" --max-tiles 4 '
+               "--json report.json")
+    return f"```console\n$ {command}\n{format_report(report)}\n\nwrote report.json\n```"
+
+
 def _measure_reliability() -> None:
     data = script("benchmarks/reliability_table.py").measure()
     if data["returncode"] != 0:
@@ -108,6 +127,7 @@ REGIONS: Dict[str, Region] = {
         results("lora-memory-linux-cpu.json"))),
     "reliability": Region(lambda: script("benchmarks/reliability_table.py").markdown(results("reliability.json")),
                           measure=_measure_reliability),
+    "parity-report": Region(_parity_listing, live=True),
     "bench": Region(_bench),
     "design-choices": Region(_design_choices),
     "kv-memory": Region(lambda: script("benchmarks/kv_memory.py").markdown(results("kv-memory-linux-cpu.json"))),

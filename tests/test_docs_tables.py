@@ -1,6 +1,7 @@
 """Every generated table in the docs equals what its data renders to now (benchmarks/docs_tables.py), and the
 check notices a hand-edited cell. The server's table of bad requests is checked where those requests are sent
-(test_server_errors.py); the reliability counts are re-measured only by `docs_tables.py --write`."""
+(test_server_errors.py); the reliability counts are re-measured, and the example parity report (whose figures
+depend on the machine and the torch/transformers versions) re-run, only by `docs_tables.py --write`."""
 
 import pytest
 

@@ -107,6 +107,28 @@ def _parity_listing() -> str:
     return f"```console\n$ {command}\n{format_report(report)}\n\nwrote report.json\n```"
 
 
+def _cli_options(command: str) -> str:
+    """The options of `mlx-internvl COMMAND` with their defaults and help, read from the click command itself."""
+    import click
+
+    from mlx_internvl.cli.main import cli
+
+    def default(p):
+        if p.is_flag:
+            return "off"
+        if p.default is None or p.multiple or not isinstance(p.default, (str, int, float)):
+            return "–"
+        return f"`{p.default:g}`" if isinstance(p.default, float) else f"`{p.default}`"
+
+    out = ["| option | default | what it does |", "|---|---|---|"]
+    for p in cli.get_command(click.Context(cli), command).params:
+        if isinstance(p, click.Option):
+            names = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
+            env = f" Environment: `{p.envvar}`." if p.envvar else ""
+            out.append(f"| {names} | {default(p)} | {(p.help or '').replace('|', '/')}{env} |")
+    return "\n".join(out)
+
+
 def _measure_reliability() -> None:
     data = script("benchmarks/reliability_table.py").measure()
     if data["returncode"] != 0:
@@ -122,6 +144,7 @@ REGIONS: Dict[str, Region] = {
     "distributed-speed": Region(lambda: script("benchmarks/distributed.py").table(
         results("distributed-linux-cpu.json")["results"])),
     "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True),
+    "serve-options": Region(lambda: _cli_options("serve")),
     "server-speed": Region(lambda: script("benchmarks/server_bench.py").markdown(results("server-linux-cpu.json"))),
     "lora-memory": Region(lambda: script("benchmarks/lora_memory.py").markdown(
         results("lora-memory-linux-cpu.json"))),

@@ -58,6 +58,7 @@ def results(name: str) -> dict:
 class Region:
     render: Callable[[], str]
     live: bool = False  # computed on the spot (seconds), not read from a committed file
+    in_tests: bool = True  # False: checked by its own test (server errors) or machine-dependent (--check only)
     measure: Optional[Callable[[], None]] = None  # refreshes the results file (--write unless --no-measure)
 
 
@@ -86,6 +87,37 @@ def _design_choices() -> str:
 def _speculative_cache() -> str:
     files = sorted(RESULTS.glob("speculative-cache*-linux-cpu.json"))
     return script("benchmarks/speculative.py").cache_markdown([json.loads(f.read_text())["cache"] for f in files])
+
+
+def _generate_listing() -> str:
+    """`generate --verbose`'s header for the test photo, from InternVL3-1B's processor (its Qwen2.5 tokenizer plus
+    InternVL's tokens, from the test fixtures); no model runs, so the reply and speeds are left as placeholders."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mlx_internvl.bench.presets import preset_config
+    from mlx_internvl.cli.generate_cmd import printable_prompt
+    from mlx_internvl.processing import _tile_range, tile_grid
+
+    config = preset_config("internvl3-1b")
+    proc = script("benchmarks/chat_reuse.py").processor_for(SimpleNamespace(config=config))
+    photo, question = ROOT / "tests" / "fixtures" / "images" / "image1.jpg", "Describe this image in detail."
+    size = Image.open(photo).size
+    runs = {m: proc(question, images=[str(photo)], max_tiles=m) for m in (None, 6)}
+    grids = {m: "x".join(map(str, tile_grid(*size, *_tile_range(config, m), config.vision_config.image_size)))
+             for m in runs}
+    full, six = runs[None], runs[6]
+    tiles, six_tiles = full["num_tiles"], six["num_tiles"]
+    block = ["```console", f'$ mlx-internvl generate --image {photo.name} --prompt "{question}" --verbose',
+             f"Template: {proc.template.name}", f"Tiles per image/frame: {tiles} ({sum(tiles)} in all)",
+             "Prompt:", printable_prompt(full["prompt"]), "==========", "<the reply, streamed token by token>",
+             "==========", f"Prompt: {full['input_ids'].shape[1]} tokens, ... tokens-per-sec",
+             "Generation: ... tokens, ... tokens-per-sec", "Peak memory: ... GB", "```"]
+    return "\n".join(block) + (
+        f"\n\nThe {size[0]}x{size[1]} photo becomes a {grids[None]} grid plus a thumbnail ({sum(tiles)} tiles of "
+        f"{config.vision_config.image_size} px, {config.num_image_token} tokens each); `--max-tiles 6` gives "
+        f"{grids[6]} + thumbnail = {sum(six_tiles)} tiles and a {six['input_ids'].shape[1]}-token prompt.")
 
 
 def _parity_listing() -> str:
@@ -143,14 +175,15 @@ REGIONS: Dict[str, Region] = {
     "distributed-bandwidth": Region(lambda: script("benchmarks/distributed.py").bandwidth(), live=True),
     "distributed-speed": Region(lambda: script("benchmarks/distributed.py").table(
         results("distributed-linux-cpu.json")["results"])),
-    "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True),
+    "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True, in_tests=False),
     "serve-options": Region(lambda: _cli_options("serve")),
     "server-speed": Region(lambda: script("benchmarks/server_bench.py").markdown(results("server-linux-cpu.json"))),
     "lora-memory": Region(lambda: script("benchmarks/lora_memory.py").markdown(
         results("lora-memory-linux-cpu.json"))),
     "reliability": Region(lambda: script("benchmarks/reliability_table.py").markdown(results("reliability.json")),
                           measure=_measure_reliability),
-    "parity-report": Region(_parity_listing, live=True),
+    "generate-listing": Region(_generate_listing, live=True),
+    "parity-report": Region(_parity_listing, live=True, in_tests=False),
     "bench": Region(_bench),
     "design-choices": Region(_design_choices),
     "kv-memory": Region(lambda: script("benchmarks/kv_memory.py").markdown(results("kv-memory-linux-cpu.json"))),

@@ -17,11 +17,13 @@ def test_tables_from_results_files_match_the_docs():
     assert diffs == [], STALE + "".join(diffs)
 
 
-def test_memory_plan_matches_the_docs():
-    """Memory per rank and the bandwidth model are computed from the released configs (lazily built models, a few
-    seconds)."""
+def test_computed_tables_match_the_docs():
+    """Memory per rank and the bandwidth model (from the released configs, lazily built models) and the `generate
+    --verbose` listing (InternVL3-1B's processor on the test photo): a few seconds."""
     dt = docs_tables()
-    diffs = dt.differences(dt.render(["distributed-plan", "distributed-bandwidth"]))
+    names = [n for n, r in dt.REGIONS.items() if r.live and r.in_tests]
+    assert {"distributed-plan", "distributed-bandwidth", "generate-listing"} <= set(names)
+    diffs = dt.differences(dt.render(names))
     assert diffs == [], STALE + "".join(diffs)
 
 

@@ -59,6 +59,7 @@ class Region:
     render: Callable[[], str]
     live: bool = False  # computed on the spot (seconds), not read from a committed file
     in_tests: bool = True  # False: checked by its own test (server errors) or machine-dependent (--check only)
+    data: str = ""  # what it is rendered from, for the docs' list of regions
     measure: Optional[Callable[[], None]] = None  # refreshes the results file (--write unless --no-measure)
 
 
@@ -168,29 +169,53 @@ def _measure_reliability() -> None:
     (RESULTS / "reliability.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+R = "benchmarks/results/"
 REGIONS: Dict[str, Region] = {
     "convert-memory": Region(lambda: script("benchmarks/convert_memory.py").markdown(
-        results("convert-memory-linux-cpu.json"))),
-    "distributed-plan": Region(lambda: script("benchmarks/distributed.py").plan(), live=True),
-    "distributed-bandwidth": Region(lambda: script("benchmarks/distributed.py").bandwidth(), live=True),
+        results("convert-memory-linux-cpu.json")),
+        data=f"`{R}convert-memory-linux-cpu.json` (`convert_memory.py --json`)"),
+    "distributed-plan": Region(lambda: script("benchmarks/distributed.py").plan(), live=True,
+                               data="computed from the released configs: `distributed.py plan`"),
+    "distributed-bandwidth": Region(lambda: script("benchmarks/distributed.py").bandwidth(), live=True,
+                                    data="computed from the released configs: `distributed.py plan`"),
     "distributed-speed": Region(lambda: script("benchmarks/distributed.py").table(
-        results("distributed-linux-cpu.json")["results"])),
-    "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True, in_tests=False),
-    "serve-options": Region(lambda: _cli_options("serve")),
-    "server-speed": Region(lambda: script("benchmarks/server_bench.py").markdown(results("server-linux-cpu.json"))),
+        results("distributed-linux-cpu.json")["results"]),
+        data=f"`{R}distributed-linux-cpu.json` (`distributed.py --json`)"),
+    "server-errors": Region(lambda: script("tests/server_bad_requests.py").live_table(), live=True, in_tests=False,
+                            data="sent to a tiny test server on the spot (`tests/server_bad_requests.py`)"),
+    "serve-options": Region(lambda: _cli_options("serve"), data="the `serve` command's click options"),
+    "server-speed": Region(lambda: script("benchmarks/server_bench.py").markdown(results("server-linux-cpu.json")),
+                           data=f"`{R}server-linux-cpu.json` (`server_bench.py --json`)"),
     "lora-memory": Region(lambda: script("benchmarks/lora_memory.py").markdown(
-        results("lora-memory-linux-cpu.json"))),
+        results("lora-memory-linux-cpu.json")), data=f"`{R}lora-memory-linux-cpu.json` (`lora_memory.py --json`)"),
     "reliability": Region(lambda: script("benchmarks/reliability_table.py").markdown(results("reliability.json")),
-                          measure=_measure_reliability),
-    "generate-listing": Region(_generate_listing, live=True),
-    "parity-report": Region(_parity_listing, live=True, in_tests=False),
-    "bench": Region(_bench),
-    "design-choices": Region(_design_choices),
-    "kv-memory": Region(lambda: script("benchmarks/kv_memory.py").markdown(results("kv-memory-linux-cpu.json"))),
+                          measure=_measure_reliability,
+                          data=f"`{R}reliability.json` (`reliability_table.py --json`; re-measured by `--write`)"),
+    "generate-listing": Region(_generate_listing, live=True,
+                               data="computed: InternVL3-1B's processor (the fixtures' tokenizer) on the test photo"),
+    "parity-report": Region(_parity_listing, live=True, in_tests=False,
+                            data="run on the spot: `parity` on the tests' tiny Qwen2 checkpoint (`--check` only)"),
+    "bench": Region(_bench, data=f"`{R}linux-cpu-openblas.json` (`mlx-internvl bench --json`)"),
+    "design-choices": Region(_design_choices, data=f"`{R}design-choices-linux-cpu.json` (the scripts named in it)"),
+    "kv-memory": Region(lambda: script("benchmarks/kv_memory.py").markdown(results("kv-memory-linux-cpu.json")),
+                        data=f"`{R}kv-memory-linux-cpu.json` (`kv_memory.py --json`)"),
     "speculative-drafts": Region(lambda: script("benchmarks/speculative.py").drafts_markdown(
-        results("speculative-drafts-linux-cpu.json")["drafts"])),
-    "speculative-cache": Region(_speculative_cache),
+        results("speculative-drafts-linux-cpu.json")["drafts"]),
+        data=f"`{R}speculative-drafts-linux-cpu.json` (`speculative.py --json`)"),
+    "speculative-cache": Region(_speculative_cache, data=f"`{R}speculative-cache*-linux-cpu.json`, a row per file"),
+    "regions": Region(lambda: _index(), data="this list: `REGIONS` in `benchmarks/docs_tables.py`"),
 }
+
+
+def _index() -> str:
+    """Which table is where and what it is rendered from (the docs' list of generated regions)."""
+    where = {n: f for f in doc_files() for n in regions_in(f.read_text(encoding="utf-8"), str(f))}
+    out = ["| table | page | rendered from |", "|---|---|---|"]
+    for name, region in REGIONS.items():
+        f = where.get(name)
+        page = f"[{f.stem}]({'../' if f.parent == ROOT else ''}{f.name})" if f else "–"
+        out.append(f"| `{name}` | {page} | {region.data} |")
+    return "\n".join(out)
 
 
 def doc_files() -> List[Path]:

@@ -6,7 +6,7 @@ process's peak resident memory (`ru_maxrss`) and MLX's own peak allocation (`mx.
 of a child that only imports the converter. Output shards are capped at `--out-shard-mb` so "one shard" means the
 same on both sides.
 
-    python benchmarks/convert_memory.py --size-mb 400 --shards 4 --out-shard-mb 100
+    python benchmarks/convert_memory.py --size-mb 400 --shards 4 --out-shard-mb 100 --json results/convert.json
 """
 
 from __future__ import annotations
@@ -132,32 +132,50 @@ def child(mode: str, src: Path, dst: Path, shard_mb: float, quantize: bool = Fal
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def markdown(data: dict) -> str:
+    """The docs table from the runs in a results file (several invocations' runs, appended by --json)."""
+    out = ["| checkpoint | output shards | MLX peak allocation | peak RSS (baseline after imports) | time |",
+           "|---|---|---|---|---|"]
+    for r in data["runs"]:
+        what = f"{r['checkpoint_mb']:.0f} MB in {r['shards']} shards" + (", `-q` 4-bit" if r["quantize"] else "")
+        if r["mode"] == "export":
+            what = f"`export` of the {r['checkpoint_mb']:.0f} MB MLX result (original layout)"
+        out.append(f"| {what} | {r['out_shard_mb']:.0f} MB | {r['mlx_peak_mb']:.0f} MB | {r['rss_mb']:.0f} MB "
+                   f"({r['baseline_rss_mb']:.0f} MB) | {r['seconds']:.1f} s |")
+    return "\n".join(out)
+
+
+def measure(args) -> list:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="convert-memory-") as tmp:
+        root = Path(tmp)
+        src = build_checkpoint(root, args.size_mb, args.shards)
+        sizes = [f.stat().st_size / (1 << 20) for f in sorted(src.glob("*.safetensors"))]
+        base = child("import", src, root / "none", args.out_shard_mb)
+        todo = [("convert", src, "mlx-0", False)] + ([("convert", src, "mlx-1", True)] if args.quantize else [])
+        for mode, source, dest, q in todo + [("export", root / "mlx-0", "export", False)]:
+            r = child(mode, source, root / dest, args.out_shard_mb, q)
+            runs.append(dict(checkpoint_mb=sum(sizes), shards=len(sizes), out_shard_mb=args.out_shard_mb, mode=mode,
+                             quantize=q, mlx_peak_mb=r["mlx_peak_mb"], rss_mb=r["rss_mb"],
+                             baseline_rss_mb=base["rss_mb"], seconds=r["seconds"]))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=400)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--out-shard-mb", type=float, default=100)
     ap.add_argument("--quantize", action="store_true", help="also measure a 4-bit conversion")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="append the runs to this results file (the docs render from it)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="convert-memory-") as tmp:
-        root = Path(tmp)
-        src = build_checkpoint(root, args.size_mb, args.shards)
-        files = sorted(src.glob("*.safetensors"))
-        sizes = [f.stat().st_size / (1 << 20) for f in files]
-        base = child("import", src, root / "none", args.out_shard_mb)
-        print(f"checkpoint: {sum(sizes):.0f} MB in {len(files)} shards (largest {max(sizes):.0f} MB), bf16")
-        print(f"baseline (python + mlx + converter imported): RSS {base['rss_mb']:.0f} MB")
-        runs = [("convert", "convert", src, "mlx-0", False)]
-        if args.quantize:
-            runs.append(("convert -q 4-bit", "convert", src, "mlx-1", True))
-        runs.append(("export (MLX -> original layout)", "export", root / "mlx-0", "export", False))
-        for label, mode, source, dest, q in runs:
-            r = child(mode, source, root / dest, args.out_shard_mb, q)
-            out = sorted((root / dest).glob("*.safetensors"))
-            out_sizes = [f.stat().st_size / (1 << 20) for f in out]
-            print(f"{label}: peak RSS {r['rss_mb']:.0f} MB (+{r['rss_mb'] - base['rss_mb']:.0f} MB over baseline), "
-                  f"MLX peak allocation {r['mlx_peak_mb']:.0f} MB, {r['seconds']:.1f} s; wrote {sum(out_sizes):.0f} MB "
-                  f"in {len(out)} shards (largest {max(out_sizes):.0f} MB)")
+    runs = measure(args)
+    print(markdown({"runs": runs}))
+    if args.json:
+        data = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+        data["runs"] += runs
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ bandwidth model for that.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -119,13 +120,18 @@ def _spawn(cmd, n: int, work: Path, port: int = 47311) -> None:
 
 
 def markdown(preset: str, results: dict) -> str:
+    return f"{preset}, float32\n\n" + table(results)
+
+
+def table(results: dict) -> str:
+    """The docs' table of memory and speed per rank, from `measure` (or the committed results file)."""
     rows = ["| ranks | rank | weights held (GB) | MLX peak after load (GB) | MLX peak (GB) | peak RSS (GB) | "
             "decode tok/s |", "|---|---|---|---|---|---|---|"]
     for n, ranks in results.items():
         for r in ranks:
             rows.append(f"| {n} | {r['rank']} | {r['held_gb']:.2f} | {r['peak_after_load_gb']:.2f} | "
                         f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['decode_tps']:.2f} |")
-    return f"{preset}, float32\n\n" + "\n".join(rows)
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,36 +154,47 @@ BIG = {
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def plan(sizes=(1, 2, 4), bits: int = 4, group_size: int = 64) -> str:
+@functools.cache
+def _bytes(name: str, bits: int = 4, group_size: int = 64) -> dict:
+    """Bytes of each part of BIG[name] as `convert --quantize` writes it: the language model's embedding, its
+    split attention/MLP projections, its MoE experts (split too), the rest (head, norms, routers), and the ViT +
+    projector in bf16 and with `--quantize-vision`."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_internvl.config import ModelConfig, VisionConfig
     from mlx_internvl.weights import build_model, quantize
 
+    out = dict(embed=0, split=0, experts=0, rest=0, vit16=0, vit4=0)
+    for q_vision in (False, True):
+        config = ModelConfig(vision_config=VisionConfig(**VIT_6B), llm_config=dict(BIG[name]), template="internvl2_5")
+        model = build_model(config)  # parameters are lazy random arrays: shapes and dtypes only
+        model.set_dtype(mx.bfloat16)
+        quantize(model, bits, group_size, quantize_vision=q_vision)
+        for k, v in tree_flatten(model.parameters()):
+            nbytes = v.size * v.dtype.size
+            if not k.startswith("language_model."):
+                out["vit4" if q_vision else "vit16"] += nbytes
+            elif q_vision:
+                continue
+            elif "embed_tokens" in k:
+                out["embed"] += nbytes
+            elif any(f".{p}." in k for p in SPLIT):
+                out["experts" if "switch_mlp" in k else "split"] += nbytes
+            else:
+                out["rest"] += nbytes
+        del model
+    return {k: v / 1e9 for k, v in out.items()}
+
+
+def plan(sizes=(1, 2, 4)) -> str:
+    """The docs' memory per rank, computed from the configs in BIG (4-bit LLM, group size 64)."""
     rows = ["| model | ranks | LLM split part per rank | LLM whole part (embeddings, head, norms, routers) | "
             "ViT + projector, rank 0 only (bf16 / 4-bit) | rank 0 total (ViT bf16 / 4-bit) | other ranks | "
             "KV cache per 1k tokens per rank |", "|---|---|---|---|---|---|---|---|"]
     for name, llm in BIG.items():
-        sizes_gb = {}
-        for q_vision in (False, True):
-            config = ModelConfig(vision_config=VisionConfig(**VIT_6B), llm_config=dict(llm), template="internvl2_5")
-            model = build_model(config)  # parameters are lazy random arrays: shapes and dtypes only
-            model.set_dtype(mx.bfloat16)
-            quantize(model, bits, group_size, quantize_vision=q_vision)
-            split = whole = vit = 0
-            for k, v in tree_flatten(model.parameters()):
-                nbytes = v.size * v.dtype.size
-                if not k.startswith("language_model."):
-                    vit += nbytes
-                elif any(f".{p}." in k for p in SPLIT):
-                    split += nbytes
-                else:
-                    whole += nbytes
-            sizes_gb[q_vision] = (split / 1e9, whole / 1e9, vit / 1e9)
-            del model
-        split, whole, vit16 = sizes_gb[False]
-        vit4 = sizes_gb[True][2]
+        b = _bytes(name)
+        split, whole, vit16, vit4 = b["split"] + b["experts"], b["embed"] + b["rest"], b["vit16"], b["vit4"]
         head_dim = llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"]
         kv_1k = llm["num_hidden_layers"] * 2 * llm["num_key_value_heads"] * head_dim * 2 * 1024 / 1e9
         for n in sizes:
@@ -189,6 +206,26 @@ def plan(sizes=(1, 2, 4), bits: int = 4, group_size: int = 64) -> str:
             rows.append(f"| {name} | {n} | {per:.1f} GB | {whole:.1f} GB | {vit16:.1f} / {vit4:.1f} GB | "
                         f"{per + whole + vit16:.1f} / {per + whole + vit4:.1f} GB | {per + whole:.1f} GB | "
                         f"{kv_1k / n:.2f} GB |")
+    return "\n".join(rows)
+
+
+def bandwidth(gb_per_s: float = 819.0) -> str:
+    """The docs' bandwidth model of decode at batch 1 over 1 and 2 ranks (on paper): two all-reduces of the fp16
+    hidden state per layer plus one token, and the weights each rank reads per token (the embedding is a row
+    lookup; an MoE layer reads only its active experts), at the memory bandwidth of an M3 Ultra."""
+    rows = ["| model | all-reduces per token | bytes per token per rank | weights each rank reads per token, "
+            f"1 rank / 2 ranks | at {gb_per_s:.0f} GB/s (M3 Ultra), 1 / 2 ranks |", "|---|---|---|---|---|"]
+    for name, llm in BIG.items():
+        b, layers, hidden = _bytes(name), llm["num_hidden_layers"], llm["hidden_size"]
+        label = f"{name} (4-bit)"
+        experts = b["experts"]
+        if llm.get("num_experts"):
+            experts *= llm["num_experts_per_tok"] / llm["num_experts"]
+            label = f"{name} (4-bit, {llm['num_experts_per_tok']} of {llm['num_experts']} experts active)"
+        read = [(b["split"] + experts) / n + b["rest"] for n in (1, 2)]
+        ms = [r / gb_per_s * 1e3 for r in read]
+        rows.append(f"| {label} | {2 * layers + 1} | {layers} x 2 x {hidden} x 2 B = {layers * 4 * hidden / 1e6:.1f} MB"
+                    f" | {read[0]:.1f} / {read[1]:.1f} GB | {ms[0]:.2g} / {ms[1]:.2g} ms |")
     return "\n".join(rows)
 
 
@@ -209,7 +246,7 @@ def main(argv=None) -> None:
         rank_main(args.model_dir, args.tokens, args.result)
         return
     if args.cmd == "plan":
-        print(plan())
+        print(plan() + "\n\n" + bandwidth())
         return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlx-internvl-dist-"))
     try:

@@ -1,6 +1,7 @@
 """The table in docs/reliability.md, from a real run of the fuzz, validation and fault tests.
 
     python benchmarks/reliability_table.py            # runs the three test files (about a minute), prints the table
+    python benchmarks/reliability_table.py --json benchmarks/results/reliability.json   # and writes the counts
 
 Counts come from the run itself: the fuzz tests tally each example's outcome (MLX_INTERNVL_FUZZ_REPORT), and
 the targeted tests are counted from pytest's JUnit XML (one row per test function, one count per case).
@@ -79,7 +80,9 @@ TARGETED = {
 }
 
 
-def main() -> int:
+def measure() -> dict:
+    """Run the three test files; {"fuzz": {class: {outcome: n}}, "targeted": {test: {passed, failed, skipped}},
+    "returncode": pytest's exit status}."""
     with tempfile.TemporaryDirectory() as tmp:
         report, junit = Path(tmp) / "fuzz.json", Path(tmp) / "junit.xml"
         env = dict(os.environ, MLX_INTERNVL_FUZZ_REPORT=str(report))
@@ -89,28 +92,47 @@ def main() -> int:
         r = subprocess.run([str(pytest) if pytest.exists() else "pytest", "-q", "-p", "no:cacheprovider",
                             f"--junitxml={junit}", *FILES], cwd=ROOT, env=env)
         fuzz = json.loads(report.read_text())
-        cases = ET.parse(junit).getroot().iter("testcase")
-        passed, failed, skipped = Counter(), Counter(), Counter()
-        for case in cases:
+        counts = {name: Counter() for name in TARGETED}
+        for case in ET.parse(junit).getroot().iter("testcase"):
             name = case.get("name").split("[")[0]
+            if name not in counts:
+                continue
             if case.find("skipped") is not None:
-                skipped[name] += 1
+                counts[name]["skipped"] += 1
             elif case.find("failure") is not None or case.find("error") is not None:
-                failed[name] += 1
+                counts[name]["failed"] += 1
             else:
-                passed[name] += 1
-    print("| Input class | Tried | Outcome |")
-    print("|---|---:|---|")
-    for cls in sorted(fuzz):
-        counts = fuzz[cls]
-        total = sum(counts.values())
+                counts[name]["passed"] += 1
+    targeted = {name: {k: c[k] for k in ("passed", "failed", "skipped")} for name, c in counts.items()}
+    return {"fuzz": fuzz, "targeted": targeted, "returncode": r.returncode}
+
+
+def markdown(data: dict) -> str:
+    """The docs table from what `measure` returned (or the committed results file)."""
+    rows = ["| Input class | Tried | Outcome |", "|---|---:|---|"]
+    for cls in sorted(data["fuzz"]):
+        counts = data["fuzz"][cls]
         parts = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        print(f"| {cls} (fuzzed) | {total} | {parts}; 0 other exceptions |")
+        rows.append(f"| {cls} (fuzzed) | {sum(counts.values())} | {parts}; 0 other exceptions |")
     for name, (cls, gives) in TARGETED.items():
-        n = passed[name] + failed[name] + skipped[name]
-        note = "" if not (failed[name] or skipped[name]) else f" ({failed[name]} failed, {skipped[name]} skipped)"
-        print(f"| {cls} | {n} | {gives}{note} |")
-    return r.returncode
+        c = data["targeted"].get(name, {"passed": 0, "failed": 0, "skipped": 0})
+        n = c["passed"] + c["failed"] + c["skipped"]
+        note = "" if not (c["failed"] or c["skipped"]) else f" ({c['failed']} failed, {c['skipped']} skipped)"
+        rows.append(f"| {cls} | {n} | {gives}{note} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, default=None, help="also write the counts here (the docs render from it)")
+    args = p.parse_args(argv)
+    data = measure()
+    print(markdown(data))
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return data["returncode"]
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ A bench preset with random weights (the real Qwen2.5 tokenizer from the test fix
 real photos from the test fixtures. Medians of `--repeats`.
 
     python benchmarks/server_bench.py --preset internvl2_5-1b --max-tiles 1
-    python benchmarks/server_bench.py --preset internvl2_5-1b --layers 6 --max-tiles 1 --repeats 1   # CPU-sized
+    python benchmarks/server_bench.py --preset internvl2_5-1b --layers 6 --max-tiles 1 --repeats 1 \
+        --json benchmarks/results/server-linux-cpu.json   # CPU-sized, the docs' figures
 """
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -124,6 +126,42 @@ def throughput(url, clients, tokens, eos_ids):
     return sum(m[2] for m in marks) / (end - start)
 
 
+def markdown(data: dict) -> str:
+    """The docs' two tables from what `main` measured (or the committed results file)."""
+    off, on = data["turn3"]["caches off"], data["turn3"]["caches on"]
+    out = ["| measure | caches off (`--prompt-cache-size 0 --vision-cache-size 0`) | caches on (default) |",
+           "|---|---|---|",
+           f"| turn-3 time to first token, two-image chat resent as full history ({on['prompt_tokens']}-token prompt) "
+           f"| {off['ttft_s']:.1f} s ({off['cached_tokens']} cached) | **{on['ttft_s']:.2f} s** "
+           f"({on['cached_tokens']} cached) — {off['ttft_s'] / on['ttft_s']:.0f}x |",
+           "", "| concurrent clients (32 tokens each, streamed) | aggregate decode tokens/s | vs one client |",
+           "|---|---|---|"]
+    for r in data["throughput"]:
+        out.append(f"| {r['clients']} | {r['tps']:.1f} | {r['vs_one']:.2f}x |")
+    return "\n".join(out)
+
+
+def measure(a) -> dict:
+    common = dict(max_tiles=a.max_tiles, max_tokens=a.answer_tokens)
+    data = dict(preset=a.preset, dtype=a.dtype, max_tiles=a.max_tiles, answer_tokens=a.answer_tokens, turn3={},
+                throughput=[])
+    for name, caches in (("caches off", dict(prompt_cache_size=0, vision_cache_size=0)), ("caches on", {})):
+        app = make_server(a.preset, a.dtype, **common, **caches)
+        with running(app) as url:
+            t, use = turn3(url, a.repeats, a.answer_tokens)
+            data["turn3"][name] = dict(ttft_s=t, prompt_tokens=use.prompt_tokens,
+                                       cached_tokens=use.prompt_tokens_details.cached_tokens)
+            print(f"turn-3 TTFT, {name}: {t:.3f} s", flush=True)
+            if name == "caches on":
+                eos = sorted(app.state.engine.processor.tokenizer.eos_token_ids)
+                for n in (1, 4, 8):
+                    tps = statistics.median(throughput(url, n, a.decode_tokens, eos) for _ in range(a.repeats))
+                    base = data["throughput"][0]["tps"] if data["throughput"] else tps
+                    data["throughput"].append(dict(clients=n, tps=tps, vs_one=tps / base))
+                    print(f"decode, {n} concurrent client(s): {tps:.1f} tokens/s aggregate", flush=True)
+    return data
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="internvl2_5-1b")
@@ -134,29 +172,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=None,
                    help="Keep only this many ViT and LLM layers (same widths): a preset sized for a CPU run.")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here (the docs render from it)")
     a = p.parse_args()
     if a.layers:
         a.preset = shallow(a.preset, a.layers)
-    common = dict(max_tiles=a.max_tiles, max_tokens=a.answer_tokens)
     print(f"preset {a.preset} ({a.dtype}), max_tiles {a.max_tiles}, {a.answer_tokens}-token answers")
-
-    results = {}
-    for name, caches in (("caches off", dict(prompt_cache_size=0, vision_cache_size=0)), ("caches on", {})):
-        app = make_server(a.preset, a.dtype, **common, **caches)
-        with running(app) as url:
-            t, use = turn3(url, a.repeats, a.answer_tokens)
-            results[name] = t
-            print(f"turn-3 TTFT, {name}: {t:.3f} s (prompt {use.prompt_tokens} tokens, "
-                  f"{use.prompt_tokens_details.cached_tokens} cached)", flush=True)
-            if name == "caches on":
-                eos = sorted(app.state.engine.processor.tokenizer.eos_token_ids)
-                base = None
-                for n in (1, 4, 8):
-                    tps = statistics.median(throughput(url, n, a.decode_tokens, eos) for _ in range(a.repeats))
-                    base = base or tps
-                    print(f"decode, {n} concurrent client(s): {tps:.1f} tokens/s aggregate "
-                          f"({tps / base:.2f}x one client)", flush=True)
-    print(f"turn-3 TTFT speed-up from the caches: {results['caches off'] / results['caches on']:.1f}x")
+    data = measure(a)
+    print(markdown(data))
+    if a.json:
+        a.json.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

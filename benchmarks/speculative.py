@@ -170,24 +170,40 @@ def run_cache(preset, max_tiles, echo, repeats: int = 1):
 
 
 def markdown(res) -> str:
-    out = ["| target | draft | decode tok/s | vs plain | acceptance | target passes / token | Mac model speedup "
-           "(measured acceptance) | Mac model at acceptance 0.5 / 0.7 / 0.9 |", "|---|---|---|---|---|---|---|---|"]
-    for r in res.get("drafts", []):
+    """The docs' tables (drafts, then the prompt-cache row) from one run's results (or a committed results file)."""
+    out = drafts_markdown(res["drafts"]) if res.get("drafts") else ""
+    if res.get("cache"):
+        out += ("\n\n" if out else "") + cache_markdown([res["cache"]])
+    return out
+
+
+def drafts_markdown(drafts) -> str:
+    out = ["| target | draft | decode tok/s | vs no draft | acceptance | target passes / token | bandwidth model on a "
+           "Mac, at the measured acceptance | at acceptance 0.5 / 0.7 / 0.9 |", "|---|---|---|---|---|---|---|---|"]
+    for r in drafts:
         if r["draft"] == "none":
-            out.append(f"| {r['target']} fp32 | none | {r['decode_tps']:.2f} | 1.00x | – | 1.00 | – | – |")
+            out.append(f"| {r['target']} | none | {r['decode_tps']:.2f} | 1.00x | – | 1.00 | – | – |")
             continue
         at = r["mac_model_at_alpha"]
-        out.append(f"| {r['target']} fp32 | {r['draft']}, k={r['k']} | {r['decode_tps']:.2f} | "
+        out.append(f"| {r['target']} | {r['draft'].replace(' draft', '')} | {r['decode_tps']:.2f} | "
                    f"{r['speedup_measured']:.2f}x | {r['acceptance']:.0%} ({r['accepted']}/{r['proposed']}) | "
                    f"{r['passes_per_token']:.2f} | {r['mac_model_speedup']:.2f}x | "
                    + " / ".join(f"{at[a]:.2f}x" for a in at) + " |")
-    c = res.get("cache")
-    if c:
-        out += ["", "| preset | tiles | prompt tokens | TTFT from scratch s | cache file: create s / MB / load s | "
-                "TTFT from the file s (new tokens) | with load s |", "|---|---|---|---|---|---|---|",
-                f"| {c['preset']} fp32 | {c['tiles']} | {c['prompt_tokens']} | {c['ttft_scratch_s']:.2f} | "
-                f"{c['cache_create_s']:.1f} / {c['cache_file_mb']:.0f} / {c['cache_load_s']:.2f} | "
-                f"{c['ttft_cached_s']:.2f} ({c['new_tokens_cached']}) | {c['ttft_cached_incl_load_s']:.2f} |"]
+    return "\n".join(out)
+
+
+def cache_markdown(rows) -> str:
+    """One row per prompt-cache run (the docs gather several runs' files), by number of tiles."""
+    def s(x):
+        return f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
+    out = ["| tiles | prompt tokens | TTFT from scratch | `cache-prompt`: time / file / load | TTFT from the file "
+           "(new tokens) |", "|---|---|---|---|---|"]
+    for c in sorted(rows, key=lambda c: c["tiles"]):
+        runs = len(c.get("cached_runs_s", [])) or 1
+        new = f"{c['new_tokens_cached']}" + (f"; median of {runs}" if runs > 1 else "")
+        out.append(f"| {c['tiles']} | {c['prompt_tokens']} | {c['ttft_scratch_s']:.1f} s | "
+                   f"{c['cache_create_s']:.1f} s / {c['cache_file_mb']:.0f} MB / {c['cache_load_s']:.2f} s | "
+                   f"**{s(c['ttft_cached_s'])}** ({new}) |")
     return "\n".join(out)
 
 

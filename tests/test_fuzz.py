@@ -3,7 +3,7 @@ the input — never another exception, never a traceback.
 
 Examples are bounded (`max_examples`) and derandomized, so the run is fast and the same every time. With
 `MLX_INTERNVL_FUZZ_REPORT=path` the tally of outcomes per class is written there (benchmarks/reliability_table.py
-turns it into the README's table).
+turns it into docs/reliability.md's table).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README walkthrough through the command line: data file -> `lora` -> `fuse` -> `generate`, and errors."""
+"""The fine-tune walkthrough (docs/fine-tune.md) on the command line: data -> `lora` -> `fuse` -> `generate`, errors."""
 
 import json
 import os

@@ -108,7 +108,7 @@ def test_quantized_checkpoint_is_our_float_model_quantized(sources, layout, bits
     ours.load_weights(list(deq.items()), strict=False)
     got, ref = logits(theirs, built), logits(ours, built)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
-    # And against the float model itself, the error quantization causes (figures in the README).
+    # And against the float model itself, the error quantization causes (figures in docs/convert.md).
     rel_rms = float(np.sqrt(((got - float_logits) ** 2).mean() / (float_logits ** 2).mean()))
     print(f"{layout} {bits}-bit: logits relative RMS error vs float {rel_rms:.3f}, argmax agreement "
           f"{(got.argmax(-1) == float_logits.argmax(-1)).mean():.2f}")

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from builders import Case
+from docs_regions import docs_tables
 from server_bad_requests import KEY, image_message, run, send, strict_options, table
 from server_util import IMG1, serving
 
@@ -46,7 +47,9 @@ def test_bad_requests_get_4xx_and_the_server_lives(build_case, tmp_path):
     with serving(built.original_dir, **strict_options(local)) as (strict, _), \
             serving(built.original_dir, api_key=KEY) as (lax, _):
         rows = run(strict, lax, local)
-        print(table(rows))
+        # docs/serve.md's table is what these requests get now (`python benchmarks/docs_tables.py --write` renders it)
+        assert table(rows, str(tmp_path)) == docs_tables().committed("server-errors"), \
+            "docs/serve.md's table of bad requests is stale: run `python benchmarks/docs_tables.py --write`"
         expected = {"malformed JSON": 400, "huge body (2 MB, limit 1 MB)": 413, "wrong API key": 401,
                     "unknown model": 404, "unknown route": 404}
         for what, status, _code, message, seconds in rows:

@@ -2,7 +2,7 @@
 attach a real photo through the page's file input, ask, watch the reply stream in, ask a follow-up that reuses the
 server's caches, stop a long reply, draw a grounding box, and save a screenshot.
 
-Set MLX_INTERNVL_SCREENSHOT=path to keep the screenshot (the README's is made that way)."""
+Set MLX_INTERNVL_SCREENSHOT=path to keep the screenshot (docs/server-chat.png is made that way)."""
 
 import base64
 import json

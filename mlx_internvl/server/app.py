@@ -33,6 +33,7 @@ from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
+from . import caches
 from .engine import Engine, Job
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
@@ -62,6 +63,8 @@ class ServerConfig:
     remote_timeout_s: float = 10.0
     vision_cache_size: int = 32
     prompt_cache_size: int = 16
+    vision_cache_bytes: Optional[int] = None  # None: a share of the machine's memory (server/caches.py)
+    prompt_cache_bytes: Optional[int] = None
     decode_concurrency: int = 8
     max_queue: int = 32
     max_tokens: int = 1024
@@ -71,6 +74,9 @@ class ServerConfig:
 
     def __post_init__(self):
         self.model_name = self.model_name or str(self.model)
+        for name in ("prompt_cache_bytes", "vision_cache_bytes"):
+            if getattr(self, name) is not None:
+                setattr(self, name, caches.parse_size(getattr(self, name), f"--{name.replace('_', '-')}"))
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -139,7 +145,8 @@ def start_engine(cfg: ServerConfig, group=None) -> Engine:
 
     engine = Engine(load_model, decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
                     prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
-                    prefill_step_size=cfg.prefill_step_size, group=group)
+                    prefill_step_size=cfg.prefill_step_size, group=group,
+                    prompt_cache_bytes=cfg.prompt_cache_bytes, vision_cache_bytes=cfg.vision_cache_bytes)
     engine.start()
     return engine
 

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from . import validate
 from .errors import UserError
 
 logger = logging.getLogger("mlx_internvl")
@@ -24,12 +25,16 @@ DEFAULT_NUM_FRAMES = 8  # the model-card video examples use 8 segments
 def frame_indices(num_frames_in_video: int, fps: float, num_segments: int,
                   bound: Optional[Tuple[float, float]] = None, first_idx: int = 0) -> List[int]:
     """The model card's `get_index`: `num_segments` frame indices spread over the video (or over `bound`)."""
-    if num_segments < 1:
-        raise UserError(f"num_frames must be at least 1, got {num_segments}")
-    max_frame = num_frames_in_video - 1
+    num_segments = validate.num_frames(num_segments)
+    bound = validate.bound(bound)
+    max_frame = validate.integer("frame count", num_frames_in_video, minimum=1) - 1
+    fps = validate.number("fps", fps, minimum=0, min_open=True)
     start, end = bound if bound else (-100000, 100000)
     start_idx = max(first_idx, round(start * fps))
     end_idx = min(round(end * fps), max_frame)
+    if start_idx > end_idx:
+        raise UserError(f"bound {bound}: starts after the video ends (at {(max_frame + 1) / fps:.2f} s); give a "
+                        "start within the video")
     seg = float(end_idx - start_idx) / num_segments
     return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]
 
@@ -58,7 +63,7 @@ def _open(path: Path):
 
 def video_info(path: Union[str, Path]) -> Tuple[int, float]:
     """(frame count, average frames per second) of the first video stream."""
-    path = Path(path).expanduser()
+    path = validate.path("video", path)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -94,8 +99,10 @@ def _decode(path: Path, wanted: Sequence[int]) -> Tuple[dict, int]:
 
 def load_video_frames(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES,
                       bound: Optional[Tuple[float, float]] = None) -> List[Image.Image]:
-    """`num_frames` RGB frames of the video at `path`, at the model card's frame indices."""
-    path = Path(path).expanduser()
+    """`num_frames` RGB frames of the video at `path`, at the model card's frame indices (over `bound`, a
+    (start, end) in seconds, when given)."""
+    path = validate.path("video", path)
+    num_frames, bound = validate.num_frames(num_frames), validate.bound(bound)
     total, fps = video_info(path)
     idx = frame_indices(total, fps, num_frames, bound)
     frames, decoded = _decode(path, idx)

@@ -187,16 +187,18 @@ def _staged(name: str):
 
 
 def sweep_stale(out: Path, every: bool = False) -> List[Path]:
-    """Clear the staging entries that killed runs left beside `out` (its `.partial-*` folders and files, its
-    `.old-*` copies), or with `every`, those of every output in the directory `out`. A kill that left the old
-    output moved aside and the new one not in place gets the old one back. Entries whose pid is alive (a run still
-    going, this one included) are left alone; a name without a pid (an older version's) only for a named `out`."""
+    """Clear the staging entries (`.partial-*` folders and files, `.old-*` copies) that killed runs left beside
+    `out`, or with `every`, in the directory `out`: those of every output there, so that any later run into the
+    directory clears what a kill left. A kill that left the old output moved aside and the new one not in place
+    gets the old one back. Entries whose pid is alive (a run still going, this one included) are left alone; a
+    name without a pid (an older version's) is cleared only beside the `out` it names."""
     out = Path(out)
     parent = out if every else out.parent
     if not parent.is_dir():
         return []
     removed = []
-    entries = sorted((e, p) for p in parent.iterdir() if (e := _staged(p.name)) and (every or e[0] == out.name))
+    entries = sorted((e, p) for p in parent.iterdir()
+                     if (e := _staged(p.name)) and (e[2] or (not every and e[0] == out.name)))
     for (base, kind, pid), p in sorted(entries, key=lambda x: x[0][1] != "old"):  # restore before removing
         if (pid and _pid_alive(pid)) or (not pid and every):
             continue

@@ -232,11 +232,12 @@ def test_convert_sweeps_by_the_pid_rules(setup, tmp_path):
     with live_pid() as pid:
         live = plant(tmp_path, f".out.partial-{pid}-a")
         dead = plant(tmp_path, f".out.partial-{DEAD}-b")
+        other = plant(tmp_path, f".other.partial-{DEAD}-d")  # a killed run into another output here
         plant(tmp_path, f".out.old-{DEAD}-c")
         r = run_cli("convert", built.hf_dir, tmp_path / "out")
         assert r.returncode == 1 and "already exists" in r.stderr  # the old output is back in place
         assert (tmp_path / "out" / "config.json").read_text() == f".out.old-{DEAD}-c"
-        assert live.exists() and not dead.exists() and hidden(tmp_path) == [live.name]
+        assert live.exists() and not dead.exists() and not other.exists() and hidden(tmp_path) == [live.name]
 
 
 def test_lora_sweeps_by_the_pid_rules(setup, tmp_path):

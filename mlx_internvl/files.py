@@ -177,7 +177,8 @@ def _pid_alive(pid: int) -> bool:
 
 # `.NAME.partial-PID-xxxx[.ext]` (a staging folder or file) and `.NAME.old-PID-xxxx` (an output moved aside while
 # being replaced): every writer here names its temporaries so, and `sweep_stale` is the one place that reads them.
-_STAGED = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?:(?P<pid>\d+)-)?[^.]*(?:\..*)?")
+# The 8 characters after the pid are tempfile's random part: a user's `.notes.old-2020-draft` is not ours.
+_STAGED = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}(?:\..*)?")
 
 
 def _staged(name: str):

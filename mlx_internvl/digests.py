@@ -85,6 +85,7 @@ def file_digests(files: List[Path]) -> Dict[str, str]:
         if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
             out[Path(f).name] = entry["sha256"]
             continue
+        logger.info("%s: hashing %.2f GB for the model's identity (remembered for later loads)", f, stamp[0] / 1e9)
         digest = _sha256_file(real)
         if _stamp(real.stat()) == stamp:  # not written to while we read it; otherwise do not remember it
             entries.pop(str(real), None)

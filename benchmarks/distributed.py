@@ -7,7 +7,7 @@ plan of the largest InternVLs computed from their configs.
 The measured runs use a full-size preset with random weights (default internvl3-1b, float32: the Linux CPU backend
 has no fast bf16/4-bit kernels), written once as a converted directory and loaded the way `mlx-internvl generate`
 loads it (lazily, sharded, then evaluated). Both ranks of the 2-rank run share this machine's cores and talk over
-localhost TCP (ring backend), so the speed figures say nothing about two Macs on Thunderbolt; see the README's
+localhost TCP (ring backend), so the speed figures say nothing about two Macs on Thunderbolt; see docs/distributed.md's
 bandwidth model for that.
 """
 

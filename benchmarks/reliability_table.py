@@ -1,4 +1,4 @@
-"""The README's "Reliability" table, from a real run of the fuzz, validation and fault tests.
+"""The table in docs/reliability.md, from a real run of the fuzz, validation and fault tests.
 
     python benchmarks/reliability_table.py            # runs the three test files (about a minute), prints the table
 

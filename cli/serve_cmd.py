@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from mlx_internvl import distributed
@@ -34,13 +36,27 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--allowed-origins", multiple=True,
               help="Browser origins allowed to call the API from other pages (CORS); repeat for several.")
 @click.option("--allow-remote-images", is_flag=True,
-              help="Let requests name http(s) image URLs, which the server then downloads (size-capped, time-limited).")
+              help="Let requests name http(s) image URLs, which the server then downloads: public addresses only, "
+                   "redirects re-checked, size-capped (--max-image-mb), 10 s for the whole download.")
 @click.option("--allow-local-images", "allow_local_images", default=None, type=click.Path(file_okay=False),
               help="Let requests name image files under this directory (nothing outside it).")
+@click.option("--allow-private-image-hosts", is_flag=True,
+              help="With --allow-remote-images: also fetch from loopback, private and link-local addresses (by "
+                   "default only public addresses are fetched; redirects to another host must stay public).")
 @click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
               help="Default most 448px tiles per image (requests may set max_tiles).")
 @click.option("--num-frames", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Default frames sampled from a video part (requests may set num_frames).")
+@click.option("--max-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Most images in one request (400 beyond, before any is fetched).")
+@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True,
+              help="Most video frames in one request, all its videos together.")
+@click.option("--max-request-tiles", type=click.IntRange(1), default=128, show_default=True,
+              help="Most 448px tiles in one request, images' tiles and video frames together (counted from headers).")
+@click.option("--max-text-kb", type=click.FloatRange(0.001), default=1024.0, show_default=True,
+              help="Most text in one request, all messages together, in KB of UTF-8 (413 beyond, before tokenizing).")
+@click.option("--max-video-megapixels", type=click.FloatRange(0.001), default=4000.0, show_default=True,
+              help="Most pixels decoded from a request's videos: frames read (up to the last sampled) x frame size.")
 @click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Reply length when a request does not set max_tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
@@ -69,7 +85,11 @@ def command(model_path, verbose, **options):
     Under mlx.launch the model is split over the ranks; rank 0 alone listens."""
     if serve is None:
         raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
+    if options["allow_private_image_hosts"] and not options["allow_remote_images"]:
+        raise UserError("--allow-private-image-hosts only widens --allow-remote-images: pass both, or neither")
     setup_logging(verbose)
+    if verbose:  # why each remote image URL failed (its clients only see one text for any failure)
+        logging.getLogger("mlx_internvl.server.media").setLevel(logging.DEBUG)
     # Launched as a group (mlx.launch): the model is split over the ranks, rank 0 alone listens, the others follow.
     group = distributed.start()
     click.echo(f"Loading {model_path}; then serving on http://{options['host']}:{options['port']} "

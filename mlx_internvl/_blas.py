@@ -4,7 +4,7 @@ The `mlx[cpu]` Linux wheel bundles the Netlib reference BLAS (`libblas.so.3`), w
 GFLOP/s. Loading an optimized BLAS such as OpenBLAS into the global symbol scope *before* `mlx.core` is imported makes
 MLX's `cblas_sgemm` calls resolve to it (glibc searches the global scope before a library's own dependencies).
 Set `MLX_INTERNVL_BLAS=openblas` (or a path to a BLAS shared library) to enable it; the effect and figures are in the
-README's benchmark section. It does nothing on macOS (MLX uses Accelerate/Metal there) or once mlx is imported.
+docs/benchmarks.md. It does nothing on macOS (MLX uses Accelerate/Metal there) or once mlx is imported.
 """
 
 from __future__ import annotations

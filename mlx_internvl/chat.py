@@ -27,14 +27,12 @@ from .processing import (
     add_image_placeholders,
     add_video_placeholders,
     as_image_list,
-    frame_to_tile,
     image_to_tiles,
     load_image,
 )
 from .prompt_cache import as_prompt_cache, image_hashes
 from .sampling import KVOptions, SamplingOptions, split_options
 from .templates import chat_messages
-from .video import load_video_frames
 
 
 class ChatSession:
@@ -88,9 +86,9 @@ class ChatSession:
         if new:
             question = add_image_placeholders(question, len(new), first_turn=True, start=self.num_images + 1)
         if video is not None:
-            frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, self.num_frames)
+            frames = self.processor.frame_tiles(video, self.num_frames)
             question = add_video_placeholders(question, len(frames))
-            new += [frame_to_tile(f, self.processor.config) for f in frames]
+            new += frames
         self._tiles += new
         self._features += [None] * len(new)
         self._draft_features += [None] * len(new)

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import validate
 from .errors import UserError
 
 
@@ -183,6 +184,8 @@ def _rope_fields(cfg: dict) -> dict:
         else:
             scaling["type"] = kind
             scaling["rope_type"] = kind
+        if kind == "longrope" and "original_max_position_embeddings" in cfg:  # Phi-3 keeps it at top level
+            scaling.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
     out = {"rope_scaling": scaling}
     if theta is not None:
         out["rope_theta"] = float(theta)
@@ -240,6 +243,7 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
         out.setdefault("decoder_sparse_step", 1)
         out.setdefault("mlp_only_layers", [])
         out.setdefault("norm_topk_prob", False)
+    validate.rope_scaling(out)
     return out, arch
 
 
@@ -345,6 +349,7 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
 
 
 def config_from_mlx(config: dict) -> ModelConfig:
+    validate.rope_scaling(config.get("llm_config") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in config.items() if k in names})
 

@@ -8,7 +8,8 @@ EXIF orientation is *not* applied by default, because the official preprocessing
 the official model card matters more; `exif_transpose=True` (CLI `--exif-transpose`) rotates photos as a viewer
 would. Images larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 megapixels)
 are refused with an error (the size is read from the header, before decoding), unless `max_pixels` says otherwise.
-URLs are downloaded within an overall deadline (`URL_DEADLINE_S`) and size cap (`URL_MAX_BYTES`).
+URLs are downloaded by `fetch.fetch_url` under `URL_POLICY` (one 60 s deadline for the whole download, a 64 MB
+cap, http(s) only, redirects re-checked).
 """
 
 from __future__ import annotations
@@ -16,23 +17,21 @@ from __future__ import annotations
 import io
 import logging
 import struct
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .fetch import FetchError, FetchPolicy, fetch_url
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image]
 logger = logging.getLogger("mlx_internvl")
 
 EXIF_ORIENTATION = 0x0112
-URL_TIMEOUT_S = 30  # per read
-URL_DEADLINE_S = 60  # for the whole download
-URL_MAX_BYTES = 64 << 20
+# URLs given to the library or the CLI: the user named them, so a LAN or loopback host is fine; a redirect to
+# another host must still land on a public address (the server is stricter: see server/media.py).
+URL_POLICY = FetchPolicy(allow_private=True, deadline_s=60, max_bytes=64 << 20)
 
 
 def describe(source) -> str:
@@ -44,51 +43,16 @@ def describe(source) -> str:
     return str(source)
 
 
-def _read_url(url: str, deadline_s: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
-    """The body at `url`, within an overall deadline and a size cap (a server that trickles bytes or sends an
-    endless body is cut off, not waited for)."""
-    deadline_s = URL_DEADLINE_S if deadline_s is None else deadline_s
-    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
-    end = time.monotonic() + deadline_s
-    try:
-        with urllib.request.urlopen(url, timeout=min(URL_TIMEOUT_S, deadline_s)) as r:
-            declared = r.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise UserError(f"image {url}: {int(declared)} bytes is over the {max_bytes}-byte limit for "
-                                "downloaded images; download it yourself and pass the file")
-            sock = getattr(getattr(getattr(r, "fp", None), "raw", None), "_sock", None)
-            chunks, size = [], 0
-            while True:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise UserError(f"image {url}: the download took longer than {deadline_s:g} s; check the URL "
-                                    "or download the file and pass its path")
-                if sock is not None:
-                    sock.settimeout(min(left, URL_TIMEOUT_S))
-                chunk = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_bytes:
-                    raise UserError(f"image {url}: more than {max_bytes} bytes, the limit for downloaded images; "
-                                    "download it yourself and pass the file")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except UserError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        if time.monotonic() >= end:
-            raise UserError(f"image {url}: the download took longer than {deadline_s:g} s; check the URL or "
-                            "download the file and pass its path") from e
-        raise UserError(f"image {url}: cannot be downloaded ({getattr(e, 'reason', e)})") from e
-
-
 def _open(source) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         return Image.open(io.BytesIO(source))
     text = str(source)
     if text.startswith(("http://", "https://")):
-        return Image.open(io.BytesIO(_read_url(text)))
+        try:
+            return Image.open(io.BytesIO(fetch_url(text, URL_POLICY)))
+        except FetchError as e:
+            raise UserError(f"image {text}: cannot be downloaded ({e}); check the URL, or download the file and "
+                            "pass its path") from None
     path = Path(text).expanduser()
     if not path.exists():
         raise UserError(f"image {path}: no such file")

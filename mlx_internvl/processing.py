@@ -127,36 +127,60 @@ def tile_count(width: int, height: int, config: ModelConfig, max_tiles: Optional
     return cols * rows + adds_thumbnail(cols * rows, config.use_thumbnail)
 
 
-def normalize_tiles(tiles: Sequence[Image.Image], image_size: int) -> np.ndarray:
-    """PIL tiles -> `[T, S, S, 3]` float32: resize to S if needed (bicubic), /255, ImageNet mean/std (the same
-    float32 operations, in the same order, as torchvision's ToTensor + Normalize)."""
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32)
-    std = np.array(IMAGENET_STD, dtype=np.float32)
-    out = np.empty((len(tiles), image_size, image_size, 3), dtype=np.float32)
+def tile_pixels(tiles: Sequence[Image.Image], image_size: int) -> np.ndarray:
+    """PIL tiles -> `[T, S, S, 3]` uint8 (resized to S if needed, bicubic): a quarter of the float32 size, for
+    holding tiles until they are encoded."""
+    out = np.empty((len(tiles), image_size, image_size, 3), dtype=np.uint8)
     for i, tile in enumerate(tiles):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if tile.size != (image_size, image_size):
             tile = tile.resize((image_size, image_size), Image.BICUBIC)
-        x = np.asarray(tile, dtype=np.uint8).astype(np.float32) / np.float32(255)
-        out[i] = (x - mean) / std
+        out[i] = np.asarray(tile, dtype=np.uint8)
     return out
 
 
-def image_to_tiles(image: Image.Image, config: ModelConfig, max_tiles: Optional[int] = None) -> np.ndarray:
-    """One image -> `[T, S, S, 3]` normalized tiles, with the checkpoint's tiling settings."""
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+    """`[T, S, S, 3]` uint8 -> float32: /255, ImageNet mean/std (the same float32 operations, in the same order, as
+    torchvision's ToTensor + Normalize), one tile at a time."""
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32)
+    std = np.array(IMAGENET_STD, dtype=np.float32)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for i, tile in enumerate(pixels):
+        out[i] = (tile.astype(np.float32) / np.float32(255) - mean) / std
+    return out
+
+
+def normalize_tiles(tiles: Sequence[Image.Image], image_size: int) -> np.ndarray:
+    """PIL tiles -> `[T, S, S, 3]` float32, normalized (`tile_pixels`, then `normalize_pixels`)."""
+    return normalize_pixels(tile_pixels(tiles, image_size))
+
+
+def image_to_pixels(image: Image.Image, config: ModelConfig, max_tiles: Optional[int] = None) -> np.ndarray:
+    """One image -> `[T, S, S, 3]` uint8 tiles, with the checkpoint's tiling settings (`tile_count` tiles)."""
     size = config.force_image_size
     if config.dynamic_image_size:
         tiles = dynamic_preprocess(image, *_tile_range(config, max_tiles), size, config.use_thumbnail)
     else:
         tiles = [image]
-    return normalize_tiles(tiles, size)
+    return tile_pixels(tiles, size)
+
+
+def image_to_tiles(image: Image.Image, config: ModelConfig, max_tiles: Optional[int] = None) -> np.ndarray:
+    """One image -> `[T, S, S, 3]` normalized tiles, with the checkpoint's tiling settings."""
+    return normalize_pixels(image_to_pixels(image, config, max_tiles))
+
+
+def frame_to_pixels(frame: Image.Image, config: ModelConfig) -> np.ndarray:
+    """One video frame -> `[1, S, S, 3]` uint8: upstream `load_video` tiles frames with `max_num=1` (a plain
+    resize)."""
+    size = config.force_image_size
+    return tile_pixels(dynamic_preprocess(frame, 1, 1, size, config.use_thumbnail), size)
 
 
 def frame_to_tile(frame: Image.Image, config: ModelConfig) -> np.ndarray:
-    """One video frame -> `[1, S, S, 3]`: upstream `load_video` tiles frames with `max_num=1` (a plain resize)."""
-    size = config.force_image_size
-    return normalize_tiles(dynamic_preprocess(frame, 1, 1, size, config.use_thumbnail), size)
+    """One video frame -> `[1, S, S, 3]` normalized."""
+    return normalize_pixels(frame_to_pixels(frame, config))
 
 
 def image_lines(n: int, start: int = 1, label: Optional[str] = IMAGE_LABEL) -> str:
@@ -287,6 +311,13 @@ class Processor:
             raise UserError(f"max_tiles has {len(limits)} entries for {len(images)} images")
         return [image_to_tiles(load_image(im, exif_transpose), self.config, m) for im, m in zip(images, limits)]
 
+    def frame_tiles(self, video, num_frames: int) -> List[np.ndarray]:
+        """A video file's sampled frames (tiled as they decode, so no full-size frame is kept) or PIL frames, as
+        `[1, S, S, 3]` tiles."""
+        if isinstance(video, (list, tuple)):
+            return [frame_to_tile(f, self.config) for f in video]
+        return load_video_frames(video, num_frames=num_frames, each=lambda f: frame_to_tile(f, self.config))
+
     def __call__(
         self,
         text: str,
@@ -308,10 +339,10 @@ class Processor:
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
         n_frames = 0
         if video is not None:
-            frames = video if isinstance(video, (list, tuple)) else load_video_frames(video, num_frames=num_frames)
+            frames = self.frame_tiles(video, num_frames)
             if not frames:
                 raise UserError("video: no frames were given or decoded; pass a list of PIL frames or a video file")
-            tiles += [frame_to_tile(f, self.config) for f in frames]
+            tiles += frames
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
         rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label)

@@ -221,6 +221,39 @@ def check_config_json(raw, path: str = "config.json", fmt: Optional[str] = None)
         check_quantization(raw["quantization"], f"{path}: quantization")
 
 
+# rope_scaling types a language model config may name, and the keys each needs.
+ROPE_KINDS = {
+    "default": (), "linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor",), "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    "su": ("short_factor", "long_factor", "original_max_position_embeddings"), "mrope": ("mrope_section",),
+}
+_ROPE_LISTS = ("short_factor", "long_factor", "mrope_section")
+
+
+def rope_scaling(llm_config: dict) -> None:
+    """A clear error for a normalized `rope_scaling` this port cannot run (an unknown type, a missing or bad key,
+    longrope factors of the wrong length)."""
+    rs = llm_config.get("rope_scaling") or {}
+    kind = rs.get("type") or rs.get("rope_type") or "default"
+    where = f"the language model's rope_scaling (type {kind!r})"
+    if kind not in ROPE_KINDS:
+        raise UserError(f"{where} is not supported; supported types: {', '.join(ROPE_KINDS)}.")
+    for key in ROPE_KINDS[kind]:
+        value = rs.get(key)
+        if key in _ROPE_LISTS:
+            if not isinstance(value, list):
+                raise UserError(f"{where} needs a list {key!r}, got {value!r}.")
+        elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise UserError(f"{where} needs a positive number {key!r}, got {value!r}.")
+    if kind in ("longrope", "su"):
+        head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // llm_config["num_attention_heads"]
+        half = int(head_dim * llm_config.get("partial_rotary_factor", 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            if len(rs[key]) != half:
+                raise UserError(f"{where}: {key!r} has {len(rs[key])} values, but the rotary dimension needs "
+                                f"{half} (half of {2 * half}).")
+
+
 @contextmanager
 def naming(path) -> Iterator[None]:
     """Prefix a config error with the file it came from, when the message does not name it already."""

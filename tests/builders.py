@@ -95,6 +95,50 @@ def text_config(case: Case, vocab: int) -> dict:
     base.update(case.extra_text)
     return base
 
+# The rope kinds each backbone's configs can carry (InternVL3's Qwen2.5 and InternVL2/2.5's InternLM2: dynamic NTK;
+# InternVL2-4B's Phi-3-mini-128k: longrope), plus each kind mlx-lm's rope builder offers for Qwen2.
+ROPE_KINDS = {
+    "qwen2": ("default", "linear", "dynamic", "llama3", "yarn", "longrope"),
+    "qwen3": ("default", "dynamic", "yarn"),
+    "qwen3_moe": ("default", "yarn"),
+    "llama": ("default", "linear", "dynamic", "llama3"),
+    "internlm2": ("default", "linear", "dynamic"),
+    "phi3": ("default", "longrope"),
+}
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2"}
+
+
+def rope_scaling(kind: str, head_dim: int, limit: int):
+    """(rope_scaling, extra text-config keys) of one rope kind whose limit (`max_position_embeddings` for dynamic
+    NTK, the original length for the others) is `limit`."""
+    if kind == "default":
+        return None, {}
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": 2.0}, {}
+    if kind == "dynamic":
+        return {"rope_type": "dynamic", "factor": 2.0}, {"max_position_embeddings": limit}
+    longer = {"max_position_embeddings": 4 * limit}
+    if kind == "llama3":
+        return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": limit}, longer
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": limit}, longer
+    if kind == "longrope":
+        n = head_dim // 2
+        short = [1.0 + 0.05 * i for i in range(n)]
+        long = [1.0 + 1.5 * i for i in range(n)]  # far from `short`, so a wrong choice changes every logit
+        return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                "original_max_position_embeddings": limit}, dict(longer, original_max_position_embeddings=limit)
+    raise ValueError(f"unknown rope kind {kind!r}")
+
+
+def rope_case(name: str, text: str, kind: str, limit: int, seed: int = 3) -> Case:
+    """A checkpoint of backbone `text` with rope `kind` whose limit is `limit` tokens."""
+    head_dim = {"qwen3": 24, "qwen3_moe": 16}.get(text, 16)  # text_config's head sizes
+    scaling, extra = rope_scaling(kind, head_dim, limit)
+    return Case(name, text=text, template=TEMPLATES.get(text, "internvl2_5"), rope_scaling=scaling, extra_text=extra,
+                kv_heads=4 if text == "phi3" else 2, seed=seed)
+
 
 def vision_config(case: Case) -> dict:
     common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,

@@ -1,8 +1,9 @@
 """Bad requests sent to a running server over raw HTTP, and what came back: used by `test_server_errors.py`, and
-`python tests/server_bad_requests.py` prints the README's table (it builds the tiny test checkpoint and serves it).
+`python tests/server_bad_requests.py` prints docs/serve.md's table (it builds the tiny test checkpoint and serves it).
 
-The server for these is started with an API key, `--allow-remote-images` (1 s deadline), `--allow-local-images`
-on a temporary directory and a 1 MB request limit, so that each rule has something to refuse."""
+The server for these is started with an API key, `--allow-remote-images --allow-private-image-hosts` (1 s
+deadline; the image servers are on 127.0.0.1), `--allow-local-images` on a temporary directory and a 1 MB request
+limit, so that each rule has something to refuse."""
 
 from __future__ import annotations
 
@@ -178,8 +179,8 @@ def main():
 
 
 def strict_options(local_dir: Path) -> dict:
-    return dict(api_key=KEY, allow_remote_images=True, allow_local_images=str(local_dir), max_request_mb=1,
-                remote_timeout_s=1.0)
+    return dict(api_key=KEY, allow_remote_images=True, allow_private_image_hosts=True,
+                allow_local_images=str(local_dir), max_request_mb=1, remote_timeout_s=1.0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark machinery end to end on a miniature preset (full-size presets take minutes; see README)."""
+"""The benchmark machinery end to end on a miniature preset (full-size presets take minutes; see docs/benchmarks.md)."""
 
 import json
 import subprocess

@@ -1,5 +1,5 @@
 """benchmarks/speculative.py end to end on a miniature preset with the real vocabulary size (the full-size presets
-take minutes per figure; see README): every part runs, the speculative runs produce the plain greedy tokens (the
+take minutes per figure; docs/benchmarks.md): every part runs, the speculative runs produce the plain greedy tokens (the
 script asserts it), and the table has every figure."""
 
 import json

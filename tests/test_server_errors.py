@@ -1,4 +1,4 @@
-"""Every bad request gets a clear OpenAI-shaped 4xx, quickly, and the server keeps serving (the README's table of
+"""Every bad request gets a clear OpenAI-shaped 4xx, quickly, and the server keeps serving (docs/serve.md's table of
 bad requests is printed by `python tests/server_bad_requests.py` from the same cases)."""
 
 import contextlib

@@ -25,8 +25,9 @@ from mlx_internvl.chat import ChatSession
 from mlx_internvl.cli.main import cli, main
 from mlx_internvl.convert import convert
 from mlx_internvl.errors import UserError
+from mlx_internvl.fetch import FetchPolicy, fetch_url
 from mlx_internvl.files import atomic_write_text
-from mlx_internvl.images import _read_url, open_image
+from mlx_internvl.images import open_image
 from mlx_internvl.processing import dynamic_preprocess
 from mlx_internvl.projector import pixel_shuffle
 from mlx_internvl.video import frame_indices, load_video_frames
@@ -172,6 +173,13 @@ CONFIGS = {
     "quantization without group_size": (_set(None, "quantization", {"bits": 4}), "missing key 'group_size'"),
     "downsample_ratio 0": (_set(None, "downsample_ratio", 0), "'downsample_ratio'"),
     "rope_scaling a string": (_set("llm_config", "rope_scaling", "x"), "'rope_scaling'"),
+    "rope_scaling type unknown": (_set("llm_config", "rope_scaling", {"type": "ntk-by-parts", "factor": 2.0}),
+                                  "rope_scaling (type 'ntk-by-parts') is not supported; supported types: default"),
+    "rope_scaling dynamic without factor": (_set("llm_config", "rope_scaling", {"type": "dynamic"}),
+                                            "(type 'dynamic') needs a positive number 'factor', got None"),
+    "rope_scaling longrope factors too short": (
+        _set("llm_config", "rope_scaling", {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
+                                            "original_max_position_embeddings": 32}), "'short_factor' has 1 values"),
     "select_layer 99": (_set(None, "select_layer", 99), "select_layer 99"),
     "a JSON list": (None, "expected a JSON object"),
 }
@@ -228,8 +236,8 @@ def test_url_that_trickles_is_cut_at_the_deadline():
 
     server, url = serve(trickle)
     try:
-        with pytest.raises(UserError, match="took longer than 1 s"):
-            _read_url(url, deadline_s=1)
+        with pytest.raises(UserError, match="within the 1 s deadline"):
+            fetch_url(url, FetchPolicy(allow_private=True, deadline_s=1))
     finally:
         server.shutdown()
 
@@ -250,7 +258,7 @@ def test_url_size_cap():
         server, url = serve(body)
         try:
             with pytest.raises(UserError, match=words):
-                _read_url(url, max_bytes=100_000)
+                fetch_url(url, FetchPolicy(allow_private=True, max_bytes=100_000))
         finally:
             server.shutdown()
 

@@ -80,3 +80,19 @@ def test_missing_pyav_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_av)
     with pytest.raises(UserError, match=r"mlx-internvl\[video\]"):
         video_info(CLIP)
+
+
+def test_header_frame_size_and_frames_tiled_as_they_decode():
+    """`video_header` reads the frame size from the container (as transformers' PyAV reader then decodes it);
+    `each` is applied to every frame as it is decoded; frames over `max_pixels` are refused from the header."""
+    from transformers.video_utils import read_video_pyav
+
+    from mlx_internvl.video import video_header
+
+    header = video_header(CLIP)
+    ref, _ = read_video_pyav(str(CLIP), sample_indices_fn=lambda metadata, **kw: np.array([0]))
+    assert (header.frames, header.height, header.width) == (120, *ref.shape[1:3])
+    sizes = load_video_frames(CLIP, num_frames=3, each=lambda frame: frame.size)
+    assert sizes == [(header.width, header.height)] * 3
+    with pytest.raises(UserError, match="176x144 pixels per frame is over the limit of 10000"):
+        load_video_frames(CLIP, num_frames=3, max_pixels=10000)

@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI routes, the web chat page, and the rules every request passes (key, size, slots).
 
-A request is parsed and rendered (media fetched, decoded, tiled, tokenized) on a worker thread, then handed to the
-engine's generation thread; its results come back through an asyncio queue. Streams are FastAPI's native SSE
-(`fastapi.sse`). Every failure is an OpenAI-shaped error with its status; nothing a client sends stops the server.
+A request is parsed and rendered (counted against its budget first, then media fetched, decoded, tiled,
+tokenized) on a worker thread, then handed to the engine's generation thread; its results come back through an
+asyncio queue. Streams are FastAPI's native SSE (`fastapi.sse`). Every failure is an OpenAI-shaped error with its
+status; nothing a client sends stops the server.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
 from . import caches
+from .budget import Limits
 from .engine import Engine, Job
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
@@ -58,9 +60,15 @@ class ServerConfig:
     allow_local_images: Optional[str] = None
     max_tiles: Optional[int] = None
     num_frames: int = 8
+    max_images: int = 16  # per request (the caps of `budget.Limits`)
+    max_frames: int = 64
+    max_request_tiles: int = 128
+    max_text_kb: float = 1024.0
+    max_video_megapixels: float = 4000.0
     max_request_mb: float = 50.0
     max_image_mb: float = 20.0
     remote_timeout_s: float = 10.0
+    allow_private_image_hosts: bool = False  # remote image URLs on loopback/private/link-local addresses
     vision_cache_size: int = 32
     prompt_cache_size: int = 16
     vision_cache_bytes: Optional[int] = None  # None: a share of the machine's memory (server/caches.py)
@@ -155,13 +163,15 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     """The app for `cfg`; starts the generation thread (which loads the model) unless `engine` is given."""
     if engine is None:
         engine = start_engine(cfg)
-    policy = MediaPolicy(allow_remote=cfg.allow_remote_images,
+    policy = MediaPolicy(allow_remote=cfg.allow_remote_images, allow_private_hosts=cfg.allow_private_image_hosts,
                          local_root=Path(cfg.allow_local_images).expanduser() if cfg.allow_local_images else None,
                          max_bytes=int(cfg.max_image_mb * (1 << 20)), remote_timeout_s=cfg.remote_timeout_s)
     app = FastAPI(title="mlx-internvl", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config = engine, cfg
+    limits = Limits(max_images=cfg.max_images, max_frames=cfg.max_frames, max_request_tiles=cfg.max_request_tiles,
+                    max_text_bytes=int(cfg.max_text_kb * 1024), max_video_pixels=int(cfg.max_video_megapixels * 1e6))
     app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
-                                                     cfg.max_tokens),
+                                                     cfg.max_tokens, limits=limits),
                                engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
                                int(time.time()))
     if cfg.allowed_origins:

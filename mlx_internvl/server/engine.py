@@ -256,8 +256,7 @@ class Engine:
             feats = self._features.get(spec.key)
             if feats is None:
                 self.stats["vision_misses"] += 1
-                tiles = spec.tiles if spec.tiles is not None else spec.load()
-                feats = self.model.extract_feature(mx.array(tiles))
+                feats = self.model.extract_feature(mx.array(spec.pixel_values()))  # uint8 until here
                 feats = feats.reshape(-1, feats.shape[-1])
                 mx.eval(feats)
                 self._features.put(spec.key, feats)

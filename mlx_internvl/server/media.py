@@ -1,22 +1,23 @@
 """Image and video bytes from a request: `data:` URLs always; http(s) URLs and local files only when allowed.
 
-Remote downloads have a size cap and one overall deadline (a server that trickles a byte at a time cannot hold a
-request past it, whatever the per-read timeout). Local paths must resolve, symlinks followed, inside the allowed
-directory. Decoding checks the pixel count from the image header before any pixel is decoded, against the server's
-own limit: Pillow's global `Image.MAX_IMAGE_PIXELS` is only read, never set, because requests decode on several
-threads at once.
+Remote downloads go through the library's one fetcher (`fetch.fetch_url`): one deadline for the whole download,
+a size cap, http(s) only, every redirect re-checked, public addresses only unless `allow_private_hosts`; every
+failure answers the same text, so a client cannot probe what is behind a URL. Local paths must resolve, symlinks
+followed, inside the allowed directory. Decoding checks the pixel count from the image header before any pixel is
+decoded, against the server's own limit: Pillow's global `Image.MAX_IMAGE_PIXELS` is only read, never set,
+because requests decode on several threads at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
-import time
-import urllib.error
+import logging
+import struct
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,13 +25,25 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..fetch import FetchError, FetchPolicy, fetch_url
 from ..images import open_image
 from .protocol import APIError
+
+logger = logging.getLogger("mlx_internvl.server.media")  # `serve -v` shows its debug lines
+# One text for every remote URL that fails, whatever the cause (refused address, unreachable, HTTP error, slow,
+# too large, not an image): otherwise a client could map the server's network from the differences.
+REMOTE_FAILED = ("the URL could not be fetched (refused by this server's rules, unreachable, an HTTP error, too "
+                 "slow, too large, or not an image or video); send the image as a data: URL instead")
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4 / MOV / 3GP
+# MKV/WebM, Ogg, FLV, MPEG program and video streams, ASF/WMV, Y4M
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3",
+                b"\x30\x26\xb2\x75", b"YUV4MPEG2")
 
 
 @dataclass(frozen=True)
 class MediaPolicy:
     allow_remote: bool = False
+    allow_private_hosts: bool = False  # remote URLs on loopback/private/link-local addresses (off: public only)
     local_root: Optional[Path] = None  # None: local paths refused
     max_bytes: int = 20 << 20  # per image or video
     remote_timeout_s: float = 10.0  # the whole download, connection included
@@ -60,40 +73,30 @@ def _remote(url: str, param: str, policy: MediaPolicy) -> bytes:
     if not policy.allow_remote:
         raise APIError(400, f"{param}: http(s) image URLs are not allowed on this server; send the image as a "
                             "data: URL (or start the server with --allow-remote-images)", param, "remote_not_allowed")
-    deadline = time.monotonic() + policy.remote_timeout_s
+    rules = FetchPolicy(allow_private=policy.allow_private_hosts, deadline_s=policy.remote_timeout_s,
+                        max_bytes=policy.max_bytes)
     try:
-        with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as r:
-            if int(r.headers.get("Content-Length") or 0) > policy.max_bytes:
-                raise APIError(413, f"{param}: the image at {url} is larger than the limit of "
-                                    f"{policy.max_bytes >> 20} MB", param, "image_too_large")
-            chunks, total = [], 0
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"the download took longer than {policy.remote_timeout_s:g} s")
-                _socket_timeout(r, left)  # no single read may outlast the deadline either
-                block = r.read1(65536)
-                if not block:
-                    break
-                total += len(block)
-                if total > policy.max_bytes:
-                    raise APIError(413, f"{param}: the image at {url} is larger than the limit of "
-                                        f"{policy.max_bytes >> 20} MB", param, "image_too_large")
-                chunks.append(block)
-            return b"".join(chunks)
-    except APIError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
-            reason = f"not downloaded within the {policy.remote_timeout_s:g} s deadline"
-        raise APIError(400, f"{param}: cannot download {url} ({reason})", param, "image_download_failed") from None
+        data = fetch_url(url, rules)
+        if not _looks_like_media(data):
+            raise FetchError(f"the {len(data)} bytes are neither an image nor a video container")
+        return data
+    except FetchError as e:  # why, only in the server's own log: a client must not learn what is behind a URL
+        logger.debug("%s: %r not fetched: %s", param, url[:200], str(e).replace("\n", " "))  # one line each
+        raise APIError(400, f"{param}: {REMOTE_FAILED}", param, "image_download_failed") from None
 
 
-def _socket_timeout(response, seconds: float) -> None:
-    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    if sock is not None:
-        sock.settimeout(max(seconds, 0.01))
+def _looks_like_media(data: bytes) -> bool:
+    """Whether `data` starts like an image Pillow knows or a common video container (the full checks come later;
+    this one keeps "not an image" from telling a client more than any other failed fetch)."""
+    try:
+        Image.open(io.BytesIO(data))  # the header only
+        return True
+    except Image.DecompressionBombError:
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError):
+        pass
+    return (data[4:8] in _ISO_BOXES or data.startswith(_VIDEO_MAGIC) or data[8:12] == b"AVI "
+            or (data[:1] == b"\x47" and data[188:189] == b"\x47"))
 
 
 def _local(text: str, param: str, policy: MediaPolicy) -> bytes:
@@ -127,15 +130,11 @@ def fetch(url: str, param: str, policy: MediaPolicy) -> Media:
     return Media(data, hashlib.sha256(data).hexdigest())
 
 
-def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
-    """An RGB image, as upstream converts it; a 400 for anything that is not a safe, readable image."""
+@contextlib.contextmanager
+def _image_errors(param: str):
+    """Pillow's failures on a hostile or broken file, as 400s."""
     try:
-        image = Image.open(io.BytesIO(media.data))  # reads the header only
-        if image.width * image.height > max_pixels:
-            raise APIError(400, f"{param}: {image.width}x{image.height} pixels is over this server's limit of "
-                                f"{max_pixels} (a decompression bomb?)", param, "image_too_large")
-        image.load()
-        return open_image(image, max_pixels=max_pixels)
+        yield
     except APIError:
         raise
     except Image.DecompressionBombError as e:
@@ -144,3 +143,21 @@ def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
         raise APIError(400, f"{param}: not an image (unknown or corrupt format)", param, "invalid_image") from None
     except (UserError, OSError, SyntaxError, ValueError) as e:
         raise APIError(400, f"{param}: the image cannot be decoded ({e})", param, "invalid_image") from None
+
+
+def image_header(media: Media, param: str, max_pixels: int) -> Image.Image:
+    """The image, its header read and its size checked, no pixel decoded (`.size` gives its tile count)."""
+    with _image_errors(param):
+        image = Image.open(io.BytesIO(media.data))  # reads the header only
+        if image.width * image.height > max_pixels:
+            raise APIError(400, f"{param}: {image.width}x{image.height} pixels is over this server's limit of "
+                                f"{max_pixels} (a decompression bomb?)", param, "image_too_large")
+        return image
+
+
+def decode_image(media: Media, param: str, max_pixels: int) -> Image.Image:
+    """An RGB image, as upstream converts it; a 400 for anything that is not a safe, readable image."""
+    image = image_header(media, param, max_pixels)
+    with _image_errors(param):
+        image.load()
+        return open_image(image, max_pixels=max_pixels)

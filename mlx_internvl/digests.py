@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -74,26 +75,31 @@ def _note(path: Path, why: str) -> None:
 
 
 def file_digests(files: List[Path]) -> Dict[str, str]:
-    """{file name: SHA-256 of its bytes} for `files`, from the digest cache where a file is unchanged."""
+    """{file name: SHA-256 of its bytes} for `files`, from the digest cache where a file is unchanged; the others
+    are hashed on a few threads at once (hashlib releases the GIL), one file per thread."""
     cache_path = _cache_path()
     entries = _read_cache(cache_path)
-    out, changed = {}, False
+    out, todo = {}, []
     for f in files:
         real = Path(f).resolve()
         stamp = _stamp(real.stat())
         entry = entries.get(str(real))
         if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
             out[Path(f).name] = entry["sha256"]
-            continue
-        logger.info("%s: hashing %.2f GB for the model's identity (remembered for later loads)", f, stamp[0] / 1e9)
-        digest = _sha256_file(real)
+        else:
+            todo.append((Path(f), real, stamp))
+    if not todo:
+        return out
+    logger.info("hashing %d file(s), %.2f GB, for the model's identity (remembered for later loads)", len(todo),
+                sum(t[2][0] for t in todo) / 1e9)
+    with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1, 8)) as pool:
+        digests = list(pool.map(lambda t: _sha256_file(t[1]), todo))
+    for (f, real, stamp), digest in zip(todo, digests):
+        out[f.name] = digest
         if _stamp(real.stat()) == stamp:  # not written to while we read it; otherwise do not remember it
             entries.pop(str(real), None)
             entries[str(real)] = {"stat": stamp, "sha256": digest}
-            changed = True
-        out[Path(f).name] = digest
-    if changed:
-        _write_cache(cache_path, entries)
+    _write_cache(cache_path, entries)
     return out
 
 

@@ -69,6 +69,11 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Images whose encoded features are kept (LRU, keyed by content hash).")
 @click.option("--prompt-cache-size", type=click.IntRange(0), default=16, show_default=True,
               help="Conversations whose KV caches are kept for their next turn (LRU, by token prefix).")
+@click.option("--vision-cache-bytes", metavar="SIZE", default=None,
+              help="Most bytes of image features kept, e.g. 2G or 500MB (default: 1/32 of this machine's memory).")
+@click.option("--prompt-cache-bytes", metavar="SIZE", default=None,
+              help="Most bytes of conversations' KV caches kept, running requests' included, e.g. 8G (default: 1/4 "
+                   "of this machine's memory).")
 @click.option("--decode-concurrency", type=click.IntRange(1), default=8, show_default=True,
               help="Requests decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(0), default=32, show_default=True,

@@ -2,8 +2,9 @@
 
 - `staged_output`: a whole directory built under a temporary sibling name (`.NAME.partial-PID-*`) and renamed into
   place when complete (convert, export, fuse, PEFT export, training checkpoints); `atomic_write` does the same for
-  one file. `sweep_stale` removes the staging folders of runs that were killed (their pid is gone), with a note,
-  and puts back an old output a kill left moved aside (`.NAME.old-PID-*`).
+  one file (`.NAME.partial-PID-*.EXT`). `sweep_stale`, the one sweeper every writer calls, removes the staging
+  entries of runs that were killed (their pid is gone), with a note, and puts back an old output a kill left moved
+  aside (`.NAME.old-PID-*`); those of a run still going are left alone.
 - `output_errors`: a failed write (no space, read-only file system, no permission, a parent that is a file, and
   MLX's own write failures) becomes one `UserError` naming the path and the cause; `check_writable_dir` says so
   before any work is done.
@@ -52,6 +53,7 @@ def read_json(path: Path) -> dict:
 def check_new_output(out: Path, force: bool) -> None:
     """Refuse to replace an existing `out` unless `force` is set (every command that writes a directory asks), and
     refuse, before any work, an `out` that cannot be written (a parent is a file, a read-only file system)."""
+    sweep_stale(Path(out))  # before any refusal, so that a re-run without --force clears a killed run's leftovers
     if Path(out).exists() and not force:
         raise UserError(f"{out} already exists. Delete it or pass --force to replace it.")
     check_writable_dir(Path(out))
@@ -140,7 +142,8 @@ def atomic_write(path, write, what: str = "file") -> None:
     with output_errors(path, what):
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        sweep_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
         os.close(fd)
         try:
             write(tmp)
@@ -172,31 +175,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner(name: str, base: str, kind: str):
-    """The pid in `.BASE.KIND-PID-xxxx`, None for a name without one (written by an older version)."""
-    m = re.fullmatch(re.escape(f".{base}.{kind}-") + r"(?:(\d+)-)?.*", name)
-    return None if m is None else (int(m.group(1)) if m.group(1) else 0)
+# `.NAME.partial-PID-xxxx[.ext]` (a staging folder or file) and `.NAME.old-PID-xxxx` (an output moved aside while
+# being replaced): every writer here names its temporaries so, and `sweep_stale` is the one place that reads them.
+# The 8 characters after the pid are tempfile's random part: a user's `.notes.old-2020-draft` is not ours.
+_STAGED = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}(?:\..*)?")
 
 
-def sweep_stale(out: Path) -> List[Path]:
-    """Remove `.OUT.partial-*` / `.OUT.old-*` siblings of `out` left by runs that were killed; restore an old
-    output a kill left moved aside. Staging folders of a run still going (its pid alive) are left alone."""
+def _staged(name: str):
+    """(output name, kind, pid) of a staging entry, pid 0 for one written without a pid; None for other names."""
+    m = _STAGED.fullmatch(name)
+    return None if m is None else (m["base"], m["kind"], int(m["pid"]) if m["pid"] else 0)
+
+
+def sweep_stale(out: Path, every: bool = False) -> List[Path]:
+    """Clear the staging entries (`.partial-*` folders and files, `.old-*` copies) that killed runs left beside
+    `out`, or with `every`, in the directory `out`: those of every output there, so that any later run into the
+    directory clears what a kill left. A kill that left the old output moved aside and the new one not in place
+    gets the old one back. Entries whose pid is alive (a run still going, this one included) are left alone; a
+    name without a pid (an older version's) is cleared only beside the `out` it names."""
     out = Path(out)
-    parent = out.parent
+    parent = out if every else out.parent
     if not parent.is_dir():
         return []
     removed = []
-    for kind in ("old", "partial"):
-        for p in sorted(parent.glob(f".{out.name}.{kind}-*")):
-            pid = _owner(p.name, out.name, kind)
-            if pid is None or (pid and _pid_alive(pid)):
-                continue
-            if kind == "old" and not out.exists():
-                p.rename(out)  # killed after moving the old output aside: it is still the output
-                logger.warning("%s: restored the previous output that an interrupted run had moved aside", out)
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+    entries = sorted((e, p) for p in parent.iterdir()
+                     if (e := _staged(p.name)) and (e[2] or (not every and e[0] == out.name)))
+    for (base, kind, pid), p in sorted(entries, key=lambda x: x[0][1] != "old"):  # restore before removing
+        if (pid and _pid_alive(pid)) or (not pid and every):
+            continue
+        target = parent / base
+        if kind == "old" and not target.exists():
+            p.rename(target)  # killed after moving the old output aside: it is still the output
+            logger.warning("%s: restored the previous output that an interrupted run had moved aside", target)
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
     if removed:
         logger.warning("removed %d staging folder(s) left by an interrupted earlier run: %s", len(removed),
                        ", ".join(p.name for p in removed))
@@ -214,7 +227,6 @@ def staged_output(out: Path, force: bool, what: str = "output") -> Iterator[Path
     with output_errors(out, what):
         check_new_output(out, force)
         out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the result normal directory permissions
         try:

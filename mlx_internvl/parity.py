@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import config_from_hf
 from .errors import UserError
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text, check_writable_dir, output_errors
 from .hub import local_or_download
 from .loading import load_model, resolve_model_path
 from .processing import Processor
@@ -176,7 +176,10 @@ def run_parity(model_path, images: Sequence = (), prompt: str = "Describe the im
 def dump_reference(model_path, out: Union[str, Path], images: Sequence = (), prompt: str = "Describe the image.",
                    device: Optional[str] = None, dtype: str = "float32", max_tiles: Optional[int] = None,
                    tokens: int = 16) -> Path:
-    """The torch half: write the processor inputs and every reference stage to `out` (.npz, no pickles)."""
+    """The torch half: write the processor inputs and every reference stage to `out` (.npz, no pickles), in one
+    rename once complete: a failed write (a full disk) is one `UserError` and leaves no partial file."""
+    out = Path(out)
+    check_writable_dir(out.parent, "--out directory")  # before the reference model runs
     path = local_or_download(model_path)
     inputs = prepare_inputs(path, images, prompt, max_tiles)
     stages, info = reference_stages(path, inputs, device, dtype, tokens)
@@ -186,11 +189,14 @@ def dump_reference(model_path, out: Union[str, Path], images: Sequence = (), pro
     if inputs["pixel_values"] is not None:
         arrays["pixel_values"] = inputs["pixel_values"]
     arrays.update({f"ref_{k}": v for k, v in stages.items()})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(tmp, **arrays)  # uncompressed: float noise hardly compresses and zlib is slow on large logits
-    tmp.replace(out)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no suffix to it
+            np.savez(f, **arrays)  # uncompressed: float noise hardly compresses and zlib is slow on large logits
+
+    with output_errors(out, "stages file"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write, "stages file")
     return out
 
 

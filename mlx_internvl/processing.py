@@ -90,8 +90,12 @@ def dynamic_preprocess(
     image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
 ) -> List[Image.Image]:
     """Split an image into `image_size` tiles on the best grid, plus a thumbnail when there are several."""
-    if max_num < min_num or min_num < 1:
-        raise UserError(f"max tiles must be >= min tiles >= 1; got min {min_num}, max {max_num}")
+    if not isinstance(image, Image.Image):
+        raise UserError(f"image: expected a PIL image, got {type(image).__name__}; open a file or URL with "
+                        "mlx_internvl.images.open_image first")
+    min_num = validate.integer("min_num", min_num, minimum=1)
+    max_num = validate.integer("max_num", max_num, minimum=min_num, fix="max tiles must be >= min tiles")
+    image_size = validate.integer("image_size", image_size, minimum=1)
     width, height = image.size
     cols, rows = tile_grid(width, height, min_num, max_num, image_size)
     resized = image.resize((image_size * cols, image_size * rows))  # PIL default resample: bicubic

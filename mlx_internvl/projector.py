@@ -5,6 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import validate
+from .errors import UserError
+
 
 def pixel_shuffle(x: mx.array, scale_factor: float = 0.5, version: str = "v2") -> mx.array:
     """Fold each r x r block of patches into one token: `[N, G, G, C]` -> `[N, (G/r)^2, r^2 C]`, r = 1/scale.
@@ -13,10 +16,16 @@ def pixel_shuffle(x: mx.array, scale_factor: float = 0.5, version: str = "v2") -
     column offset minor). 'v2' orders the output tokens row-major over blocks (i * G/r + j); 'v1', the original
     InternVL 1.5 layout, orders them column-major (j * G/r + i).
     """
+    scale_factor = validate.number("scale_factor", scale_factor, minimum=0, maximum=1, min_open=True)
+    validate.choice("version", version, ("v1", "v2"))
     r = round(1 / scale_factor)
+    if abs(r * scale_factor - 1) > 1e-6:
+        raise UserError(f"pixel_shuffle: scale_factor {scale_factor} is not 1/r for a whole r (0.5 folds 2x2 blocks)")
+    if x.ndim != 4:
+        raise UserError(f"pixel_shuffle: expected [N, G, G, C] patches, got shape {tuple(x.shape)}")
     n, h, w, c = x.shape
     if h % r or w % r:
-        raise ValueError(f"pixel_shuffle: grid {h}x{w} is not divisible by {r}")
+        raise UserError(f"pixel_shuffle: grid {h}x{w} is not divisible by {r}")
     x = x.reshape(n, h // r, r, w // r, r, c)
     order = (0, 1, 3, 2, 4, 5) if version == "v2" else (0, 3, 1, 2, 4, 5)
     return x.transpose(order).reshape(n, (h // r) * (w // r), r * r * c)

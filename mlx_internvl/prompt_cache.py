@@ -5,9 +5,11 @@ tiles), runs it through the model up to the end of the given question text (the 
 writes the KV cache with mlx-lm's `save_prompt_cache` (safetensors, written under a temporary name and renamed).
 The metadata records:
 - the exact token ids cached, and a SHA-256 of each image's (or frame's) normalised tiles;
-- the model's identity: a fingerprint of its weights (every tensor's name, shape, dtype and 64 values at fixed
-  positions; this tells checkpoints and revisions apart), the compute dtype, the quantization, a fingerprint of
-  the loaded LoRA/DoRA adapter (or none), and, for the error messages, the model's path and revision.
+- the model's identity: a fingerprint of its weights (the SHA-256 of every byte of the checkpoint's config.json
+  and safetensors files, remembered between runs by `digests` so an unchanged checkpoint is not read again, plus
+  64 values of each tensor in memory; a model built in memory hashes every byte of its tensors), the compute
+  dtype, the quantization, the SHA-256 of the loaded LoRA/DoRA adapter's tensors (or none), and, for the error
+  messages, the model's path and revision.
 
 A request reuses the file when its token ids start with the cached ids (and go on by at least one token) and its
 first images are the cached ones, pixel for pixel: then only the rest of the prompt is run, and the cached images
@@ -36,11 +38,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
 from .adapters import adapter_modules
+from .digests import checkpoint_digest
 from .errors import UserError
 from .files import atomic_write
 
 FORMAT = "mlx-internvl-prompt-cache"
-VERSION = 1
+VERSION = 2  # 2: the weights fingerprint covers every byte of the checkpoint
 SAMPLES_PER_TENSOR = 64
 _MARK = "\u2063\u2063MLX-INTERNVL-CACHE-END\u2063\u2063"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -48,9 +51,10 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 # -- identity ---------------------------------------------------------------------------------------------------
 
-def _fingerprint(items) -> str:
-    """SHA-256 over (name, shape, dtype, 64 values at fixed positions) of each tensor, in name order."""
-    items = sorted(items)
+def _sampled(items) -> str:
+    """SHA-256 over (name, shape, dtype, 64 values at fixed positions) of each tensor, in name order: catches a
+    model changed in memory after loading (another tensor, a dense edit, a quantization) at almost no cost."""
+    items = sorted(items, key=lambda kv: kv[0])
     h = hashlib.sha256()
     samples = []
     for _, v in items:
@@ -62,7 +66,26 @@ def _fingerprint(items) -> str:
     for (k, v), s in zip(items, samples):
         h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|".encode())
         h.update(np.array(s.view(mx.uint8)).tobytes())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
+
+
+def _every_byte(items) -> str:
+    """SHA-256 over (name, shape, dtype, every byte) of each tensor, in name order."""
+    h = hashlib.sha256()
+    for k, v in sorted(items, key=lambda kv: kv[0]):
+        h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|".encode())
+        h.update(np.asarray(mx.contiguous(v).view(mx.uint8)))
+    return h.hexdigest()
+
+
+def _weights_fingerprint(model, base) -> str:
+    """Every byte of the checkpoint files the model was read from (their digests are cached, `digests`) plus the
+    sampled fingerprint of the tensors in memory; every byte in memory for a model that has no such files."""
+    source = getattr(model, "source_path", None)
+    files = checkpoint_digest(Path(source)) if source and Path(source).is_dir() else None
+    if files is None:
+        return _every_byte(base)[:32]
+    return hashlib.sha256(f"{files}|{_sampled(base)}".encode()).hexdigest()[:32]
 
 
 def model_identity(model) -> dict:
@@ -81,10 +104,10 @@ def model_identity(model) -> dict:
     source = str(getattr(model, "source_path", "") or "")
     leaf = Path(source).name if source else ""
     return {
-        "weights": _fingerprint(base),
+        "weights": _weights_fingerprint(model, base),
         "dtype": str(norm.dtype).replace("mlx.core.", ""),
         "quantization": json.dumps(model.config.quantization or None, sort_keys=True),
-        "adapter": _fingerprint(extra) if extra else "none",
+        "adapter": _every_byte(extra)[:32] if extra else "none",
         "model": source,
         "revision": leaf if _COMMIT.match(leaf) else "",
     }

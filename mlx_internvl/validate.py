@@ -8,9 +8,11 @@ and training arguments) call these helpers; nothing deeper re-checks.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any, Iterable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Tuple
 
 from .errors import UserError
 
@@ -87,6 +89,25 @@ def max_tiles(value, name: str = "max_tiles"):
 
 def num_frames(value) -> int:
     return integer("num_frames", value, minimum=1, fix="frames sampled from the video")
+
+
+def path(name: str, value: Any) -> Path:
+    """`value` as a path (a str or os.PathLike, not empty), `~` expanded."""
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value).expanduser()
+    raise UserError(f"{name}: expected a file path (str or pathlib.Path), got {_fmt(value)} ({type(value).__name__})")
+
+
+def bound(value: Any, name: str = "bound") -> Optional[Tuple[float, float]]:
+    """None (the whole video), or (start, end) in seconds with 0 <= start < end."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise UserError(f"{name}: expected (start, end) in seconds, got {_fmt(value)} ({type(value).__name__})")
+    start, end = number(f"{name}[0]", value[0], minimum=0), number(f"{name}[1]", value[1], minimum=0)
+    if end <= start:
+        raise UserError(f"{name}: the end ({end} s) must come after the start ({start} s)")
+    return start, end
 
 
 # --- config.json ------------------------------------------------------------------------------------------------

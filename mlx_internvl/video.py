@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 import numpy as np
 from PIL import Image
 
+from . import validate
 from .errors import UserError
 
 logger = logging.getLogger("mlx_internvl")
@@ -28,12 +29,16 @@ T = TypeVar("T")
 def frame_indices(num_frames_in_video: int, fps: float, num_segments: int,
                   bound: Optional[Tuple[float, float]] = None, first_idx: int = 0) -> List[int]:
     """The model card's `get_index`: `num_segments` frame indices spread over the video (or over `bound`)."""
-    if num_segments < 1:
-        raise UserError(f"num_frames must be at least 1, got {num_segments}")
-    max_frame = num_frames_in_video - 1
+    num_segments = validate.num_frames(num_segments)
+    bound = validate.bound(bound)
+    max_frame = validate.integer("frame count", num_frames_in_video, minimum=1) - 1
+    fps = validate.number("fps", fps, minimum=0, min_open=True)
     start, end = bound if bound else (-100000, 100000)
     start_idx = max(first_idx, round(start * fps))
     end_idx = min(round(end * fps), max_frame)
+    if start_idx > end_idx:
+        raise UserError(f"bound {bound}: starts after the video ends (at {(max_frame + 1) / fps:.2f} s); give a "
+                        "start within the video")
     seg = float(end_idx - start_idx) / num_segments
     return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]
 
@@ -72,7 +77,7 @@ class VideoHeader:
 
 def video_header(path: Union[str, Path]) -> VideoHeader:
     """Frame count, average frame rate and frame size of the first video stream (no frame is decoded)."""
-    path = Path(path).expanduser()
+    path = validate.path("video", path)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -123,10 +128,15 @@ def _decode(path: Path, wanted: Sequence[int], each: Callable, max_pixels: Optio
 def load_video_frames(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES,
                       bound: Optional[Tuple[float, float]] = None, each: Optional[Callable[[Image.Image], T]] = None,
                       max_pixels: Optional[int] = None) -> List[T]:
-    """`num_frames` RGB frames of the video at `path`, at the model card's frame indices. `each` (e.g. a tiler) is
-    applied to every frame as it is decoded, so the list holds its results instead of full-size frames. Frames
-    larger than `max_pixels` (default: Pillow's `MAX_IMAGE_PIXELS`) are refused, from the header first."""
-    path = Path(path).expanduser()
+    """`num_frames` RGB frames of the video at `path`, at the model card's frame indices (over `bound`, a (start,
+    end) in seconds, when given). `each` (e.g. a tiler) is applied to every frame as it is decoded, so the list
+    holds its results instead of full-size frames. Frames larger than `max_pixels` (default: Pillow's
+    `MAX_IMAGE_PIXELS`) are refused, from the header first."""
+    path = validate.path("video", path)
+    num_frames, bound = validate.num_frames(num_frames), validate.bound(bound)
+    max_pixels = validate.integer("max_pixels", max_pixels, minimum=1, allow_none=True)
+    if each is not None and not callable(each):
+        raise UserError(f"each: expected a function of one frame, got {type(each).__name__}")
     each = each or (lambda frame: frame)
     max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     header = video_header(path)

@@ -21,7 +21,7 @@ from builders import Case
 from lora_fixtures import color_task
 from mlx_internvl.cli.main import main
 from mlx_internvl.errors import UserError
-from mlx_internvl.files import staged_output, sweep_stale
+from mlx_internvl.files import save_json, staged_output, sweep_stale
 
 TESTS = Path(__file__).parent
 CASE = Case("faults")
@@ -176,19 +176,90 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(setup, tmp_path, capsys)
 
 
 def test_sweep_puts_back_an_output_a_kill_left_moved_aside(tmp_path):
-    old = tmp_path / ".model.old-999999999-abc"  # a pid that cannot exist
+    old = tmp_path / ".model.old-999999999-abc_1234"  # a pid that cannot exist
     old.mkdir()
     (old / "config.json").write_text("{}")
-    (tmp_path / ".model.partial-999999999-def").mkdir()
+    (tmp_path / ".model.partial-999999999-def_1234").mkdir()
     sweep_stale(tmp_path / "model")
     assert (tmp_path / "model" / "config.json").read_text() == "{}" and hidden(tmp_path) == []
 
 
 def test_staging_folders_of_a_live_run_are_left_alone(tmp_path):
-    live = tmp_path / f".model.partial-{os.getppid()}-abc"
+    live = tmp_path / f".model.partial-{os.getppid()}-abc_1234"
     live.mkdir()
+    mine = tmp_path / ".notes.old-2020-draft"  # a user's file, not a name tempfile gives
+    mine.write_text("keep")
     sweep_stale(tmp_path / "model")
-    assert live.exists()
+    assert live.exists() and mine.read_text() == "keep"
+
+
+DEAD = 999999999  # above any pid_max: a run that is gone
+
+
+@contextmanager
+def live_pid():
+    """The pid of a process that is running (a sleeping child), for staging entries of a run still going."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def plant(parent: Path, name: str) -> Path:
+    (parent / name).mkdir(parents=True)
+    (parent / name / "config.json").write_text(name)
+    return parent / name
+
+
+def test_sigkill_during_convert_force_then_a_rerun_without_force(setup, tmp_path):
+    built, _, mlx_dir, _ = setup
+    out = tmp_path / "out"
+    shutil.copytree(mlx_dir, out)
+    r = run_cli("convert", built.hf_dir, out, "--force", kill=("mlx_internvl.weights", "save_config", 1))
+    assert r.returncode == -9 and hidden(tmp_path)[0].startswith(".out.partial-")
+    r = run_cli("convert", built.hf_dir, out)  # refused (out exists), and the killed run's folder is gone
+    assert r.returncode == 1 and "already exists" in r.stderr
+    assert "removed 1 staging folder(s) left by an interrupted earlier run: .out.partial-" in r.stderr
+    assert hidden(tmp_path) == []
+
+
+# Each writer below meets: a live run's staging folder (kept), a dead run's (removed), and an output a dead run had
+# moved aside while replacing it and never put back (restored). The same rules beside a convert output and among a
+# LoRA run's checkpoints: both go through `files.sweep_stale`.
+
+def test_convert_sweeps_by_the_pid_rules(setup, tmp_path):
+    built = setup[0]
+    with live_pid() as pid:
+        live = plant(tmp_path, f".out.partial-{pid}-aaaaaaaa")
+        dead = plant(tmp_path, f".out.partial-{DEAD}-bbbbbbbb")
+        other = plant(tmp_path, f".other.partial-{DEAD}-dddddddd")  # a killed run into another output here
+        plant(tmp_path, f".out.old-{DEAD}-cccccccc")
+        r = run_cli("convert", built.hf_dir, tmp_path / "out")
+        assert r.returncode == 1 and "already exists" in r.stderr  # the old output is back in place
+        assert (tmp_path / "out" / "config.json").read_text() == f".out.old-{DEAD}-cccccccc"
+        assert live.exists() and not dead.exists() and not other.exists() and hidden(tmp_path) == [live.name]
+
+
+def test_lora_sweeps_by_the_pid_rules(setup, tmp_path):
+    _, root, mlx_dir, ad = setup
+    run = tmp_path / "run"
+    shutil.copytree(ad, run)
+    ckpt = run / "checkpoints"
+    shutil.move(ckpt / "step-0000003", ckpt / f".step-0000003.old-{DEAD}-cccccccc")
+    with live_pid() as pid:
+        live = plant(ckpt, f".step-0000004.partial-{pid}-aaaaaaaa")
+        dead = plant(ckpt, f".step-0000002.partial-{DEAD}-bbbbbbbb")
+        assert main_ok(*lora_args(mlx_dir, root, run, iters=3, resume=True))
+        assert live.exists() and not dead.exists() and hidden(ckpt) == [live.name]
+        assert (ckpt / "step-0000003" / "manifest.json").is_file()
+
+
+def test_an_atomic_write_sweeps_the_temporary_file_of_a_killed_write(tmp_path):
+    (tmp_path / f".config.json.partial-{DEAD}-x1234567.json").write_text("{")
+    save_json(tmp_path / "config.json", {"a": 1})
+    assert hidden(tmp_path) == [] and json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
 
 
 # --- full and read-only disks -----------------------------------------------------------------------------------

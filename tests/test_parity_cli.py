@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -92,3 +93,30 @@ def test_parity_errors(build_case, tmp_path):
     np.savez(bad, x=np.zeros(3))
     with pytest.raises(UserError, match="not a stages file"):
         read_dump(bad)
+
+
+def test_a_dump_onto_a_full_disk_is_one_clear_error_and_leaves_nothing(build_case, tmp_path, monkeypatch):
+    import errno
+
+    from mlx_internvl.parity import dump_reference
+
+    built = build_case(QWEN2)
+    out = tmp_path / "stages.npz"
+    out.write_bytes(b"an earlier dump")
+    real = np.savez
+
+    def full_disk(file, *args, **kwargs):  # some bytes reach the file, then the device is full
+        f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
+        f.write(b"\0" * 4096)
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(UserError) as e:
+        dump_reference(built.original_dir, out, [IMAGE], tokens=2)
+    assert str(e.value).startswith(f"cannot write the stages file {out}: no space left on the device; free some "
+                                   "space or write elsewhere. Nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stages.npz"] and out.read_bytes() == b"an earlier dump"
+    monkeypatch.setattr(np, "savez", real)
+    dump_reference(built.original_dir, out, [IMAGE], tokens=2)
+    assert read_dump(out)[2]["tokens"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["stages.npz"]

@@ -207,3 +207,77 @@ def test_metadata_names_the_model_and_the_ids(qwen2, tmp_path):
     assert expected[: len(ids)] == ids
     image_tokens = processor.image_token_id
     assert np.sum(np.array(ids) == image_tokens) == np.sum(np.array(expected) == image_tokens) > 0
+
+
+# -- the weights identity: every byte of the checkpoint, its file digests remembered -----------------------------
+
+def _unsampled_row(n_rows: int, width: int) -> int:
+    """A row of an [n_rows, width] tensor that holds none of the 65 values a sampling fingerprint would read."""
+    n = n_rows * width
+    sampled = {(i * n) // 64 for i in range(64)} | {n - 1}
+    return next(r for r in range(n_rows) if not any(r * width <= i < (r + 1) * width for i in sampled))
+
+
+def _add_to_one_embedding_row(checkpoint):
+    f = checkpoint / "model.safetensors"
+    tensors, meta = mx.load(str(f), return_metadata=True)
+    key = "language_model.model.embed_tokens.weight"
+    w = np.array(tensors[key])
+    w[_unsampled_row(*w.shape)] += 1.0
+    tensors[key] = mx.array(w)
+    mx.save_safetensors(str(f), tensors, metadata=meta)
+
+
+@pytest.fixture
+def digest_calls(tmp_path, monkeypatch):
+    """The digest cache in a fresh directory, and a list that grows by one path per weight file hashed."""
+    import mlx_internvl.digests as digests
+
+    monkeypatch.setenv("MLX_INTERNVL_CACHE", str(tmp_path / "cache"))
+    calls, real = [], digests._sha256_file
+    monkeypatch.setattr(digests, "_sha256_file", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_a_change_to_one_embedding_row_refuses_the_old_cache(build_case, tmp_path, digest_calls):
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(build_case(QWEN2).original_dir, src)
+    model, processor = mlx_internvl.load(src, dtype="float32")
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=1)
+    _add_to_one_embedding_row(src)  # a new revision: one token's embedding moved
+    revised, _ = mlx_internvl.load(src, dtype="float32")
+    with pytest.raises(UserError, match="made by another model or revision .*Make the cache again"):
+        PromptCacheFile.load(f, revised)
+
+
+def test_the_weight_digests_are_not_recomputed_for_an_unchanged_checkpoint(build_case, tmp_path, digest_calls):
+    import shutil
+
+    from mlx_internvl.prompt_cache import model_identity
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(build_case(QWEN2).original_dir, src)
+    model, processor = mlx_internvl.load(src, dtype="float32")
+    first = model_identity(model)
+    assert sorted(p.name for p in digest_calls) == ["config.json", "model.safetensors"]
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=1)
+    PromptCacheFile.load(f, mlx_internvl.load(src, dtype="float32")[0])  # loaded again, in a new model object
+    assert len(digest_calls) == 2 and model_identity(model) == first
+    _add_to_one_embedding_row(src)
+    assert model_identity(mlx_internvl.load(src, dtype="float32")[0])["weights"] != first["weights"]
+    assert [p.name for p in digest_calls[2:]] == ["model.safetensors"]  # only the file that changed
+
+
+def test_an_unwritable_digest_cache_costs_time_not_correctness(build_case, tmp_path, monkeypatch, digest_calls,
+                                                               caplog):
+    from mlx_internvl.prompt_cache import model_identity
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MLX_INTERNVL_CACHE", str(tmp_path / "file" / "cache"))  # cannot become a directory
+    model, _ = mlx_internvl.load(build_case(QWEN2).original_dir, dtype="float32")
+    assert model_identity(model) == model_identity(model)
+    assert len(digest_calls) == 4 and "weight digests will be computed on every load" in caplog.text

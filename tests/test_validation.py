@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -27,6 +28,9 @@ from mlx_internvl.errors import UserError
 from mlx_internvl.fetch import FetchPolicy, fetch_url
 from mlx_internvl.files import atomic_write_text
 from mlx_internvl.images import open_image
+from mlx_internvl.processing import dynamic_preprocess
+from mlx_internvl.projector import pixel_shuffle
+from mlx_internvl.video import frame_indices, load_video_frames
 
 IMG = ASSETS / "images" / "image1.jpg"
 CASE = Case("smoke_qwen2")
@@ -117,6 +121,35 @@ def test_api_arguments(tiny, name):
     call, named = API[name]
     with pytest.raises(UserError, match=named.replace("[", r"\[")):
         call(model, processor)
+
+
+VIDEO = ASSETS / "video" / "carphone_pristine.mp4"  # 120 frames, 4 s
+FUNCTIONS = {
+    "load_video_frames num_frames 2.5": (lambda: load_video_frames(VIDEO, num_frames=2.5), "num_frames: expected an"),
+    "load_video_frames num_frames '8'": (lambda: load_video_frames(VIDEO, num_frames="8"), "num_frames: expected an"),
+    "load_video_frames bound reversed": (lambda: load_video_frames(VIDEO, bound=(3, 1)), "bound: the end"),
+    "load_video_frames bound NaN": (lambda: load_video_frames(VIDEO, bound=(float("nan"), 1)), "bound\\[0\\]"),
+    "load_video_frames bound a string": (lambda: load_video_frames(VIDEO, bound="1-2"), "bound: expected"),
+    "load_video_frames bound past the end": (lambda: load_video_frames(VIDEO, bound=(100, 200)), "after the video"),
+    "load_video_frames path an int": (lambda: load_video_frames(5), "video: expected a file path"),
+    "frame_indices num_segments 2.5": (lambda: frame_indices(10, 30.0, 2.5), "num_frames"),
+    "dynamic_preprocess max_num 2.5": (lambda: dynamic_preprocess(Image.new("RGB", (9, 9)), max_num=2.5), "max_num"),
+    "dynamic_preprocess image_size 0": (lambda: dynamic_preprocess(Image.new("RGB", (9, 9)), image_size=0),
+                                        "image_size"),
+    "dynamic_preprocess a path": (lambda: dynamic_preprocess(str(IMG)), "expected a PIL image"),
+    "pixel_shuffle scale 0": (lambda: pixel_shuffle(mx.zeros((1, 4, 4, 2)), scale_factor=0), "scale_factor"),
+    "pixel_shuffle scale 0.3": (lambda: pixel_shuffle(mx.zeros((1, 4, 4, 2)), scale_factor=0.3), "scale_factor"),
+    "pixel_shuffle version v3": (lambda: pixel_shuffle(mx.zeros((1, 4, 4, 2)), version="v3"), "version"),
+    "pixel_shuffle 3-d input": (lambda: pixel_shuffle(mx.zeros((4, 4, 2))), "expected \\[N, G, G, C\\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_public_functions_check_their_arguments(name):
+    pytest.importorskip("av")
+    call, named = FUNCTIONS[name]
+    with pytest.raises(UserError, match=named):
+        call()
 
 
 def test_a_single_image_need_not_be_in_a_list(tiny):

@@ -4,8 +4,9 @@ A checkpoint is a directory `checkpoints/step-NNNNNNN/` with the adapters, the o
 step, learning rate) as safetensors and `state.json` (step, microbatches consumed, run settings). It is written
 under a temporary name and renamed when complete; only then are the top-level `adapters.safetensors` and the
 `training_state.json` pointer replaced (each by an atomic rename). A half-written directory is never complete and
-is swept on the next start. Each checkpoint records the sizes and SHA-256 of its files (`manifest.json`); a resume
-takes the newest checkpoint that still matches them, and says which it passed over.
+is swept on the next start (`files.sweep_stale`, which leaves a live run's alone). Each checkpoint records the
+sizes and SHA-256 of its files (`manifest.json`); a resume takes the newest checkpoint that still matches them,
+and says which it passed over.
 
 Randomness needs no saved state: every microbatch reseeds MLX's generator from (seed, microbatch index), and the
 data order is a function of (seed, epoch), so the step, the microbatch count, the adapters and the optimizer
@@ -118,13 +119,6 @@ def latest_checkpoint(adapter_dir: Path, log=None) -> Optional[Path]:
         rejected.append(f"{path.name} ({why})")
     raise UserError(f"{adapter_dir}: no checkpoint verifies: {'; '.join(rejected)}. Delete {root} and {pointer} "
                     "to start afresh.")
-
-
-def sweep_partial(adapter_dir: Path) -> None:
-    """Remove checkpoint directories a killed run left half-written (or moved aside while replacing one)."""
-    for pattern in (".step-*.partial-*", ".step-*.old-*"):
-        for p in (Path(adapter_dir) / "checkpoints").glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

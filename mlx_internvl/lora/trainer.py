@@ -33,14 +33,14 @@ from tqdm import tqdm
 from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
 from ..backbones import forward_embeddings
 from ..errors import UserError
-from ..files import check_writable_dir, output_errors, save_json
+from ..files import check_writable_dir, output_errors, save_json, sweep_stale
 from ..model import scatter_image_features
 from ..validate import check_training_args
 from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
 from .checkpointing import grad_checkpointing, layer_types
 from .curve import LossLog
 from .data import Dataset
-from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged, sweep_partial
+from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
 STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum")
@@ -261,7 +261,7 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
     """Add the adapters and the optimizer, from the last checkpoint when resuming. Returns the adapter layout."""
     out, args, say, model = run.out, run.args, run.say, run.model
     check_writable_dir(out, "--adapter-path directory")
-    sweep_partial(out)
+    sweep_stale(out / "checkpoints", every=True)
     checkpoint = latest_checkpoint(out, log=say)
     if checkpoint is not None and not resume:
         raise UserError(f"{out} already holds a training run (up to {checkpoint.name}). Pass --resume to continue "

@@ -34,6 +34,7 @@ from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
+from . import caches
 from .budget import Limits
 from .engine import Engine, Job
 from .media import MediaPolicy
@@ -70,6 +71,8 @@ class ServerConfig:
     allow_private_image_hosts: bool = False  # remote image URLs on loopback/private/link-local addresses
     vision_cache_size: int = 32
     prompt_cache_size: int = 16
+    vision_cache_bytes: Optional[int] = None  # None: a share of the machine's memory (server/caches.py)
+    prompt_cache_bytes: Optional[int] = None
     decode_concurrency: int = 8
     max_queue: int = 32
     max_tokens: int = 1024
@@ -79,6 +82,9 @@ class ServerConfig:
 
     def __post_init__(self):
         self.model_name = self.model_name or str(self.model)
+        for name in ("prompt_cache_bytes", "vision_cache_bytes"):
+            if getattr(self, name) is not None:
+                setattr(self, name, caches.parse_size(getattr(self, name), f"--{name.replace('_', '-')}"))
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -147,7 +153,8 @@ def start_engine(cfg: ServerConfig, group=None) -> Engine:
 
     engine = Engine(load_model, decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
                     prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
-                    prefill_step_size=cfg.prefill_step_size, group=group)
+                    prefill_step_size=cfg.prefill_step_size, group=group,
+                    prompt_cache_bytes=cfg.prompt_cache_bytes, vision_cache_bytes=cfg.vision_cache_bytes)
     engine.start()
     return engine
 

@@ -4,6 +4,7 @@ MLX streams belong to the thread that made them, so request threads only parse, 
 this one thread takes jobs from a queue, encodes their images, prefills and decodes. A job's prompt is looked up in
 mlx-lm's `LRUPromptCache` by its keyed token ids (see `render`), so a resent conversation prefills only its new
 tokens; image features come from an LRU keyed by the image's content hash, so an image is encoded once per server.
+Both caches are bounded by a count and by bytes (`caches`: by default a share of the machine's memory).
 The new tokens are prefilled one chunk per loop turn, between decode steps of the running batch; then the job
 joins mlx-lm's `BatchGenerator` (continuous batching: decode steps run all active jobs together). A cancelled job
 (client gone, stream aborted) leaves the batch at the next step and frees its slot.
@@ -16,20 +17,19 @@ import logging
 import queue
 import threading
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
 from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
 from ..sampling import SamplingOptions
-from . import spmd
+from . import caches, spmd
 from .protocol import APIError, usage
 from .render import Prompt
 
@@ -76,13 +76,14 @@ class Engine:
 
     def __init__(self, load: Callable[[], tuple], decode_concurrency: int = 8, max_queue: int = 32,
                  prompt_cache_size: int = 16, vision_cache_size: int = 32, prefill_step_size: int = 512,
-                 group=None):
+                 group=None, prompt_cache_bytes: Optional[int] = None, vision_cache_bytes: Optional[int] = None):
         self._load = load
         self.group = group  # a `distributed.Group`: every rank runs this loop; rank 0's jobs are shared (spmd.py)
         self._jobs: dict = {}  # id -> job, from its arrival to its end
         self._ids = 0
         self.decode_concurrency, self.max_queue = decode_concurrency, max_queue
         self.prompt_cache_size, self.vision_cache_size = prompt_cache_size, vision_cache_size
+        self.prompt_cache_bytes, self.vision_cache_bytes = prompt_cache_bytes, vision_cache_bytes  # None: default
         self.prefill_step_size = prefill_step_size
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
@@ -143,8 +144,8 @@ class Engine:
                                                    - self.processor.vocab_ids)
             self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
-            self._prompts = LRUPromptCache(max_size=self.prompt_cache_size)
-            self._features: OrderedDict[tuple, mx.array] = OrderedDict()
+            self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
+            self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
             self._new_batch = lambda: BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                                                      prefill_batch_size=self.decode_concurrency,
                                                      stream=self._stream)
@@ -258,12 +259,9 @@ class Engine:
                 feats = self.model.extract_feature(mx.array(spec.pixel_values()))  # uint8 until here
                 feats = feats.reshape(-1, feats.shape[-1])
                 mx.eval(feats)
-                self._features[spec.key] = feats
-                while len(self._features) > self.vision_cache_size:
-                    self._features.popitem(last=False)
+                self._features.put(spec.key, feats)
             else:
                 self.stats["vision_hits"] += 1
-                self._features.move_to_end(spec.key)
             parts.insert(0, feats)
             rows += spec.num_tiles * per_tile
             if rows >= n_rows:
@@ -303,6 +301,8 @@ class Engine:
             (uid,) = self._batch.insert([[suffix[-1]]], max_tokens=[p.max_tokens], caches=[cache],
                                         all_tokens=[list(p.ids[:-1])], samplers=[sampler],
                                         logits_processors=[processors], stop_sequences=[self._stop_tokens])
+            # As mlx-lm's server: the caches of running jobs count against the prompt cache's budget too.
+            self._prompts.trim_to(n_bytes=self._prompts.max_bytes - self._batch.prompt_cache_nbytes)
             detok = self.processor.tokenizer.detokenizer
             detok.reset()
             return uid, detok

@@ -22,6 +22,11 @@ from typing import Dict, List, Sequence
 from PIL import Image
 
 from mlx_internvl.errors import UserError
+
+try:  # the `eval` extra; only reading and writing benchmark files needs it
+    import pandas
+except ImportError:  # pragma: no cover - depends on the install
+    pandas = None
 from mlx_internvl.evaluation.choice import is_missing
 
 IMAGE_COLUMNS = ("image",) + tuple(f"image_{k}" for k in range(1, 9))
@@ -29,11 +34,9 @@ INDEX_ALIASES = ("index", "questionId", "question_id", "id", "qid")
 
 
 def _pandas():
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise UserError("reading benchmark files needs pandas and pyarrow: pip install 'mlx-internvl[eval]'") from e
-    return pd
+    if pandas is None:
+        raise UserError("reading benchmark files needs pandas and pyarrow: pip install 'mlx-internvl[eval]'")
+    return pandas
 
 
 def _as_list(value) -> list:

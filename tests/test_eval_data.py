@@ -94,6 +94,19 @@ def test_parquet_export_reader(tmp_path):
     assert (mmmu[0]["A"], mmmu[0]["B"], len(mmmu[0]["image"])) == ("p", "q", 1)
 
 
+def test_large_base64_image_and_a_file_path_decode(tmp_path):
+    import numpy as np
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    assert data.decode_image(base64.b64encode(buf.getvalue()).decode()).size == (200, 300)
+    noise.save(tmp_path / "p.png")
+    assert data.decode_image(str(tmp_path / "p.png")).size == (200, 300)
+    with pytest.raises(UserError, match="neither a picture"):
+        data.decode_image("bm90IGFuIGltYWdl")
+
+
 def test_mmmu_first_image_is_upscaled():
     bench = benchmarks.resolve("MMMU_DEV_VAL")
     ims = prompts.row_images(bench, {"image": [png_b64("red", (10, 8)), png_b64("red", (10, 8))]})

@@ -104,11 +104,18 @@ def read_benchmark(path) -> List[dict]:
     return rows
 
 
+def _is_file(text: str) -> bool:
+    try:  # base64 of a picture is far longer than a path may be
+        return len(text) < 4096 and Path(text).is_file()
+    except OSError:
+        return False
+
+
 def decode_image(value) -> Image.Image:
     """A benchmark image cell (base64 text, raw bytes, `{'bytes': ...}` or a file path) as an RGB image."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, str) and Path(value).is_file():
+    if isinstance(value, str) and _is_file(value):
         return Image.open(value).convert("RGB")
     data = base64.b64decode(value) if isinstance(value, str) else value
     try:

@@ -85,3 +85,34 @@ def test_unknown_benchmark_and_bad_predictions_are_clear_errors():
         benchmarks.resolve("MyBench")
     with pytest.raises(UserError, match=r"lack the column\(s\) \['prediction'\]"):
         scoring.score(benchmarks.resolve("TextVQA_VAL"), [{"index": 1, "answer": "x"}])
+
+
+@pytest.mark.parametrize("case", FIXTURES["vqa"] + FIXTURES["mcq"] + [FIXTURES["circular"], FIXTURES["ocrbench"]],
+                         ids=lambda c: c.get("dataset", "OCRBench"))
+def test_scores_survive_the_predictions_file(case, tmp_path):
+    """Written by our PredictionWriter and read back as a predictions file, the rows score as VLMEvalKit scored
+    them: replies are read verbatim (even "N/A" or "None"). A reference cell pandas reads as missing ("N/A") is
+    missing for VLMEvalKit too, which loads benchmark files with pandas; those rows are left out."""
+    from mlx_internvl.evaluation import data
+
+    na = {"N/A", "NA", "n/a", "None", "null", "NULL", "nan", "NaN", "", "<NA>", "#N/A"}
+    rows = [r for r in case["rows"] if r["answer"] not in na]
+    case = dict(case, rows=rows)
+    inputs = [{k: v for k, v in r.items() if k not in ("prediction", "score")} for r in rows]
+    writer = data.PredictionWriter(tmp_path / "p.tsv", data.output_columns(inputs))
+    for row, src in zip(inputs, case["rows"]):
+        writer.write(row, src["prediction"])
+    bench = benchmarks.resolve(case.get("dataset", "OCRBench"))
+    direct = scoring.score(bench, case["rows"])
+    again = scoring.score(bench, data.read_predictions(tmp_path / "p.tsv"))
+    assert again.items == direct.items and again.table.keys() == direct.table.keys()
+
+
+def test_replies_are_read_back_verbatim(tmp_path):
+    from mlx_internvl.evaluation import data
+
+    rows = [{"index": i, "answer": "x"} for i in range(4)]
+    writer = data.PredictionWriter(tmp_path / "p.tsv", data.output_columns(rows))
+    for row, reply in zip(rows, ["N/A", "None", "", "null"]):
+        writer.write(row, reply)
+    assert [r["prediction"] for r in data.read_predictions(tmp_path / "p.tsv")] == ["N/A", "None", "", "null"]

@@ -174,6 +174,8 @@ def read_predictions(path) -> List[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such predictions file")
-    frame = pd.read_csv(path, sep="\t", dtype={"prediction": str}, keep_default_na=True)
-    frame["prediction"] = frame["prediction"].fillna("")
+    frame = pd.read_csv(path, sep="\t")
+    if "prediction" in frame:
+        # The reply verbatim: pandas would read "N/A", "None" or "null" as a missing value.
+        frame["prediction"] = pd.read_csv(path, sep="\t", usecols=["prediction"], dtype=str, na_filter=False)
     return frame.to_dict("records")

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "bench": "bench_cmd",
     "serve": "serve_cmd",
     "cache": "cache_cmd",
+    "eval": "eval_cmd",
 }
 
 

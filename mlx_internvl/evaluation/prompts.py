@@ -1,0 +1,66 @@
+"""The question InternVL is asked for a benchmark row, as VLMEvalKit's InternVL wrapper (`InternVLChat`, V2.0,
+no chain-of-thought) builds it, and the images it is shown with their tile limits.
+
+Multiple choice: hint, question, `A. ...` lines, then the instruction to answer with the letter (in Chinese when
+the text has Chinese). Short-answer VQA: the question plus "Answer the question using a single word or phrase."
+Images: one image is `<image>\\n` before the text; several are `Image-1: <image>\\n...` lines. The chat template
+around it is the model's own (`Processor`). tests/fixtures/eval/prompts.json holds the wrapper's own output.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List
+
+from PIL import Image
+
+from mlx_internvl.evaluation.benchmarks import Benchmark
+from mlx_internvl.evaluation.choice import is_missing, options
+from mlx_internvl.evaluation.data import decode_image
+
+_CHINESE = re.compile('[\u4e00-\u9fff]')
+SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'
+LETTER = ("\nAnswer with the option's letter from the given choices directly.", '\n请直接回答选项字母。')
+DIRECT = ('\nAnswer the question directly.', '\n请直接回答问题。')
+# VQA datasets the wrapper asks for a detailed answer, or passes the question through unchanged.
+_DETAILED = ['LLaVABench', 'WildVision']
+_AS_IS = ['MathVerse', 'MathVista', 'MathVision', 'VCR', 'MTVQA', 'MMVet', 'MMDU', 'CRPE', 'MIA-Bench', 'MM-Math',
+          'DynaMath', 'QSpatial', 'WeMath', 'LogicVista', 'MM-IFEval', 'ChartMimic', 'MMReason']
+
+
+def multiple_choice_text(row: dict) -> str:
+    question = row['question']
+    hint = row.get('hint')
+    if not is_missing(hint):
+        question = hint + '\n' + question
+    opts = options(row)
+    for key, item in opts.items():
+        question += f'\n{key}. {item}'
+    chinese = _CHINESE.search(question) is not None
+    return question + (LETTER if opts else DIRECT)[chinese]
+
+
+def open_question_text(bench: Benchmark, row: dict) -> str:
+    question = row['question']
+    if any(x in bench.name for x in _DETAILED):
+        return question + '\nAnswer this question in detail.'
+    if any(x in bench.name for x in _AS_IS):
+        return question
+    return question + SHORT_ANSWER
+
+
+def question_text(bench: Benchmark, row: dict, n_images: int) -> str:
+    """The text handed to the model's chat(), image placeholders included."""
+    text = multiple_choice_text(row) if bench.kind == 'MCQ' else open_question_text(bench, row)
+    if n_images == 1:
+        return '<image>\n' + text
+    return ''.join(f'Image-{i + 1}: <image>\n' for i in range(n_images)) + text
+
+
+def row_images(bench: Benchmark, row: dict) -> List[Image.Image]:
+    """The row's images, decoded; MMMU's first one doubled in size (bilinear) as the wrapper does."""
+    images = [decode_image(v) for v in row.get('image') or []]
+    if images and bench.upscale_first_image:
+        first = images[0]
+        images[0] = first.resize((first.width * 2, first.height * 2), Image.BILINEAR)
+    return images

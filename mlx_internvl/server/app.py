@@ -3,6 +3,9 @@
 A request is parsed and rendered (media fetched, decoded, tiled, tokenized) on a worker thread, then handed to the
 engine's generation thread; its results come back through an asyncio queue. Streams are FastAPI's native SSE
 (`fastapi.sse`). Every failure is an OpenAI-shaped error with its status; nothing a client sends stops the server.
+
+What a request must pass before its body is read (content type, origin, host) and the graceful stop are in
+`guard.py`.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
 from .engine import Engine, Job
+from .guard import GracefulServer, check_browser, loopback_names
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
 from .render import Renderer
@@ -67,6 +72,7 @@ class ServerConfig:
     max_tokens: int = 1024
     temperature: float = 0.0
     prefill_step_size: int = 512
+    shutdown_timeout_s: float = 3.0  # how long running replies may go on after SIGTERM / Ctrl-C
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -86,12 +92,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if int(request.headers.get("content-length") or 0) > 8 * limit:
         raise too_big
     body, total = bytearray(), 0
-    async for block in request.stream():
-        total += len(block)
-        if total > 8 * limit:
-            break
-        if total <= limit:
-            body += block
+    try:
+        async for block in request.stream():
+            total += len(block)
+            if total > 8 * limit:
+                break
+            if total <= limit:
+                body += block
+    except ClientDisconnect:  # nobody reads the answer; it only keeps the log free of a traceback
+        raise APIError(400, "the client closed the connection before the end of the body", None,
+                       "client_disconnected") from None
     if total > limit:
         raise too_big
     return bytes(body)
@@ -107,6 +117,8 @@ class _Server:
     vocab: int
     limit: int
     created: int
+    loopback_names: Optional[set] = None
+    shutdown_at: Optional[float] = None  # monotonic time when running replies are ended (set on SIGTERM)
 
     def check_key(self, request: Request) -> None:
         if self.cfg.api_key is None:
@@ -122,7 +134,7 @@ class _Server:
                 temperature=self.cfg.temperature if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
-                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+                logit_bias=req.token_bias)
         except UserError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
 
@@ -156,7 +168,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
                                                      cfg.max_tokens),
                                engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
-                               int(time.time()))
+                               int(time.time()), loopback_names(cfg.host, cfg.allowed_origins))
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -211,6 +223,7 @@ async def _models(request: Request):
 async def _chat_completions(request: Request):
     st: _Server = request.app.state.server
     st.check_key(request)
+    check_browser(request, st.cfg.allowed_origins, st.loopback_names)
     req = parse_request(await _read_body(request, st.limit), st.vocab)
     if req.model != st.cfg.model_name:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
@@ -224,7 +237,7 @@ async def _chat_completions(request: Request):
     except BaseException:
         st.engine.release()
         raise
-    events = _Events(request, st.engine)
+    events = _Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
     events.job = job
     st.engine.submit(job)
@@ -243,8 +256,8 @@ async def _chat_completions(request: Request):
 class _Events:
     """A job's events, from the generation thread to this request's event loop."""
 
-    def __init__(self, request: Request, engine: Engine):
-        self.request, self.engine, self.job = request, engine, None
+    def __init__(self, request: Request, st: _Server):
+        self.request, self.server, self.engine, self.job = request, st, st.engine, None
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -254,7 +267,12 @@ class _Events:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     async def next(self):
-        while True:  # wake up now and then to notice a client that went away
+        while True:  # wake up now and then to notice a client that went away, or a shutdown
+            end = self.server.shutdown_at
+            if end is not None and time.monotonic() >= end:
+                self.job.cancelled.set()
+                return ("error", APIError(503, "the server is shutting down; the reply was cut", None,
+                                          "server_shutdown"))
             try:
                 return await asyncio.wait_for(self.queue.get(), 0.5)
             except asyncio.TimeoutError:
@@ -326,8 +344,10 @@ def serve(model: str, group=None, **options) -> None:
     app = create_app(cfg, engine)
     print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
           flush=True)
+    server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2))
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        server.run()
     finally:
         app.state.engine.close()
 

@@ -1,0 +1,74 @@
+"""What the server refuses before reading a request, and how it stops.
+
+Browsers send a `text/plain` or body-typeless POST to any site without asking it first (no CORS preflight), so a
+POST must be `application/json` and, when it carries an `Origin`, come from the server's own origin or an
+`--allowed-origins` one. On a loopback address the `Host` must be a loopback name too: a DNS-rebinding page is
+"same origin" with its own host name. Clients that are not browsers (curl, the `openai` package) send no `Origin`
+and pass. On SIGTERM or Ctrl-C, running replies may go on for `shutdown_timeout_s`, then they are ended (the app
+reads `shutdown_at`) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import time
+from typing import Optional, Sequence
+from urllib.parse import urlsplit
+
+import uvicorn
+from starlette.requests import Request
+
+from .protocol import APIError
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _hostname(host: str) -> str:
+    """The name in a `Host` header or an origin, without port or brackets, lowercased."""
+    return (urlsplit(f"//{host}").hostname or "") if host else ""
+
+
+def loopback_names(host: str, allowed_origins: Sequence[str]) -> Optional[set]:
+    """The `Host` names accepted when the server listens on a loopback address (None: any, it is exposed)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return None
+    return _LOOPBACK_NAMES | {_hostname(urlsplit(o).netloc) for o in allowed_origins if o != "*"}
+
+
+def check_browser(request: Request, allowed_origins: Sequence[str], loopback: Optional[set]) -> None:
+    """Refuse what a web page could send on its own: a non-JSON POST, a foreign `Origin`, a rebound `Host`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}; send the body as "
+                            "JSON with 'Content-Type: application/json'", None, "unsupported_media_type")
+    host = request.headers.get("host", "")
+    if loopback is not None and _hostname(host) not in loopback:
+        raise APIError(403, f"Host {host[:100]!r} is not a loopback name: this server listens on a loopback "
+                            "address and answers only requests addressed to it (a page on another host name may be "
+                            "a DNS-rebinding attack); add its origin with --allowed-origins to allow it", None,
+                       "host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is None or "*" in allowed_origins or origin in allowed_origins:
+        return
+    if origin != f"{request.url.scheme}://{host}":
+        raise APIError(403, f"cross-origin request from {origin[:100]!r} refused: only this server's own page "
+                            "may call it from a browser; start the server with --allowed-origins "
+                            f"{origin[:100]} to allow that site", None, "origin_not_allowed")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, whose SIGTERM / Ctrl-C ends running replies `shutdown_timeout_s` later (uvicorn alone waits
+    for every stream to finish) and returns normally, so the process exits 0 (uvicorn re-raises the signal)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        st = self.config.app.state.server
+        if st.shutdown_at is None:
+            st.shutdown_at = time.monotonic() + st.cfg.shutdown_timeout_s
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        self.should_exit = True

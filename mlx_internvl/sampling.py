@@ -26,9 +26,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .distributed import agree
 from .errors import UserError
-
-SEED_MAX = 2**64 - 1  # mx.random.seed and mx.random.key take an unsigned 64-bit integer
-COUNT_MAX = 2**31 - 1  # counts and sizes reach MLX and numpy as int32
+from .validate import COUNT_MAX, SEED_MAX
 
 INT_RANGES = {
     "top_k": (0, COUNT_MAX), "min_tokens_to_keep": (1, COUNT_MAX), "repetition_context_size": (1, COUNT_MAX),

@@ -1,0 +1,123 @@
+"""The server against a hostile client on 127.0.0.1: a web page posting to it across sites (no CORS preflight for
+`text/plain`), a DNS-rebinding `Host`, a client that hangs up in the middle of its body, and SIGTERM in the middle
+of a stream (a real `mlx-internvl serve` process, whose exit status and log are read)."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from builders import Case
+from server_bad_requests import free_closed_port
+from server_util import assert_quiet_log, serving
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+OK = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def model_dir(build_case):
+    return build_case(Case("smoke_qwen2")).original_dir
+
+
+def post(url, body=OK, headers=None):
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=h,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), e.headers
+
+
+def test_cross_site_posts_are_refused_before_the_model_runs(model_dir):
+    with serving(model_dir) as (url, app):  # no --api-key: only the origin rules protect it
+        stats = app.state.engine.stats
+        status, body, _ = post(url, headers={"Content-Type": "text/plain;charset=UTF-8",
+                                             "Origin": "http://evil.example"})
+        assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+        status, body, _ = post(url, headers={"Origin": "http://evil.example"})
+        assert status == 403 and body["error"]["code"] == "origin_not_allowed"
+        assert "--allowed-origins http://evil.example" in body["error"]["message"]
+        port = url.rsplit(":", 1)[1]
+        status, body, _ = post(url, headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+        assert status == 403 and body["error"]["code"] == "host_not_allowed"
+        assert stats["requests"] == 0  # nothing reached the generation thread
+        # the server's own page (same origin), `localhost`, and clients without an Origin keep working
+        assert post(url, headers={"Origin": url})[0] == 200
+        assert post(url, headers={"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})[0] == 200
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(**OK).choices[0].message.role == "assistant"
+        assert stats["requests"] == 3
+
+
+def test_allowed_origins_pass_with_cors_headers(model_dir):
+    with serving(model_dir, allowed_origins=["http://localhost:3000"]) as (url, _):
+        status, _, headers = post(url, headers={"Origin": "http://localhost:3000"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert post(url, headers={"Origin": "http://localhost:3001"})[0] == 403
+
+
+def test_client_closing_mid_body_leaves_no_traceback(model_dir, capfd, caplog):
+    with serving(model_dir) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+                time.sleep(0.2)
+        time.sleep(0.5)
+        assert post(url)[0] == 200  # and the server answers the next client
+    assert_quiet_log(capfd, caplog)
+
+
+def test_sigterm_while_streaming_ends_the_stream_and_exits_0(model_dir, tmp_path):
+    """uvicorn alone waits for every stream to end, then re-raises SIGTERM (exit -15): a long reply held the
+    process. Now the stream is cut with an error event and `[DONE]` after --shutdown-timeout and the exit is 0."""
+    port, log = free_closed_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_internvl.cli.main", "serve", "--model", str(model_dir),
+                                 "--model-name", "tiny", "--port", str(port), "--shutdown-timeout", "0"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        # token 57 ("Z") biased up: the reply runs to the context's end (~480 tokens) unless it is cut
+        body = dict(OK, max_tokens=2000, stream=True, logit_bias={"57": 100})
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events = [r.readline()]
+            t = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            events += [line for line in r if line.strip()]
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, log.read_text()
+    assert took < 10, took
+    assert events[-1].strip() == b"data: [DONE]"
+    last = json.loads(events[-2].split(b":", 1)[1])
+    assert last["error"]["code"] == "server_shutdown", last  # cut, long before its ~480 tokens
+    assert sum(b'"content": "Z"' in e for e in events) < 400
+    assert "Traceback" not in log.read_text()

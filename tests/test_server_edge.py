@@ -121,3 +121,28 @@ def test_sigterm_while_streaming_ends_the_stream_and_exits_0(model_dir, tmp_path
     assert last["error"]["code"] == "server_shutdown", last  # cut, long before its ~480 tokens
     assert sum(b'"content": "Z"' in e for e in events) < 400
     assert "Traceback" not in log.read_text()
+
+
+def test_slow_clients_are_cut_and_others_are_answered(model_dir, capfd, caplog):
+    """Headers that never end, a body that never ends, a connection that says nothing: each is closed (or gets a
+    408) at its deadline, and a normal client is answered while they hang."""
+    with serving(model_dir, header_timeout_s=1.0, body_timeout_s=1.5) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        sent = {"headers": b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                "body": b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+                "nothing": b""}
+        socks = {}
+        for what, data in sent.items():
+            socks[what] = socket.create_connection(("127.0.0.1", port))
+            socks[what].sendall(data)
+            socks[what].settimeout(10)
+        assert post(url)[0] == 200
+        t = time.monotonic()
+        answers = {what: s.recv(200) for what, s in socks.items()}
+        assert time.monotonic() - t < 5
+        for s in socks.values():
+            s.close()
+    assert answers["headers"] == answers["nothing"] == b""  # closed
+    assert answers["body"].startswith(b"HTTP/1.1 408")
+    assert_quiet_log(capfd, caplog)

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
 from .engine import Engine, Job
-from .guard import GracefulServer, check_browser, loopback_names
+from .guard import GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
 from .render import Renderer
@@ -73,6 +73,8 @@ class ServerConfig:
     temperature: float = 0.0
     prefill_step_size: int = 512
     shutdown_timeout_s: float = 3.0  # how long running replies may go on after SIGTERM / Ctrl-C
+    header_timeout_s: float = 10.0  # a connection's request line and headers, from its opening or its last reply
+    body_timeout_s: float = 60.0  # a request's whole body, once its headers are in
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -84,21 +86,26 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 past `limit`. A moderately oversized body is read to its end (and dropped) before the
-    answer, so that clients which send the whole body before reading get the 413 instead of a broken pipe."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, or a 413 past `limit`, or a 408 when it takes longer than `timeout_s`. A moderately oversized body
+    is read to its end (and dropped) before the answer, so that clients which send the whole body before reading
+    get the 413 instead of a broken pipe."""
     too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
                             "(--max-request-mb)", None, "request_too_large")
     if int(request.headers.get("content-length") or 0) > 8 * limit:
         raise too_big
     body, total = bytearray(), 0
     try:
-        async for block in request.stream():
-            total += len(block)
-            if total > 8 * limit:
-                break
-            if total <= limit:
-                body += block
+        async with asyncio.timeout(timeout_s):
+            async for block in request.stream():
+                total += len(block)
+                if total > 8 * limit:
+                    break
+                if total <= limit:
+                    body += block
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", None,
+                       "request_timeout") from None
     except ClientDisconnect:  # nobody reads the answer; it only keeps the log free of a traceback
         raise APIError(400, "the client closed the connection before the end of the body", None,
                        "client_disconnected") from None
@@ -224,7 +231,7 @@ async def _chat_completions(request: Request):
     st: _Server = request.app.state.server
     st.check_key(request)
     check_browser(request, st.cfg.allowed_origins, st.loopback_names)
-    req = parse_request(await _read_body(request, st.limit), st.vocab)
+    req = parse_request(await _read_body(request, st.limit, st.cfg.body_timeout_s), st.vocab)
     if req.model != st.cfg.model_name:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
                        "model", "model_not_found")
@@ -345,7 +352,7 @@ def serve(model: str, group=None, **options) -> None:
     print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
           flush=True)
     server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2))
+                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2, http=HTTPProtocol))
     try:
         server.run()
     finally:
@@ -356,7 +363,8 @@ def serve(model: str, group=None, **options) -> None:
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
     """Run `app` with uvicorn on a background thread; yields the base URL (port 0: a free port). The app's engine is
     closed on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           http=HTTPProtocol))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

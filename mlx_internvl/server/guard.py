@@ -6,6 +6,10 @@ POST must be `application/json` and, when it carries an `Origin`, come from the 
 "same origin" with its own host name. Clients that are not browsers (curl, the `openai` package) send no `Origin`
 and pass. On SIGTERM or Ctrl-C, running replies may go on for `shutdown_timeout_s`, then they are ended (the app
 reads `shutdown_at`) and the process exits 0.
+
+Slow clients: uvicorn waits forever for request headers that never end (its keep-alive timeout covers only an idle
+connection with nothing sent), so `HTTPProtocol` closes a connection whose headers have not all arrived
+`header_timeout_s` after it opened or after its last reply; the app gives the body `body_timeout_s`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.requests import Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .protocol import APIError
 
@@ -72,3 +77,37 @@ class GracefulServer(uvicorn.Server):
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting
         self.should_exit = True
+
+
+class HTTPProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for the request line and headers (`header_timeout_s` of the app's
+    `ServerConfig`); a request whose headers arrived in time is the app's to bound."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()  # the next request on this connection gets its own deadline
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        timeout = self.config.app.state.config.header_timeout_s
+        self._header_deadline = self.loop.call_later(timeout, self._headers_too_slow)
+
+    def _cancel_header_deadline(self) -> None:
+        handle = getattr(self, "_header_deadline", None)
+        if handle is not None:
+            handle.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        waiting = self.cycle is None or self.cycle.response_complete  # no request in progress
+        if waiting and not self.transport.is_closing():
+            self.transport.close()

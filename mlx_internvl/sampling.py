@@ -100,6 +100,14 @@ class SamplingOptions:
             _number(f"logit_bias key {token!r}", token, 0, COUNT_MAX, integer=True)
             _number(f"logit_bias[{token}]", bias)
 
+    def check(self, model) -> None:
+        """The settings that depend on the model: a logit_bias id past its vocabulary would index out of bounds."""
+        vocab = model.config.llm_config["vocab_size"]
+        bad = sorted(t for t in self.logit_bias or {} if t >= vocab)
+        if bad:
+            raise UserError(f"logit_bias: {bad[0]} is not a token id of this model, whose vocabulary has {vocab} ids "
+                            f"(0 to {vocab - 1})")
+
     def make(self, special_tokens=()) -> Tuple[object, list]:
         """`(sampler, logits_processors)` from mlx-lm, seeding MLX's generator when `seed` is set. XTC never drops
         `special_tokens` (pass the end-of-turn ids, as mlx-lm's server does)."""

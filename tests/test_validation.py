@@ -115,6 +115,14 @@ API = {
     "chat max_tiles 0": (lambda m, p: ChatSession(m, p, max_tiles=0), "max_tiles"),
     "chat question None": (lambda m, p: ChatSession(m, p).ask(None), "prompt"),
     "empty video": (lambda m, p: p("hi", video=[]), "video"),
+    # an id past the vocabulary indexes out of bounds in the logits processor (a heap corruption on the CPU)
+    "logit_bias past the vocabulary": (lambda m, p: mlx_internvl.generate(m, p, "hi", logit_bias={5000: 1.0}),
+                                       "not a token id of this model"),
+    "chat logit_bias past the vocabulary": (lambda m, p: ChatSession(m, p, logit_bias={5000: 1.0}),
+                                            "not a token id of this model"),
+    "batch logit_bias past the vocabulary": (lambda m, p: mlx_internvl.batch_generate(
+        m, p, ["hi"], logit_bias={5000: 1.0}), "not a token id of this model"),
+    "seed 2**64": (lambda m, p: mlx_internvl.generate(m, p, "hi", temperature=1.0, seed=2**64), "seed"),
 }
 
 

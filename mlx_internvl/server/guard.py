@@ -31,7 +31,10 @@ _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 def _hostname(host: str) -> str:
     """The name in a `Host` header or an origin, without port or brackets, lowercased."""
-    return (urlsplit(f"//{host}").hostname or "") if host else ""
+    try:
+        return (urlsplit(f"//{host}").hostname or "") if host else ""
+    except ValueError:  # "[not-an-ip6": no name at all
+        return ""
 
 
 def loopback_names(host: str, allowed_origins: Sequence[str]) -> Optional[set]:
@@ -52,7 +55,7 @@ def check_browser(request: Request, allowed_origins: Sequence[str], loopback: Op
         raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}; send the body as "
                             "JSON with 'Content-Type: application/json'", None, "unsupported_media_type")
     host = request.headers.get("host", "")
-    if loopback is not None and _hostname(host) not in loopback:
+    if loopback is not None and host and _hostname(host) not in loopback:  # browsers always send a Host
         raise APIError(403, f"Host {host[:100]!r} is not a loopback name: this server listens on a loopback "
                             "address and answers only requests addressed to it (a page on another host name may be "
                             "a DNS-rebinding attack); add its origin with --allowed-origins to allow it", None,

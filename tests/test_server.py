@@ -209,6 +209,12 @@ def test_logit_bias_and_penalties(client, tiny):
     biased = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=5,
                                             logit_bias={str(target): 100.0})
     assert biased.choices[0].message.content == "ZZZZZ"
+    def reply(**kw):
+        r = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=8, **kw)
+        return r.choices[0].message.content
+
+    plain = reply()  # each penalty alone changes the greedy reply (the prompt's tokens count as seen), so they act
+    assert reply(presence_penalty=2.0) != plain and reply(frequency_penalty=2.0) != plain
     penalised = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=5,
                                                logit_bias={str(target): 3.0}, presence_penalty=2.0,
                                                frequency_penalty=2.0, logprobs=True, top_logprobs=3)

@@ -68,15 +68,24 @@ def test_allowed_origins_pass_with_cors_headers(model_dir):
         assert post(url, headers={"Origin": "http://localhost:3001"})[0] == 403
 
 
-def test_client_closing_mid_body_leaves_no_traceback(model_dir, capfd, caplog):
-    with serving(model_dir) as (url, _):
+def test_clients_hanging_up_mid_body_or_mid_stream_leave_no_traceback(model_dir, capfd, caplog):
+    stream = json.dumps(dict(OK, max_tokens=300, stream=True)).encode()
+    with serving(model_dir) as (url, app):
         port = int(url.rsplit(":", 1)[1])
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
                 time.sleep(0.2)
-        time.sleep(0.5)
+            with socket.create_connection(("127.0.0.1", port)) as s:  # a stream, reset after its first bytes
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: %d\r\n\r\n" % len(stream) + stream)
+                assert s.recv(100).startswith(b"HTTP/1.1 200")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        deadline = time.monotonic() + 20
+        while app.state.engine.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.inflight == 0
         assert post(url)[0] == 200  # and the server answers the next client
     assert_quiet_log(capfd, caplog)
 

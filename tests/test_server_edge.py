@@ -155,3 +155,28 @@ def test_slow_clients_are_cut_and_others_are_answered(model_dir, capfd, caplog):
     assert answers["headers"] == answers["nothing"] == b""  # closed
     assert answers["body"].startswith(b"HTTP/1.1 408")
     assert_quiet_log(capfd, caplog)
+
+
+def test_bodies_being_read_hold_slots_so_memory_is_bounded(model_dir):
+    """A body is read inside a generation slot: with every slot held by bodies still arriving, the next request is
+    a 503 before its body is read, so at most decode_concurrency + max_queue bodies (each <= --max-request-mb) are
+    in memory at once, however many clients send."""
+    with serving(model_dir, decode_concurrency=1, max_queue=1, body_timeout_s=30) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000000\r\n\r\n" + b" " * 1000)
+            slow.append(s)
+        deadline = time.monotonic() + 10
+        while app.state.engine.inflight < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body, _ = post(url)
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        for s in slow:
+            s.close()
+        deadline = time.monotonic() + 10
+        while app.state.engine.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert post(url)[0] == 200  # the slots came back when those clients left

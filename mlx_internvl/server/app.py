@@ -231,15 +231,16 @@ async def _chat_completions(request: Request):
     st: _Server = request.app.state.server
     st.check_key(request)
     check_browser(request, st.cfg.allowed_origins, st.loopback_names)
-    req = parse_request(await _read_body(request, st.limit, st.cfg.body_timeout_s), st.vocab)
-    if req.model != st.cfg.model_name:
-        raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
-                       "model", "model_not_found")
-    sampling = st.sampling(req)
+    # The slot is taken before the body is read: at most decode_concurrency + max_queue bodies are held at once.
     if not st.engine.try_reserve():
         raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
                        None, "server_busy")
     try:
+        req = parse_request(await _read_body(request, st.limit, st.cfg.body_timeout_s), st.vocab)
+        if req.model != st.cfg.model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
+                                f"{st.cfg.model_name!r}", "model", "model_not_found")
+        sampling = st.sampling(req)
         prompt = await anyio.to_thread.run_sync(st.renderer.render, req)
     except BaseException:
         st.engine.release()

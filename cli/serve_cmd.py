@@ -63,6 +63,10 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--shutdown-timeout", "shutdown_timeout_s", type=click.FloatRange(0, 600), default=3.0,
               show_default=True,
               help="Seconds running replies may go on after SIGTERM or Ctrl-C; then they are cut and the server exits.")
+@click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True, help="Seconds a connection may take to send its request line and headers.")
+@click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds a request may take to send its body (408 beyond); it holds a slot meanwhile.")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

@@ -67,6 +67,8 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               show_default=True, help="Seconds a connection may take to send its request line and headers.")
 @click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               help="Seconds a request may take to send its body (408 beyond); it holds a slot meanwhile.")
+@click.option("--max-connections", type=click.IntRange(1, 1 << 20), default=None,
+              help="Open connections at most; more are closed as they arrive (default: the open-file limit less 256).")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

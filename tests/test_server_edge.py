@@ -180,3 +180,40 @@ def test_bodies_being_read_hold_slots_so_memory_is_bounded(model_dir):
         while app.state.engine.inflight and time.monotonic() < deadline:
             time.sleep(0.05)
         assert post(url)[0] == 200  # the slots came back when those clients left
+
+
+def test_connections_past_the_limit_are_closed_as_they_arrive(model_dir, capfd, caplog):
+    """Past `max_connections` a connection is closed at once (the default limit is the open-file limit less a
+    margin, so a flood of connections never makes accept() fail, which asyncio logs as a traceback each time)."""
+    with serving(model_dir, max_connections=8, header_timeout_s=5.0) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        time.sleep(0.5)
+        closed = 0
+        for s in socks:
+            s.settimeout(0.2)
+            try:
+                closed += s.recv(10) == b""
+            except TimeoutError:
+                pass
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        assert closed == 12, closed
+        assert post(url)[0] == 200
+    assert_quiet_log(capfd, caplog)
+
+
+def test_a_failed_accept_is_one_warning_line(caplog):
+    import asyncio
+
+    from mlx_internvl.server.guard import quiet_accept_errors
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_accept_errors(loop, {"message": "socket.accept() out of system resource",
+                                   "exception": OSError(24, "Too many open files")})
+    finally:
+        loop.close()
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and not record.exc_info and "Too many open files" in record.getMessage()

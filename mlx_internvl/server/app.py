@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
 from .engine import Engine, Job
-from .guard import GracefulServer, HTTPProtocol, check_browser, loopback_names
+from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
 from .render import Renderer
@@ -75,6 +75,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 3.0  # how long running replies may go on after SIGTERM / Ctrl-C
     header_timeout_s: float = 10.0  # a connection's request line and headers, from its opening or its last reply
     body_timeout_s: float = 60.0  # a request's whole body, once its headers are in
+    max_connections: Optional[int] = None  # open connections; None: the open-file limit less a margin
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -353,7 +354,8 @@ def serve(model: str, group=None, **options) -> None:
     print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
           flush=True)
     server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2, http=HTTPProtocol))
+                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2, http=HTTPProtocol,
+                                            backlog=ACCEPT_BACKLOG))
     try:
         server.run()
     finally:
@@ -364,8 +366,8 @@ def serve(model: str, group=None, **options) -> None:
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
     """Run `app` with uvicorn on a background thread; yields the base URL (port 0: a free port). The app's engine is
     closed on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                           http=HTTPProtocol))
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           http=HTTPProtocol, backlog=ACCEPT_BACKLOG))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

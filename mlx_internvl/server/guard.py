@@ -9,12 +9,16 @@ reads `shutdown_at`) and the process exits 0.
 
 Slow clients: uvicorn waits forever for request headers that never end (its keep-alive timeout covers only an idle
 connection with nothing sent), so `HTTPProtocol` closes a connection whose headers have not all arrived
-`header_timeout_s` after it opened or after its last reply; the app gives the body `body_timeout_s`.
+`header_timeout_s` after it opened or after its last reply; the app gives the body `body_timeout_s`. Connections
+past `max_connections` (default: the open-file limit less a margin) are closed as they arrive, so the process never
+runs out of file descriptors, where asyncio would log a traceback for every failed accept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import signal
 import time
 from typing import Optional, Sequence
@@ -25,6 +29,10 @@ from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .protocol import APIError
+
+logger = logging.getLogger("mlx_internvl.server")
+# asyncio accepts up to `backlog` connections per wake-up before any is closed: kept under the descriptor margin
+ACCEPT_BACKLOG = 128
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -69,9 +77,36 @@ def check_browser(request: Request, allowed_origins: Sequence[str], loopback: Op
                             f"{origin[:100]} to allow that site", None, "origin_not_allowed")
 
 
+def connection_limit(configured: Optional[int]) -> int:
+    """`configured`, or the soft open-file limit less 256 descriptors for the model's files, logs and the like."""
+    if configured is not None:
+        return configured
+    try:
+        import resource  # Unix only
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return max(32, soft - 256) if soft != resource.RLIM_INFINITY else 1 << 16
+
+
+def quiet_accept_errors(loop, context) -> None:
+    """The event loop's error handler: a failed accept (out of descriptors or memory) is one warning line, not a
+    traceback per attempt; anything else goes to asyncio's default handler."""
+    if context.get("message", "").startswith("socket.accept() out of system resource"):
+        logger.warning("cannot accept a connection: %s (lower --max-connections or raise `ulimit -n`)",
+                       context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, whose SIGTERM / Ctrl-C ends running replies `shutdown_timeout_s` later (uvicorn alone waits
     for every stream to finish) and returns normally, so the process exits 0 (uvicorn re-raises the signal)."""
+
+    async def startup(self, sockets=None) -> None:
+        asyncio.get_running_loop().set_exception_handler(quiet_accept_errors)
+        await super().startup(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         st = self.config.app.state.server
@@ -88,6 +123,9 @@ class HTTPProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if len(self.connections) > connection_limit(self.config.app.state.config.max_connections):
+            transport.close()  # over the limit: refused before it costs more than this descriptor
+            return
         self._arm_header_deadline()
 
     def on_response_complete(self) -> None:

@@ -30,6 +30,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .protocol import APIError
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 logger = logging.getLogger("mlx_internvl.server")
 # asyncio accepts up to `backlog` connections per wake-up before any is closed: kept under the descriptor margin
 ACCEPT_BACKLOG = 128
@@ -82,10 +87,8 @@ def connection_limit(configured: Optional[int]) -> int:
     if configured is not None:
         return configured
     try:
-        import resource  # Unix only
-
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # no `resource` module (Windows)
         return 1024
     return max(32, soft - 256) if soft != resource.RLIM_INFINITY else 1 << 16
 

@@ -6,6 +6,8 @@ from mlx_internvl.bench.run import main
 from mlx_internvl.errors import UserError
 from mlx_internvl.validate import integer
 
+from .options import int_range
+
 
 def _csv(value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
@@ -17,7 +19,7 @@ def _csv(value):
 @click.option("--dtypes", default=None,
               help="Comma-separated: float32,bfloat16,4bit (default: all on Metal, float32 on CPU).")
 @click.option("--tiles", default="1,13", show_default=True, help="Tile counts for time-to-first-token.")
-@click.option("--decode-tokens", type=int, default=128, show_default=True)
+@click.option("--decode-tokens", type=int_range("max_tokens"), default=128, show_default=True)
 @click.option("--no-torch", is_flag=True, help="Skip the torch reference side.")
 @click.option("--torch-device", default="cpu", show_default=True,
               help="Device of the torch side (cpu, cuda, mps, npu).")

@@ -16,6 +16,7 @@ from mlx_internvl.hub import DEFAULT_MODEL
 from mlx_internvl.prompt_cache import save_prompt_cache_file
 
 from .generate_cmd import load_for_cli, setup_logging
+from .options import int_range
 
 
 @click.command(name="cache-prompt")
@@ -37,7 +38,7 @@ from .generate_cmd import load_for_cli, setup_logging
                    "Default: nothing, so any question about the same images reuses the file.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="The .safetensors file to write (atomically).")
-@click.option("--prefill-step-size", type=int, default=2048, show_default=True)
+@click.option("--prefill-step-size", type=int_range("prefill_step_size"), default=2048, show_default=True)
 @click.option("--verbose", "-v", is_flag=True)
 def command(model_path, revision, adapter_path, dtype, template, system_message, images, video, num_frames,
             max_tiles, exif_transpose, prompt, out, prefill_step_size, verbose):

@@ -24,7 +24,7 @@ from mlx_internvl.sampling import KVOptions, SamplingOptions
 from mlx_internvl.speculative import load_draft
 from mlx_internvl.validate import integer
 
-from .options import Command, GreedyOption, adapter_option, max_tokens_option, parse_logit_bias
+from .options import Command, GreedyOption, adapter_option, int_range, max_tokens_option, parse_logit_bias
 
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
@@ -72,7 +72,8 @@ def sampling_options(f):
         click.option("--temperature", "--temp", type=float, default=None,
                      help="Sampling temperature; 0 (the default) is greedy, the model cards' setting."),
         click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (default 1: off)."),
-        click.option("--top-k", type=int, default=None, help="Keep the k likeliest tokens (default 0: off)."),
+        click.option("--top-k", type=int_range("top_k"), default=None,
+                     help="Keep the k likeliest tokens (default 0: off)."),
         click.option("--min-p", type=float, default=None, help="Minimum probability relative to the top token."),
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--presence-penalty", type=float, default=None),
@@ -81,13 +82,13 @@ def sampling_options(f):
                      help="Additive biases by token id: JSON '{\"42\": -100}' or 42:-100,7:2.5."),
         click.option("--xtc-probability", type=float, default=None, help="XTC sampling probability (0: off)."),
         click.option("--xtc-threshold", type=float, default=None),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--seed", type=int_range("seed"), default=None, help="Random seed for sampling."),
         click.option("--kv-bits", type=click.Choice(["2", "3", "4", "6", "8"]), default=None,
                      callback=lambda ctx, param, v: None if v is None else int(v),
                      help="Quantize the KV cache (saves memory on long video prompts)."),
-        click.option("--max-kv-size", type=int, default=None,
+        click.option("--max-kv-size", type=int_range("max_kv_size"), default=None,
                      help="Rotating KV cache of this many tokens (long chats; may evict image tokens)."),
-        click.option("--prefill-step-size", type=int, default=None,
+        click.option("--prefill-step-size", type=int_range("prefill_step_size"), default=None,
                      help="Prompt tokens per prefill chunk (default 2048; smaller lowers peak memory)."),
     ])
 

@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import click
 
+from mlx_internvl.errors import UserError
+from mlx_internvl.sampling import INT_RANGES, parse_token_id
+
 
 class GreedyOption(click.Option):
     """A `multiple=True` option whose flag also takes the values that follow it, up to the next option."""
@@ -49,6 +52,11 @@ class Command(click.Command):
         return super().parse_args(ctx, out)
 
 
+def int_range(name: str) -> click.IntRange:
+    """The range `sampling.INT_RANGES` states for `name`, as a click type (checked before anything loads)."""
+    return click.IntRange(*INT_RANGES[name])
+
+
 def adapter_option(required: bool = False, help: str = "LoRA adapter directory (written by `mlx-internvl lora`)."):
     return click.option("--adapter-path", "--adapter", "adapter_path", type=click.Path(), default=None,
                         required=required, help=help + " `--adapter` is an alias.")
@@ -58,13 +66,12 @@ class _MaxTokens(click.ParamType):
     name = "integer"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
         try:
-            return int(value)
+            number = value if isinstance(value, int) else int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of tokens. -m is --max-tokens, as in mlx-lm; give the model "
                       "with --model", param, ctx)
+        return int_range("max_tokens").convert(number, param, ctx)
 
 
 def max_tokens_option(default: int = 256):
@@ -89,8 +96,8 @@ def parse_logit_bias(ctx, param, value) -> Optional[dict]:
             items = raw.items()
         else:
             items = [part.split(":", 1) for part in text.split(",") if part.strip()]
-        bias = {int(k): float(v) for k, v in items}
-    except (ValueError, TypeError, json.JSONDecodeError):
+        bias = {parse_token_id(str(k).strip()): float(v) for k, v in items}
+    except (ValueError, TypeError, RecursionError, UserError):
         raise click.BadParameter(f"{value!r}: give token ids and additive biases as JSON ('{{\"42\": -100}}') "
                                  "or as 42:-100,7:2.5") from None
     return bias

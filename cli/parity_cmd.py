@@ -11,6 +11,8 @@ import click
 
 from mlx_internvl.parity import compare_dump, dump_reference, format_report, run_parity, write_json
 
+from .options import int_range
+
 REF_OPTIONS = [
     click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
                  help="An image (repeat for several; the prompt gets one <image> per image unless it has them)."),
@@ -19,8 +21,10 @@ REF_OPTIONS = [
                  help="torch device for the reference (default: the first available of cuda, mps, npu, cpu)."),
     click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                  show_default=True, help="Weights and compute dtype of both sides."),
-    click.option("--max-tiles", type=int, default=None, help="Tiles per image (default: the checkpoint's)."),
-    click.option("--tokens", type=int, default=16, show_default=True, help="Greedy steps to compare."),
+    click.option("--max-tiles", type=click.IntRange(1, 40), default=None,
+                 help="Tiles per image (default: the checkpoint's)."),
+    click.option("--tokens", type=int_range("max_tokens"), default=16, show_default=True,
+                 help="Greedy steps to compare."),
 ]
 
 

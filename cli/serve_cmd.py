@@ -9,8 +9,10 @@ import click
 
 from mlx_internvl import distributed
 from mlx_internvl.errors import UserError
+from mlx_internvl.sampling import COUNT_MAX
 
 from .generate_cmd import DEFAULT_MODEL, setup_logging
+from .options import int_range
 
 try:
     from mlx_internvl.server import serve
@@ -30,11 +32,12 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--model-name", default=None, help="The model id clients send (default: the --model argument).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; 0.0.0.0 exposes the server to the network (set --api-key then).")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", default=None, envvar="MLX_INTERNVL_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 routes (or set MLX_INTERNVL_API_KEY).")
 @click.option("--allowed-origins", multiple=True,
-              help="Browser origins allowed to call the API from other pages (CORS); repeat for several.")
+              help="Browser origins allowed to call the API from other pages (CORS), e.g. http://localhost:3000; "
+                   "repeat for several. Other origins are refused (403), the server's own page always works.")
 @click.option("--allow-remote-images", is_flag=True,
               help="Let requests name http(s) image URLs, which the server then downloads: public addresses only, "
                    "redirects re-checked, size-capped (--max-image-mb), 10 s for the whole download.")
@@ -47,37 +50,46 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Default most 448px tiles per image (requests may set max_tiles).")
 @click.option("--num-frames", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Default frames sampled from a video part (requests may set num_frames).")
-@click.option("--max-images", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--max-images", type=click.IntRange(1, COUNT_MAX), default=16, show_default=True,
               help="Most images in one request (400 beyond, before any is fetched).")
-@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--max-frames", type=click.IntRange(1, COUNT_MAX), default=64, show_default=True,
               help="Most video frames in one request, all its videos together.")
-@click.option("--max-request-tiles", type=click.IntRange(1), default=128, show_default=True,
+@click.option("--max-request-tiles", type=click.IntRange(1, COUNT_MAX), default=128, show_default=True,
               help="Most 448px tiles in one request, images' tiles and video frames together (counted from headers).")
-@click.option("--max-text-kb", type=click.FloatRange(0.001), default=1024.0, show_default=True,
+@click.option("--max-text-kb", type=click.FloatRange(0.001, 1 << 20), default=1024.0, show_default=True,
               help="Most text in one request, all messages together, in KB of UTF-8 (413 beyond, before tokenizing).")
-@click.option("--max-video-megapixels", type=click.FloatRange(0.001), default=4000.0, show_default=True,
+@click.option("--max-video-megapixels", type=click.FloatRange(0.001, 1e9), default=4000.0, show_default=True,
               help="Most pixels decoded from a request's videos: frames read (up to the last sampled) x frame size.")
-@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--max-tokens", type=int_range("max_tokens"), default=1024, show_default=True,
               help="Reply length when a request does not set max_tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
               help="Temperature when a request does not set one (0: greedy, as the model cards).")
-@click.option("--max-request-mb", type=click.FloatRange(0.01), default=50.0, show_default=True,
+@click.option("--max-request-mb", type=click.FloatRange(0.01, 1 << 20), default=50.0, show_default=True,
               help="Largest request body accepted (413 beyond).")
-@click.option("--max-image-mb", type=click.FloatRange(0.01), default=20.0, show_default=True,
+@click.option("--max-image-mb", type=click.FloatRange(0.01, 1 << 20), default=20.0, show_default=True,
               help="Largest single image or video accepted.")
-@click.option("--vision-cache-size", type=click.IntRange(0), default=32, show_default=True,
+@click.option("--vision-cache-size", type=click.IntRange(0, COUNT_MAX), default=32, show_default=True,
               help="Images whose encoded features are kept (LRU, keyed by content hash).")
-@click.option("--prompt-cache-size", type=click.IntRange(0), default=16, show_default=True,
+@click.option("--prompt-cache-size", type=click.IntRange(0, COUNT_MAX), default=16, show_default=True,
               help="Conversations whose KV caches are kept for their next turn (LRU, by token prefix).")
 @click.option("--vision-cache-bytes", metavar="SIZE", default=None,
               help="Most bytes of image features kept, e.g. 2G or 500MB (default: 1/32 of this machine's memory).")
 @click.option("--prompt-cache-bytes", metavar="SIZE", default=None,
               help="Most bytes of conversations' KV caches kept, running requests' included, e.g. 8G (default: 1/4 "
                    "of this machine's memory).")
-@click.option("--decode-concurrency", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--decode-concurrency", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Requests decoded together in one batch.")
-@click.option("--max-queue", type=click.IntRange(0), default=32, show_default=True,
+@click.option("--max-queue", type=click.IntRange(0, COUNT_MAX), default=32, show_default=True,
               help="Requests that may wait for a slot; beyond that the server answers 503 at once.")
+@click.option("--shutdown-timeout", "shutdown_timeout_s", type=click.FloatRange(0, 600), default=3.0,
+              show_default=True,
+              help="Seconds running replies may go on after SIGTERM or Ctrl-C; then they are cut and the server exits.")
+@click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True, help="Seconds a connection may take to send its request line and headers.")
+@click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds a request may take to send its body (408 beyond); it holds a slot meanwhile.")
+@click.option("--max-connections", type=click.IntRange(1, 1 << 20), default=None,
+              help="Open connections at most; more are closed as they arrive (default: the open-file limit less 256).")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

@@ -62,6 +62,7 @@ class ChatSession:
         self.exif_transpose = exif_transpose
         self.sampling, self.kv = split_options(sampling, kv, options)
         self.kv.check(model)
+        self.sampling.check(model)
         self.sampler, self.logits_processors = self.sampling.make(processor.tokenizer.eos_token_ids)
         self.clear()
 

@@ -156,6 +156,7 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends. Generation stops on the
     template's end token (`stop_on_eos` adds the tokenizer's eos, `extra_stop_tokens` more)."""
     sampling, kv = split_options(sampling, kv, options)
+    sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
@@ -205,6 +206,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches; `kv` gives
     the prefill chunk (the batch keeps plain caches)."""
     sampling, kv = split_options(sampling, kv, options)
+    sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     images = list(images) if images is not None else [None] * len(prompts)
     if len(images) != len(prompts):

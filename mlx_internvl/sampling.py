@@ -8,12 +8,15 @@
   `max_kv_size` makes it a rotating cache that keeps the first 4 and the last tokens (image tokens in the middle
   of a long prompt can be evicted); `prefill_step_size` is the prompt chunk per forward pass.
 - `split_options` lets the functions also take these fields as keyword arguments (`generate(..., temperature=0.7)`).
+- `INT_RANGES` states the range of every integer field once; the CLI (`click.IntRange`) and the server (pydantic
+  `Field(ge=, le=)`) take their bounds from it, so a number out of range is refused where it enters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -23,6 +26,26 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .distributed import agree
 from .errors import UserError
+from .validate import COUNT_MAX, SEED_MAX
+
+INT_RANGES = {
+    "top_k": (0, COUNT_MAX), "min_tokens_to_keep": (1, COUNT_MAX), "repetition_context_size": (1, COUNT_MAX),
+    "presence_context_size": (1, COUNT_MAX), "frequency_context_size": (1, COUNT_MAX), "seed": (0, SEED_MAX),
+    "quantized_kv_start": (0, COUNT_MAX), "max_kv_size": (8, COUNT_MAX), "prefill_step_size": (1, COUNT_MAX),
+    "max_tokens": (1, COUNT_MAX),
+}
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+def parse_token_id(text: str, vocab_size: Optional[int] = None) -> int:
+    """A token id written as decimal ASCII digits (JSON object keys are strings), in [0, vocab_size). `str.isdigit`
+    and `int()` accept more (superscripts, other scripts' digits, signs, spaces, underscores, 5000 digits)."""
+    if not isinstance(text, str) or not _TOKEN_ID.fullmatch(text) or (vocab_size is not None
+                                                                      and int(text) >= vocab_size):
+        span = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise UserError(f"logit_bias: key {text[:40]!r} is not a token id {span}; write ids as decimal digits, "
+                        "e.g. {\"42\": -100}")
+    return int(text)
 
 
 def _number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
@@ -61,9 +84,7 @@ class SamplingOptions:
     def __post_init__(self):
         _number("temperature", self.temperature, 0.0)
         _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _number("top_k", self.top_k, 0, integer=True)
         _number("min_p", self.min_p, 0.0, 1.0)
-        _number("min_tokens_to_keep", self.min_tokens_to_keep, 1, integer=True)
         _number("xtc_probability", self.xtc_probability, 0.0, 1.0)
         _number("xtc_threshold", self.xtc_threshold, 0.0, 0.5)
         if self.repetition_penalty is not None:
@@ -71,13 +92,21 @@ class SamplingOptions:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name))
-        for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
-            _number(name, getattr(self, name), 1, integer=True)
+        for name in ("top_k", "min_tokens_to_keep", "repetition_context_size", "presence_context_size",
+                     "frequency_context_size", "seed"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), *INT_RANGES[name], integer=True)
         for token, bias in (self.logit_bias or {}).items():
-            _number(f"logit_bias key {token!r}", token, 0, integer=True)
+            _number(f"logit_bias key {token!r}", token, 0, COUNT_MAX, integer=True)
             _number(f"logit_bias[{token}]", bias)
-        if self.seed is not None:
-            _number("seed", self.seed, 0, integer=True)
+
+    def check(self, model) -> None:
+        """The settings that depend on the model: a logit_bias id past its vocabulary would index out of bounds."""
+        vocab = model.config.llm_config["vocab_size"]
+        bad = sorted(t for t in self.logit_bias or {} if t >= vocab)
+        if bad:
+            raise UserError(f"logit_bias: {bad[0]} is not a token id of this model, whose vocabulary has {vocab} ids "
+                            f"(0 to {vocab - 1})")
 
     def make(self, special_tokens=()) -> Tuple[object, list]:
         """`(sampler, logits_processors)` from mlx-lm, seeding MLX's generator when `seed` is set. XTC never drops
@@ -111,10 +140,9 @@ class KVOptions:
             raise UserError(f"kv_bits must be one of 2, 3, 4, 6, 8, got {self.kv_bits}")
         if self.kv_group_size not in (32, 64, 128):
             raise UserError(f"kv_group_size must be 32, 64 or 128, got {self.kv_group_size}")
-        _number("quantized_kv_start", self.quantized_kv_start, 0, integer=True)
-        if self.max_kv_size is not None:
-            _number("max_kv_size", self.max_kv_size, 8, integer=True)
-        _number("prefill_step_size", self.prefill_step_size, 1, integer=True)
+        for name in ("quantized_kv_start", "max_kv_size", "prefill_step_size"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), *INT_RANGES[name], integer=True)
 
     def check(self, model) -> None:
         """The settings that depend on the model: the quantization group must divide the head size."""

@@ -16,6 +16,10 @@ from typing import Any, Iterable, Iterator, Optional, Tuple
 
 from .errors import UserError
 
+SEED_MAX = 2**64 - 1  # mx.random.seed and mx.random.key take an unsigned 64-bit integer
+COUNT_MAX = 2**31 - 1  # counts and sizes reach MLX and numpy as int32
+TRAIN_SEED_MAX = 2**32 - 1  # training reseeds MLX with seed * 1_000_003 + microbatch, which must stay under SEED_MAX
+
 
 def _fmt(value: Any) -> str:
     text = repr(value)
@@ -300,28 +304,30 @@ def _reserved(name: str, text: str) -> None:
 
 def check_training_args(args) -> None:
     """`TrainingArgs` (the `lora` command's options), each named by its flag."""
-    integer("--batch-size", args.batch_size, minimum=1)
-    integer("--grad-accum", args.grad_accum, minimum=1)
+    integer("--batch-size", args.batch_size, minimum=1, maximum=COUNT_MAX)
+    integer("--grad-accum", args.grad_accum, minimum=1, maximum=COUNT_MAX)
     number("--lr", args.lr, minimum=0.0, min_open=True, fix="e.g. 1e-4")
     number("--min-lr", args.min_lr, minimum=0.0)
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr} is above --lr {args.lr}; the cosine decay goes from --lr down to "
                         "--min-lr")
-    integer("--warmup", args.warmup, minimum=0)
+    integer("--warmup", args.warmup, minimum=0, maximum=COUNT_MAX)
     number("--weight-decay", args.weight_decay, minimum=0.0)
-    integer("--iters", args.iters, minimum=1, allow_none=True)
+    integer("--iters", args.iters, minimum=1, maximum=COUNT_MAX, allow_none=True)
     number("--epochs", args.epochs, minimum=0.0, min_open=True, allow_none=True)
-    integer("--max-length", args.max_length, minimum=2)
-    integer("--max-tiles", args.max_tiles, minimum=1, allow_none=True,
+    integer("--max-length", args.max_length, minimum=2, maximum=COUNT_MAX)
+    integer("--max-tiles", args.max_tiles, minimum=1, maximum=COUNT_MAX, allow_none=True,
             fix="leave it out for the checkpoint's max_dynamic_patch")
-    integer("--val-every", args.val_every, minimum=0, fix="0 validates only at the start and the end")
-    integer("--val-batches", args.val_batches, minimum=-1, fix="-1 is the whole validation set")
+    integer("--val-every", args.val_every, minimum=0, maximum=COUNT_MAX,
+            fix="0 validates only at the start and the end")
+    integer("--val-batches", args.val_batches, minimum=-1, maximum=COUNT_MAX, fix="-1 is the whole validation set")
     if args.val_batches == 0:
         raise UserError("--val-batches: expected -1 (all) or a count >= 1, got 0")
-    integer("--save-every", args.save_every, minimum=1, fix="checkpoints are also written at the last step")
-    integer("--report-every", args.report_every, minimum=1)
-    integer("--keep-checkpoints", args.keep_checkpoints, minimum=0, fix="0 keeps all")
-    integer("--seed", args.seed, minimum=0)
+    integer("--save-every", args.save_every, minimum=1, maximum=COUNT_MAX,
+            fix="checkpoints are also written at the last step")
+    integer("--report-every", args.report_every, minimum=1, maximum=COUNT_MAX)
+    integer("--keep-checkpoints", args.keep_checkpoints, minimum=0, maximum=COUNT_MAX, fix="0 keeps all")
+    integer("--seed", args.seed, minimum=0, maximum=TRAIN_SEED_MAX)
     for name in ("grad_checkpoint", "compile", "skip_bad", "bias_correction"):
         if not isinstance(getattr(args, name, False), bool):
             raise UserError(f"{name}: expected True or False, got {getattr(args, name)!r}")

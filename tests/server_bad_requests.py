@@ -91,12 +91,22 @@ def cases(local_dir: Path, slow_url: str):
     ok = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
     (local_dir / "escape.png").unlink(missing_ok=True)
     (local_dir / "escape.png").symlink_to("/etc/hostname")
+    (local_dir / "loop.png").unlink(missing_ok=True)
+    (local_dir / "loop.png").symlink_to("loop.png")
+    deep = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "tools": ' + b"[" * 10000 + b"]" * 10000
     return [
         ("malformed JSON", b'{"model": "tiny", "messages": [', None, None),
         ("wrong type (`max_tokens: \"5\"`)", dict(ok, max_tokens="5"), None, None),
         ("wrong type (`messages: \"Hi\"`)", dict(ok, messages="Hi"), None, None),
         ("out of range (`temperature: 5`)", dict(ok, temperature=5), None, None),
         ("no messages", dict(ok, messages=[]), None, None),
+        ("JSON nested 10,000 deep", deep + b"}", None, None),
+        ("a 5,000-digit number", b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}", None, None),
+        ("`seed: 2**64` (MLX takes [0, 2**64))", dict(ok, seed=2**64, temperature=1.0), None, None),
+        ("`max_tokens: 2**40`", dict(ok, max_tokens=2**40), None, None),
+        ("`logit_bias` key `\"²\"`", dict(ok, logit_bias={"²": 1}), None, None),
+        ("`logit_bias` key `\"--5\"`", dict(ok, logit_bias={"--5": 1}), None, None),
+        ("`logit_bias` key of 5,000 digits", dict(ok, logit_bias={"7" * 5000: 1}), None, None),
         ("last message from the assistant", dict(ok, messages=[{"role": "user", "content": "Hi"},
                                                                {"role": "assistant", "content": "Hello"}]), None, None),
         ("huge body (2 MB, limit 1 MB)", dict(ok, pad="x" * (2 << 20)), None, None),
@@ -114,9 +124,18 @@ def cases(local_dir: Path, slow_url: str):
         ("local path without --allow-local-images", None, None, None),  # filled in by the runner (other server)
         ("`../` path with --allow-local-images", image_message("../../etc/hostname"), None, None),
         ("symlink out of the allowed directory", image_message("escape.png"), None, None),
+        ("local path with a NUL byte", image_message("photo\0.png"), None, None),
+        ("`file://` URL with `%00`", image_message("file:///photo%00.png"), None, None),
+        ("symlink loop under --allow-local-images", image_message("loop.png"), None, None),
         ("prompt longer than the context", dict(ok, messages=[{"role": "user", "content": "word " * 2000}]), None,
          None),
         ("wrong API key", ok, {"Authorization": "Bearer wrong"}, None),
+        ("`text/plain` POST from another site (no CORS preflight)", ok,
+         {"Content-Type": "text/plain", "Origin": "http://evil.example"}, None),
+        ("form-encoded POST (what `curl -d` sends without `-H`)", ok, {"Content-Type": None}, None),
+        ("JSON POST from an origin not in --allowed-origins", ok, {"Origin": "http://evil.example"}, None),
+        ("`Host` of another name (DNS rebinding)", ok, {"Host": "evil.example", "Origin": "http://evil.example"},
+         None),
         ("unknown model", dict(ok, model="gpt-4o"), None, None),
         ("`n: 2`", dict(ok, n=2), None, None),
         ("`response_format: json_object`", dict(ok, response_format={"type": "json_object"}), None, None),
@@ -125,10 +144,11 @@ def cases(local_dir: Path, slow_url: str):
 
 
 def send(url: str, body, headers=None, path=None):
-    """(status, error body dict) of one raw POST."""
+    """(status, error body dict) of one raw POST (headers given as None are left out)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     h = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     h.update(headers or {})
+    h = {k: v for k, v in h.items() if v is not None}
     req = urllib.request.Request(url + (path or "/v1/chat/completions"), data=data, headers=h, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 from pathlib import Path
 
 from conftest import ASSETS
@@ -34,3 +35,11 @@ def serving(model_dir, **options):
     app = create_app(ServerConfig(model=str(model_dir), port=0, **options))
     with running(app) as url:
         yield url, app
+
+
+def assert_quiet_log(capfd, caplog) -> None:
+    """Nothing the server logged (uvicorn writes to stderr, our loggers reach caplog) is an error or a traceback."""
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage()[-2000:] for r in bad]

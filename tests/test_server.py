@@ -160,16 +160,61 @@ def test_stop_strings_cut_the_reply(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
 
 
-def test_seed_logit_bias_and_penalties(client, tiny):
+@pytest.fixture(scope="module")
+def no_end(tiny):
+    """A logit_bias that keeps the end tokens away, so that every reply runs to max_tokens."""
+    return {str(i): -100.0 for i in tiny[2].stop_token_ids(True)}
+
+
+def sampled(client, seed, no_end, temperature=1.0):
+    r = client.chat.completions.create(model="tiny", messages=[user("Hello")], temperature=temperature, seed=seed,
+                                       max_tokens=N, logprobs=True, logit_bias=no_end)
+    return tokens_of(r.choices[0])
+
+
+def test_temperature_samples_and_the_seed_fixes_the_draw(client, no_end):
+    """Over N tokens of a tiny random model at temperature 1, two seeds and greedy decoding all differ (this fails
+    if the sampler were argmax, or ignored the seed); the same seed gives the same tokens."""
+    seven, eight = sampled(client, 7, no_end), sampled(client, 8, no_end)
+    greedy = sampled(client, None, no_end, temperature=0.0)
+    assert len(seven) == len(eight) == N  # the end token is biased away: every draw is compared
+    assert seven != eight and seven != greedy and eight != greedy
+    assert sampled(client, 7, no_end) == seven
+    unseeded = [sampled(client, None, no_end) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_seeded_reply_is_the_same_alone_and_in_a_busy_batch(tiny, no_end):
+    """The seeded draw comes from the request's own key: other requests decoding in the same batch (greedy and
+    sampled, started first so they are running) do not change it."""
+    with serving(tiny[0].original_dir, max_tokens=N) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        alone = sampled(client, 7, no_end)
+        others = [client.chat.completions.create(model="tiny", messages=[user(f"Story {i}")], max_tokens=400,
+                                                 temperature=t, stream=True, logit_bias=no_end)
+                  for i, t in enumerate([1.0, 0.0, 1.0])]
+        for stream in others:
+            next(iter(stream))  # each is in the batch now
+        busy = sampled(client, 7, no_end)
+        batch = app.state.engine.stats["max_batch"]
+        for stream in others:
+            stream.close()
+    assert batch >= 4, batch  # the seeded request decoded next to the three others
+    assert busy == alone
+
+
+def test_logit_bias_and_penalties(client, tiny):
     _, _, processor = tiny
-    kw = dict(model="tiny", messages=[user("Hello")], temperature=1.0)
-    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
-    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
-    assert a == b
     target = processor.tokenizer.encode("Z")[0]
     biased = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=5,
                                             logit_bias={str(target): 100.0})
     assert biased.choices[0].message.content == "ZZZZZ"
+    def reply(**kw):
+        r = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=8, **kw)
+        return r.choices[0].message.content
+
+    plain = reply()  # each penalty alone changes the greedy reply (the prompt's tokens count as seen), so they act
+    assert reply(presence_penalty=2.0) != plain and reply(frequency_penalty=2.0) != plain
     penalised = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=5,
                                                logit_bias={str(target): 3.0}, presence_penalty=2.0,
                                                frequency_penalty=2.0, logprobs=True, top_logprobs=3)

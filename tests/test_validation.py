@@ -59,15 +59,23 @@ def one_error(capsys, argv) -> str:
     ("--min-p", "2", "min_p"), ("--prefill-step-size", "0", "prefill_step_size"),
     ("--temperature", "nan", "temperature"), ("--top-p", "inf", "top_p"), ("--top-k", "-1", "top_k"),
     ("--max-tokens", "0", "max_tokens"), ("--repetition-penalty", "-1", "repetition_penalty"),
-    ("--max-kv-size", "3", "max_kv_size"), ("--seed", "-5", "seed")])
+    ("--max-kv-size", "3", "max_kv_size"), ("--seed", "-5", "seed"), ("--seed", str(2**64), "seed"),
+    ("--seed", "9" * 20, "seed"), ("--top-k", str(2**31), "top_k"), ("--max-tokens", str(2**31), "max_tokens"),
+    ("--prefill-step-size", "1" * 5000, "prefill_step_size"), ("--logit-bias", '{"²": 1}', "logit_bias"),
+    ("--logit-bias", "--5:1", "logit_bias"), ("--logit-bias", "1" * 5000 + ":1", "logit_bias")])
 def test_generate_options(capsys, option, value, named):
+    """Each integer has a range (`sampling.INT_RANGES`: a seed is what mx.random.seed takes, [0, 2**64)), checked
+    by click or by `SamplingOptions` before the model is looked for."""
     err = one_error(capsys, ["generate", "--model", "/nonexistent/model", "-p", "hi", option, value])
-    assert err.startswith(f"Error: {named}") and "/nonexistent" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith((f"Error: {named}", f"Error: Invalid value for '{option}'")), err
+    assert "/nonexistent" not in err
 
 
 @pytest.mark.parametrize("option,value", [("--save-every", "0"), ("--report-every", "0"), ("--lr", "nan"),
                                           ("--max-tiles", "0"), ("--epochs", "inf"), ("--alpha", "nan"),
-                                          ("--grad-accum", "0"), ("--min-lr", "-1")])
+                                          ("--grad-accum", "0"), ("--min-lr", "-1"), ("--seed", str(2**32)),
+                                          ("--batch-size", str(2**31)), ("--iters", str(2**40))])
 def test_lora_options(capsys, tmp_path, option, value):
     (tmp_path / "d.jsonl").write_text("")
     err = one_error(capsys, ["lora", "--model", "/nonexistent/model", "--data", tmp_path / "d.jsonl",
@@ -112,6 +120,14 @@ API = {
     "chat max_tiles 0": (lambda m, p: ChatSession(m, p, max_tiles=0), "max_tiles"),
     "chat question None": (lambda m, p: ChatSession(m, p).ask(None), "prompt"),
     "empty video": (lambda m, p: p("hi", video=[]), "video"),
+    # an id past the vocabulary indexes out of bounds in the logits processor (a heap corruption on the CPU)
+    "logit_bias past the vocabulary": (lambda m, p: mlx_internvl.generate(m, p, "hi", logit_bias={5000: 1.0}),
+                                       "not a token id of this model"),
+    "chat logit_bias past the vocabulary": (lambda m, p: ChatSession(m, p, logit_bias={5000: 1.0}),
+                                            "not a token id of this model"),
+    "batch logit_bias past the vocabulary": (lambda m, p: mlx_internvl.batch_generate(
+        m, p, ["hi"], logit_bias={5000: 1.0}), "not a token id of this model"),
+    "seed 2**64": (lambda m, p: mlx_internvl.generate(m, p, "hi", temperature=1.0, seed=2**64), "seed"),
 }
 
 

@@ -4,6 +4,9 @@ A request is parsed and rendered (counted against its budget first, then media f
 tokenized) on a worker thread, then handed to the engine's generation thread; its results come back through an
 asyncio queue. Streams are FastAPI's native SSE (`fastapi.sse`). Every failure is an OpenAI-shaped error with its
 status; nothing a client sends stops the server.
+
+What a request must pass before its body is read (content type, origin, host) and the graceful stop are in
+`guard.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import sharding
 from ..errors import UserError
@@ -37,6 +41,7 @@ from ..sampling import SamplingOptions
 from . import caches
 from .budget import Limits
 from .engine import Engine, Job
+from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
 from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
 from .render import Renderer
@@ -78,6 +83,10 @@ class ServerConfig:
     max_tokens: int = 1024
     temperature: float = 0.0
     prefill_step_size: int = 512
+    shutdown_timeout_s: float = 3.0  # how long running replies may go on after SIGTERM / Ctrl-C
+    header_timeout_s: float = 10.0  # a connection's request line and headers, from its opening or its last reply
+    body_timeout_s: float = 60.0  # a request's whole body, once its headers are in
+    max_connections: Optional[int] = None  # open connections; None: the open-file limit less a margin
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -92,20 +101,29 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 past `limit`. A moderately oversized body is read to its end (and dropped) before the
-    answer, so that clients which send the whole body before reading get the 413 instead of a broken pipe."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, or a 413 past `limit`, or a 408 when it takes longer than `timeout_s`. A moderately oversized body
+    is read to its end (and dropped) before the answer, so that clients which send the whole body before reading
+    get the 413 instead of a broken pipe."""
     too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
                             "(--max-request-mb)", None, "request_too_large")
     if int(request.headers.get("content-length") or 0) > 8 * limit:
         raise too_big
     body, total = bytearray(), 0
-    async for block in request.stream():
-        total += len(block)
-        if total > 8 * limit:
-            break
-        if total <= limit:
-            body += block
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for block in request.stream():
+                total += len(block)
+                if total > 8 * limit:
+                    break
+                if total <= limit:
+                    body += block
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", None,
+                       "request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; it only keeps the log free of a traceback
+        raise APIError(400, "the client closed the connection before the end of the body", None,
+                       "client_disconnected") from None
     if total > limit:
         raise too_big
     return bytes(body)
@@ -121,6 +139,8 @@ class _Server:
     vocab: int
     limit: int
     created: int
+    loopback_names: Optional[set] = None
+    shutdown_at: Optional[float] = None  # monotonic time when running replies are ended (set on SIGTERM)
 
     def check_key(self, request: Request) -> None:
         if self.cfg.api_key is None:
@@ -136,7 +156,7 @@ class _Server:
                 temperature=self.cfg.temperature if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
-                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+                logit_bias=req.token_bias)
         except UserError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
 
@@ -173,7 +193,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
                                                      cfg.max_tokens, limits=limits),
                                engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
-                               int(time.time()))
+                               int(time.time()), loopback_names(cfg.host, cfg.allowed_origins))
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -228,20 +248,22 @@ async def _models(request: Request):
 async def _chat_completions(request: Request):
     st: _Server = request.app.state.server
     st.check_key(request)
-    req = parse_request(await _read_body(request, st.limit), st.vocab)
-    if req.model != st.cfg.model_name:
-        raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
-                       "model", "model_not_found")
-    sampling = st.sampling(req)
+    check_browser(request, st.cfg.allowed_origins, st.loopback_names)
+    # The slot is taken before the body is read: at most decode_concurrency + max_queue bodies are held at once.
     if not st.engine.try_reserve():
         raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
                        None, "server_busy")
     try:
+        req = parse_request(await _read_body(request, st.limit, st.cfg.body_timeout_s), st.vocab)
+        if req.model != st.cfg.model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
+                                f"{st.cfg.model_name!r}", "model", "model_not_found")
+        sampling = st.sampling(req)
         prompt = await anyio.to_thread.run_sync(st.renderer.render, req)
     except BaseException:
         st.engine.release()
         raise
-    events = _Events(request, st.engine)
+    events = _Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
     events.job = job
     st.engine.submit(job)
@@ -260,8 +282,8 @@ async def _chat_completions(request: Request):
 class _Events:
     """A job's events, from the generation thread to this request's event loop."""
 
-    def __init__(self, request: Request, engine: Engine):
-        self.request, self.engine, self.job = request, engine, None
+    def __init__(self, request: Request, st: _Server):
+        self.request, self.server, self.engine, self.job = request, st, st.engine, None
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -271,7 +293,12 @@ class _Events:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     async def next(self):
-        while True:  # wake up now and then to notice a client that went away
+        while True:  # wake up now and then to notice a client that went away, or a shutdown
+            end = self.server.shutdown_at
+            if end is not None and time.monotonic() >= end:
+                self.job.cancelled.set()
+                return ("error", APIError(503, "the server is shutting down; the reply was cut", None,
+                                          "server_shutdown"))
             try:
                 return await asyncio.wait_for(self.queue.get(), 0.5)
             except asyncio.TimeoutError:
@@ -343,8 +370,11 @@ def serve(model: str, group=None, **options) -> None:
     app = create_app(cfg, engine)
     print(f"Serving {cfg.model_name} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", file=sys.stderr,
           flush=True)
+    server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                            timeout_graceful_shutdown=cfg.shutdown_timeout_s + 2, http=HTTPProtocol,
+                                            backlog=ACCEPT_BACKLOG))
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        server.run()
     finally:
         app.state.engine.close()
 
@@ -353,7 +383,8 @@ def serve(model: str, group=None, **options) -> None:
 def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
     """Run `app` with uvicorn on a background thread; yields the base URL (port 0: a free port). The app's engine is
     closed on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           http=HTTPProtocol, backlog=ACCEPT_BACKLOG))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -106,15 +106,26 @@ def _local(text: str, param: str, policy: MediaPolicy) -> bytes:
     if text.startswith("file://"):
         text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
     root = policy.local_root.resolve()
-    path = (root / text).resolve()  # an absolute `text` replaces root; resolve() follows symlinks
+    if "\0" in text:  # os calls refuse it with a ValueError
+        raise APIError(400, f"{param}: a file path cannot contain a NUL byte", param, "invalid_path")
+    try:
+        path = (root / text).resolve()  # an absolute `text` replaces root; resolve() follows symlinks
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise APIError(400, f"{param}: {text[:200]} cannot be opened (a symlink loop?)", param,
+                       "invalid_path") from None
     if not path.is_relative_to(root):
-        raise APIError(400, f"{param}: {text} is outside the allowed directory {root}", param, "path_not_allowed")
-    if not path.is_file():
-        raise APIError(400, f"{param}: {text}: no such file under {root}", param, "file_not_found")
-    if path.stat().st_size > policy.max_bytes:
-        raise APIError(413, f"{param}: {text} is larger than the limit of {policy.max_bytes >> 20} MB", param,
-                       "image_too_large")
-    return path.read_bytes()
+        raise APIError(400, f"{param}: {text[:200]} is outside the allowed directory {root}", param,
+                       "path_not_allowed")
+    try:
+        if not path.is_file():
+            raise APIError(400, f"{param}: {text[:200]}: no such file under {root}", param, "file_not_found")
+        if path.stat().st_size > policy.max_bytes:
+            raise APIError(413, f"{param}: {text[:200]} is larger than the limit of {policy.max_bytes >> 20} MB",
+                           param, "image_too_large")
+        return path.read_bytes()
+    except OSError as e:  # a name too long, a file that vanished or cannot be read
+        raise APIError(400, f"{param}: {text[:200]} cannot be opened ({e.strerror})", param,
+                       "invalid_path") from None
 
 
 def fetch(url: str, param: str, policy: MediaPolicy) -> Media:

@@ -4,24 +4,29 @@ Requests are checked field by field before anything reaches the model; every pro
 the app answers as OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`). Pydantic runs in strict
 mode so `"max_tokens": "5"` is a wrong type, not a number. Unknown top-level fields are ignored, as most
 OpenAI-compatible servers do, except those whose silent omission would change the answer (`tools`, `n` > 1,
-`response_format` other than text): those are refused.
+`response_format` other than text): those are refused. The body is parsed by pydantic's own JSON parser alone: it
+has a nesting limit and a digit limit of its own and never recurses in Python, so a body nested 10,000 deep or a
+5,000-digit number is a 400, not a RecursionError. Integer fields take their ranges from `sampling.INT_RANGES`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import UserError
+from ..sampling import COUNT_MAX, INT_RANGES, parse_token_id
+
 
 class APIError(Exception):
     """An error answered to the client: HTTP `status` and OpenAI's error body."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
@@ -33,7 +38,7 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class URLRef(_Strict):
@@ -70,7 +75,7 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(_Strict):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     type: str
 
 
@@ -79,23 +84,29 @@ class ChatRequest(_Strict):
     messages: List[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=INT_RANGES["max_tokens"][0], le=INT_RANGES["max_tokens"][1])
+    max_completion_tokens: Optional[int] = Field(None, ge=INT_RANGES["max_tokens"][0],
+                                                 le=INT_RANGES["max_tokens"][1])
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=INT_RANGES["seed"][0], le=INT_RANGES["seed"][1])
     stop: Union[str, List[str], None] = None
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[Dict[str, float]] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    n: Optional[int] = None
+    n: Optional[int] = Field(None, ge=1, le=COUNT_MAX)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list] = None
     # InternVL extras (the openai client sends them with extra_body=...)
     max_tiles: Optional[int] = Field(None, ge=1, le=40)
     num_frames: Optional[int] = Field(None, ge=1, le=64)
+
+    @property
+    def token_bias(self) -> Optional[Dict[int, float]]:
+        """`logit_bias` with its keys as token ids (checked by `parse_request`)."""
+        return {parse_token_id(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
 
     @property
     def stop_strings(self) -> List[str]:
@@ -105,16 +116,15 @@ class ChatRequest(_Strict):
 def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
     """A validated `ChatRequest` from the request body, or an `APIError(400)` naming the first bad field."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
-    try:
         req = ChatRequest.model_validate_json(raw)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')})",
+                           None, "invalid_json") from None
+        if not param and err["type"] == "model_type":
+            raise APIError(400, "the request body must be a JSON object", None, "invalid_json") from None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param or None,
                        "invalid_type" if "type" in err["type"] else "invalid_value") from None
     if req.n not in (None, 1):
@@ -131,9 +141,10 @@ def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     for k, v in (req.logit_bias or {}).items():
-        if not k.lstrip("-").isdigit() or not 0 <= int(k) < vocab_size:
-            raise APIError(400, f"logit_bias: key {k!r} is not a token id in [0, {vocab_size})", "logit_bias",
-                           "invalid_value")
+        try:
+            parse_token_id(k, vocab_size)
+        except UserError as e:
+            raise APIError(400, str(e), "logit_bias", "invalid_value") from None
         if not -100.0 <= v <= 100.0:
             raise APIError(400, f"logit_bias[{k}]: {v} is outside [-100, 100]", "logit_bias", "invalid_value")
     return req

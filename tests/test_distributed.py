@@ -65,12 +65,12 @@ def run(cmd, timeout=300, input=None):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def one_process(model_dir, adapter=None):
+def one_process(model_dir, adapter=None, dtype="float32"):
     """Prompt logits and 16 greedy tokens (eos not honoured) from the unsharded model."""
-    model, processor = mlx_internvl.load(model_dir, dtype="float32", adapter_path=adapter)
+    model, processor = mlx_internvl.load(model_dir, dtype=dtype, adapter_path=adapter)
     inputs = processor(PROMPT, images=[IMAGE], max_tiles=1)
     ids, pv = inputs["input_ids"], inputs["pixel_values"]
-    logits = model(ids, pixel_values=pv)[0]
+    logits = model(ids, pixel_values=pv)[0].astype(mx.float32)
     embeds = model.get_input_embeddings(ids, pixel_values=pv)[0]
     tokens = [t for t, _ in generate_step(ids[0], model, max_tokens=16, sampler=lambda lp: mx.argmax(lp, axis=-1),
                                           input_embeddings=embeds)]
@@ -157,6 +157,41 @@ def test_two_ranks_match_one_process(cases, tmp_path):
             elif k.startswith("language_model.") and k.endswith(("embed_tokens.weight", "norm.weight")):
                 assert shapes[1][k] == full, (name, k)
         assert split >= 4, name
+
+
+def test_quantized_projector_two_ranks_match_one_process(build_case, tmp_path):
+    """A 4-bit model whose projector and vision tower are quantized too (`convert --quantize-vision`, as every
+    mlx-vlm 4-bit InternVL repo is): the followers' placeholder image features must take rank 0's float dtype, not
+    the packed projector weight's uint32 (fp32: wrong sums; bf16: an all-reduce of mismatched sizes that hangs)."""
+    from mlx_internvl.convert.convert import convert
+
+    hf = build_case(Case("dist_qwen2", text="qwen2", extra_text={"intermediate_size": 128})).hf_dir
+    q4 = convert(hf, tmp_path / "q4v", quantize_model=True, q_bits=4, q_group_size=32, quantize_vision=True)
+    quantized = json.loads((q4 / "config.json").read_text())
+    assert quantized["quantization"] and any(k.startswith("mlp1.") for k in _safetensor_keys(q4) if "scales" in k)
+    cases = [dict(model=str(q4), dtype=dt, out=str(tmp_path / dt)) for dt in ("float32", "bfloat16")]
+    # mlx.launch exits 0 even when a rank fails: the ranks' `Error:` lines and the files they wrote tell.
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompt": PROMPT, "image": str(IMAGE), "cases": cases}))
+    r = run([*launcher(), sys.executable, str(HERE / "dist_worker.py"), str(spec)], timeout=150)
+    assert r.returncode == 0 and "Error" not in r.stderr, (r.stdout[-2000:], r.stderr[-3000:])
+    two = {c["dtype"]: np.load(c["out"] + ".logits.npy") for c in cases}
+    ranks = {c["dtype"]: [json.loads(Path(f"{c['out']}.tokens.{k}.json").read_text()) for k in (0, 1)] for c in cases}
+    one = {dt: one_process(str(q4), dtype=dt)[:2] for dt in two}
+    diff = float(np.abs(two["float32"] - one["float32"][0]).max())
+    assert diff < 1e-4, diff
+    assert ranks["float32"][0] == ranks["float32"][1] == one["float32"][1]
+    # bfloat16: each rank's partial sums are rounded to bf16 before the all-reduce, so the two-rank logits cannot
+    # match one process to 1e-4; they must be as close to the fp32 result as one process's bf16 logits are.
+    bf16_error = float(np.abs(one["bfloat16"][0] - one["float32"][0]).max())
+    two_error = float(np.abs(two["bfloat16"] - one["float32"][0]).max())
+    assert two_error <= 1.5 * bf16_error, (two_error, bf16_error)
+    assert ranks["bfloat16"][0] == ranks["bfloat16"][1]
+    assert ranks["bfloat16"][0][0] == one["bfloat16"][1][0]
+
+
+def _safetensor_keys(folder: Path):
+    return [k for f in folder.glob("*.safetensors") for k in mx.load(str(f))]
 
 
 def test_generate_cli_prints_once_and_matches_one_process(cases):
@@ -260,3 +295,25 @@ def test_unshardable_models_are_clear_errors():
     with pytest.raises(UserError, match="2 decoder layers cannot make 4 pipeline stages"):
         sharding.check_shardable(_config(kv=2), 4, mode="pipeline")
     sharding.check_shardable(_config(inter=128, quant={"group_size": 32, "bits": 4}), 2)
+
+
+def test_group_size_refusal_says_what_would_work():
+    # Per rank, o_proj takes 64 / 2 = 32 columns: 64-wide groups do not fit, 32-wide ones do.
+    with pytest.raises(UserError, match=r"group_size 64 does not divide the per-rank o_proj input .* = 32 \(2 ranks\); "
+                                        r"convert the original checkpoint with --q-group-size 32,"):
+        sharding.check_shardable(_config(inter=128, quant={"group_size": 64, "bits": 4}), 2)
+    # A per-rank MLP width of 80 holds no whole number of 32-, 64- or 128-wide groups, and no other rank count
+    # splits this model: the message says so instead of naming the group size it already has.
+    with pytest.raises(UserError) as e:
+        sharding.check_shardable(_config(kv=4, inter=160, quant={"group_size": 32, "bits": 4}), 2)
+    text = str(e.value)
+    assert "down_proj input (intermediate_size) = 80 (2 ranks)" in text, text
+    assert "no quantization group size (32, 64, 128) divides it at 2 ranks" in text, text
+    assert "no rank count from 2 to 16 works" in text and "--q-group-size" not in text, text
+    # Where another rank count works, it is named: 320 / 2 = 160 is not whole 64-groups, 320 / 5 = 64 is.
+    big = ModelConfig(vision_config=VisionConfig(), quantization={"group_size": 64, "bits": 4}, llm_config=dict(
+        model_type="qwen2", hidden_size=640, num_attention_heads=10, num_key_value_heads=10, intermediate_size=320,
+        num_hidden_layers=2, vocab_size=300))
+    with pytest.raises(UserError, match=r"per-rank down_proj input \(intermediate_size\) = 160 .*--q-group-size 32, "
+                                        r"or launch 5 ranks instead"):
+        sharding.check_shardable(big, 2)

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import socket
 import sys
 import threading
@@ -32,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
 
+from . import wire
 from .errors import UserError
 
 logger = logging.getLogger("mlx_internvl")
@@ -55,17 +55,18 @@ class Group:
         return self.rank == 0
 
     def share(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (others pass anything). MLX arrays travel as arrays, the rest pickled."""
+        """Rank 0's `obj` on every rank (others pass anything): JSON values, tuples, dicts, bytes and numpy/MLX
+        arrays, sent as JSON plus raw buffers (`wire`); nothing that arrives is unpickled or executed."""
         settle()
         if self.is_leader:
-            data = np.frombuffer(pickle.dumps(_to_numpy(obj)), dtype=np.uint8)
+            data = np.frombuffer(wire.encode(obj), dtype=np.uint8)
             size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
             mx.eval(size)
             mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
             return obj
         size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
         data = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world)
-        return _to_mlx(pickle.loads(np.array(data).tobytes()))
+        return wire.decode(np.array(data).tobytes())
 
     def on_leader(self, fn: Callable, *args, **kwargs) -> Any:
         """`fn(*args)` run on rank 0 only; every rank gets its result, or raises the `UserError` it raised."""
@@ -96,33 +97,6 @@ def settle() -> None:
     on the other ranks, and the ring backend would pair them up wrongly or wait forever."""
     mx.synchronize(generation_stream)
     mx.synchronize()
-
-
-def _to_numpy(obj):
-    if isinstance(obj, mx.array):
-        return _Array(np.array(obj))
-    if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
-    return obj
-
-
-def _to_mlx(obj):
-    if isinstance(obj, _Array):
-        return mx.array(obj.value)
-    if isinstance(obj, dict):
-        return {k: _to_mlx(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_mlx(v) for v in obj)
-    return obj
-
-
-class _Array:
-    """An MLX array on its way through pickle (numpy inside), told apart from numpy arrays that stay numpy."""
-
-    def __init__(self, value: np.ndarray):
-        self.value = value
 
 
 def start(backend: str = "any") -> Optional[Group]:

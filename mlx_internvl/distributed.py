@@ -7,10 +7,9 @@ the same KV caches and stops at the same token. Each sampled token is rank 0's, 
 (`agree`), so ranks cannot drift apart on a near-tie. Only rank 0 prints: the others' stdout goes to /dev/null and
 their stderr keeps only `Error:` lines, prefixed with the rank.
 
-A side channel (one TCP connection from each rank to rank 0, next to the ring's own sockets) carries a heartbeat:
-a rank whose peer closes the connection (the process died) or stays silent for `MLX_INTERNVL_PEER_TIMEOUT` seconds
-(default 60: host asleep, cable pulled, process stopped) prints one `Error:` line and exits with status 1, even
-while its main thread is blocked inside a collective, which MLX cannot time out.
+A side channel (`heartbeat`: one TCP connection from each rank to rank 0, next to the ring's own sockets) carries
+a heartbeat, so that a rank whose peer died or went silent stops with one `Error:` line instead of waiting forever
+inside a collective. What travels over the ring (`Group.share`) is JSON plus raw buffers (`wire`), never pickle.
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ import io
 import json
 import logging
 import os
-import socket
 import sys
-import threading
-import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -33,11 +29,10 @@ from mlx_lm.generate import generation_stream
 
 from . import wire
 from .errors import UserError
+from .heartbeat import DEFAULT_TIMEOUT, TIMEOUT_ENV, Watchdog  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("mlx_internvl")
 
-TIMEOUT_ENV = "MLX_INTERNVL_PEER_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0
 _ACTIVE: Optional[Group] = None
 
 
@@ -111,7 +106,7 @@ def start(backend: str = "any") -> Optional[Group]:
     if world.size() == 1:
         return None
     group = Group(world)
-    group.watchdog = Watchdog.connect(group)
+    group.watchdog = Watchdog.connect(group, _leader_host())
     if not group.is_leader:
         _quiet_follower(group.rank)
     _ACTIVE = group
@@ -163,94 +158,6 @@ class _ErrorsOnly(io.TextIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Heartbeat
-
-class Watchdog:
-    """Liveness of the peers over one TCP connection per follower to rank 0 (bytes: '.' alive, 'B' finished)."""
-
-    def __init__(self, group: Group, peers: Dict[int, socket.socket], timeout: float):
-        self.group, self.peers, self.timeout = group, peers, timeout
-        self.finished = threading.Event()
-        self.lock = threading.Lock()
-        for rank, sock in peers.items():
-            threading.Thread(target=self._watch, args=(rank, sock), daemon=True, name=f"heartbeat-{rank}").start()
-
-    @classmethod
-    def connect(cls, group: Group) -> Optional[Watchdog]:
-        host = _leader_host()
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-        if host is None or timeout <= 0:
-            logger.info("no heartbeat between ranks (no ring hostfile or JACCL coordinator to find rank 0 by)")
-            return None
-        peers = {}
-        if group.is_leader:
-            server = socket.create_server((host, 0))
-            port = server.getsockname()[1]
-        port = mx.distributed.all_sum(mx.array(port if group.is_leader else 0), group=group.world).item()
-        if group.is_leader:
-            server.settimeout(timeout)
-            for _ in range(group.size - 1):
-                conn, _ = server.accept()
-                peer = int(conn.recv(4).decode())
-                peers[peer] = conn
-            server.close()
-        else:
-            sock = socket.create_connection((host, port), timeout=timeout)
-            sock.sendall(f"{group.rank:04d}".encode())
-            peers[0] = sock
-        return cls(group, peers, timeout)
-
-    def _watch(self, rank: int, sock: socket.socket) -> None:
-        interval = min(1.0, self.timeout / 4)
-        sock.settimeout(interval)
-        last = time.monotonic()
-        while not self.finished.is_set():
-            try:
-                data = sock.recv(64)
-            except TimeoutError:
-                data = None
-            except OSError:
-                data = b""
-            now = time.monotonic()
-            if data == b"":
-                if not self.finished.is_set():
-                    self._fail(f"rank {rank} is gone (its connection closed: the process exited or was killed); "
-                               f"rank {self.group.rank} stops too. See rank {rank}'s output for why.")
-                return
-            if data:
-                if b"B" in data:
-                    return  # that peer ended normally
-                last = now
-            elif now - last > self.timeout:
-                self._fail(f"rank {rank} sent no heartbeat for {self.timeout:.0f} s (host asleep or unreachable, "
-                           f"or the process stopped); rank {self.group.rank} stops too. Raise {TIMEOUT_ENV} if "
-                           "that rank is only slow.")
-                return
-            try:
-                sock.sendall(b".")
-            except OSError:
-                pass
-
-    def _fail(self, message: str) -> None:
-        with self.lock:
-            try:
-                sys.__stdout__.flush()
-            except Exception:
-                pass
-            os.write(2, f"Error: {message}\n".encode())
-            os._exit(1)
-
-    def finish(self) -> None:
-        self.finished.set()
-        for sock in self.peers.values():
-            try:
-                sock.sendall(b"B")
-                sock.close()
-            except OSError:
-                pass
 
 
 def _leader_host() -> Optional[str]:

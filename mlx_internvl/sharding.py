@@ -12,18 +12,20 @@ The other ranks never read the vision weights.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 from . import wire
 from .backbones import backbone_module
+from .cache import human_size
 from .distributed import Group, settle
 from .errors import UserError
 from .loading import load as load_whole
@@ -31,6 +33,7 @@ from .loading import resolve_model_path
 from .model import InternVLChatModel
 from .validate import QUANT_GROUPS
 
+logger = logging.getLogger("mlx_internvl")
 SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama")
 PARALLEL_ENV = "MLX_INTERNVL_PARALLEL"  # "tensor" (default) or "pipeline"
 
@@ -215,4 +218,35 @@ def load(group: Group, path_or_repo, dtype=None, adapter_path=None, revision=Non
     shard_model(model, group, mode)
     mx.eval(model.parameters())
     group.barrier()
+    summary = split_summary(model, group, mode)  # every rank takes part; rank 0 alone logs
+    if group.is_leader:
+        logger.info("\n".join(summary))
     return model, processor
+
+
+_FIELDS = ("first layer", "end layer", "heads", "kv heads", "weight bytes", "active bytes", "vision")
+
+
+def split_summary(model, group: Group, mode: str) -> List[str]:
+    """How `model` is split, one line per rank as each rank reports it itself (one all-reduce): the decoder
+    layers, attention and KV heads it runs, the bytes of weights it holds and MLX's active memory."""
+    lm = model.language_model.model
+    layers = [(i, layer) for i, layer in enumerate(lm.layers) if layer is not None]
+    attn = layers[0][1].self_attn
+    mine = [layers[0][0], layers[-1][0] + 1, getattr(attn, "n_heads", 0), getattr(attn, "n_kv_heads", 0),
+            sum(v.nbytes for _, v in tree_flatten(model.parameters())), mx.get_active_memory(),
+            int(any(True for _ in tree_flatten(model.vision_model.parameters())))]
+    table = mx.zeros((group.size, len(_FIELDS)), dtype=mx.int64)
+    table[group.rank] = mx.array(mine, dtype=mx.int64)
+    rows = mx.distributed.all_sum(table, group=group.world).tolist()
+    llm = model.config.llm_config
+    heads = llm["num_attention_heads"]
+    how = ("tensor parallel (mlx-lm shard(): every layer's heads and MLP split across the ranks)" if mode == "tensor"
+           else "pipeline (mlx-lm pipeline(): consecutive decoder layers per rank)")
+    lines = [f"Model split over {group.size} ranks, {how}; {heads} attention heads, "
+             f"{llm.get('num_key_value_heads') or heads} KV heads, {llm['num_hidden_layers']} decoder layers in all."]
+    for rank, (first, end, h, kv, weights, active, vision) in enumerate(rows):
+        lines.append(f"  rank {rank}: layers {first}-{end - 1}, {h} heads, {kv} KV heads per layer, "
+                     f"{human_size(weights)} of weights{' (vision tower and projector too)' if vision else ''}, "
+                     f"{human_size(active)} active")
+    return lines

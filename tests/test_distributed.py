@@ -51,10 +51,11 @@ def cli(*args):
     return [shutil.which("mlx-internvl", path=str(BIN)) or "mlx-internvl", *args]
 
 
-def run(cmd, timeout=300, input=None):
+def run(cmd, timeout=300, input=None, env=None):
     """`subprocess.run` in a session of its own: on timeout every process of the launch is killed (mlx.launch's
     ranks would otherwise outlive it)."""
-    p = subprocess.Popen(cmd, env=ENV, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, env=dict(ENV, **(env or {})),
+                         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(input, timeout=timeout)
@@ -204,6 +205,41 @@ def test_generate_cli_prints_once_and_matches_one_process(cases):
     assert one.stdout.strip(), one.stderr[-2000:]
     # The reply once (rank 0 alone prints), the same as one process's.
     assert two.stdout == one.stdout, (two.stdout, one.stdout, two.stderr[-2000:])
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_verbose_says_how_the_model_is_split(cases, mode):
+    """`--verbose` under mlx.launch: the mode, and per rank the layers, heads, KV heads and bytes of weights held,
+    checked against the whole model's own parameter sizes (one process)."""
+    import re
+
+    model = cases["qwen2"]["model"]
+    args = cli("generate", "--model", model, "--prompt", PROMPT, "--max-tokens", "2", "--dtype", "float32",
+               "--verbose")
+    env = {sharding.PARALLEL_ENV: mode}
+    r = run([*launcher(), *args], env=env)
+    assert r.returncode == 0 and "Error" not in r.stderr, r.stderr[-3000:]
+    word = "tensor parallel" if mode == "tensor" else "pipeline"
+    assert re.search(rf"Model split over 2 ranks, {word} .*4 attention heads, 2 KV heads, 2 decoder layers", r.stderr)
+    rows = re.findall(r"rank (\d): layers (\d)-(\d), (\d+) heads, (\d+) KV heads per layer, ([\d.]+) KB of weights"
+                      r"( \(vision tower and projector too\))?", r.stderr)
+    assert [row[0] for row in rows] == ["0", "1"], r.stderr[-3000:]
+    _, _, whole = one_process(model)
+    sizes = {k: 4 * int(np.prod(v)) for k, v in whole.items()}  # float32
+    lm = {k: b for k, b in sizes.items() if k.startswith("language_model.")}
+    layers = {k: b for k, b in lm.items() if ".layers." in k}
+    for rank, first, last, heads, kv, kb, vision in rows:
+        if mode == "tensor":
+            assert (first, last, heads, kv) == ("0", "1", "2", "1"), rows
+            cut = re.compile(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$|(o_proj|down_proj)\.weight$")
+            held = sum(b // 2 if cut.search(k) else b for k, b in lm.items())
+        else:  # rank 1 runs the first layer, rank 0 the second; the rest of the language model is whole on both
+            assert (first, last, heads, kv) == (("1", "1") if rank == "0" else ("0", "0")) + ("4", "2"), rows
+            held = sum(lm.values()) - sum(b for k, b in layers.items() if f".layers.{first}." not in k)
+        if rank == "0":
+            held += sum(b for k, b in sizes.items() if k.startswith(("vision_model.", "mlp1.")))
+        assert bool(vision) == (rank == "0")
+        assert abs(float(kb) * 1000 - held) <= 50, (rank, kb, held)
 
 
 def test_chat_cli_two_turns_with_image(cases):

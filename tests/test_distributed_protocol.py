@@ -186,3 +186,21 @@ def test_heartbeat_waits_for_the_missing_rank_then_says_which():
     finally:
         server.close()
         stray.close()
+
+
+def test_chat_media_for_the_group_is_sendable(monkeypatch):
+    """What rank 0 reads for `chat` under mlx.launch (image bytes, a URL, video frames) goes through the wire
+    format, and the frames a follower gets are the frames rank 0 decoded."""
+    pytest.importorskip("av")
+    from conftest import ASSETS
+
+    from mlx_internvl.cli.chat_cmd import read_media
+    from mlx_internvl.video import load_video_frames
+
+    clip = ASSETS / "video" / "carphone_pristine.mp4"
+    image = ASSETS / "images" / "image1.jpg"
+    result = read_media([str(image), "https://example.com/a.png"], str(clip), 2)
+    images, frames = _follower_receives(monkeypatch, _leader_sends(monkeypatch, ("ok", result)))[1]
+    assert images == [image.read_bytes(), "https://example.com/a.png"]
+    expected = load_video_frames(clip, 2)
+    assert len(frames) == 2 and all(np.array_equal(f, np.asarray(e)) for f, e in zip(frames, expected))

@@ -188,7 +188,23 @@ def test_quantized_projector_two_ranks_match_one_process(build_case, tmp_path):
     two_error = float(np.abs(two["bfloat16"] - one["float32"][0]).max())
     assert two_error <= 1.5 * bf16_error, (two_error, bf16_error)
     assert ranks["bfloat16"][0] == ranks["bfloat16"][1]
-    assert ranks["bfloat16"][0][0] == one["bfloat16"][1][0]
+    # Greedy tokens: each two-rank token is one process's bf16 choice given the same prefix, or a near-tie: behind
+    # that choice by less than the split moves bf16 logits (measured on the prompt: 0.86 here; the one flip seen
+    # trails by 0.125).
+    margins = _teacher_forced_margins(str(q4), "bfloat16", ranks["bfloat16"][0])
+    perturbation = float(np.abs(two["bfloat16"] - one["bfloat16"][0]).max())
+    assert margins[0] == 0 and max(margins) <= perturbation, (margins, perturbation)
+
+
+def _teacher_forced_margins(model_dir, dtype, tokens):
+    """For each of `tokens` (a continuation of the image prompt): how far below the one-process model's best logit
+    at that step its logit is (0 where it is the model's own greedy choice)."""
+    model, processor = mlx_internvl.load(model_dir, dtype=dtype)
+    inputs = processor(PROMPT, images=[IMAGE], max_tiles=1)
+    ids = mx.concatenate([inputs["input_ids"], mx.array([tokens[:-1]], dtype=inputs["input_ids"].dtype)], axis=1)
+    logits = np.array(model(ids, pixel_values=inputs["pixel_values"])[0].astype(mx.float32))
+    steps = logits[inputs["input_ids"].shape[1] - 1:]
+    return [float(row.max() - row[t]) for row, t in zip(steps, tokens)]
 
 
 def _safetensor_keys(folder: Path):

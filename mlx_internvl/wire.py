@@ -18,6 +18,8 @@ from typing import Any, List
 import mlx.core as mx
 import numpy as np
 
+from .errors import UserError
+
 MAGIC = b"MIVLWIR1"
 DTYPES = {name: getattr(mx, name) for name in (
     "bool_", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "bfloat16",
@@ -25,8 +27,8 @@ DTYPES = {name: getattr(mx, name) for name in (
 _NUMPY = {name: np.dtype(name.rstrip("_")) for name in DTYPES if name != "bfloat16"}
 
 
-class WireError(ValueError):
-    """A message from another rank that is not one `encode` wrote."""
+class WireError(UserError):
+    """A message from another rank that is not one `encode` wrote (the CLI prints it as one `Error:` line)."""
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,6 +36,7 @@ from .heartbeat import DEFAULT_TIMEOUT, TIMEOUT_ENV, Watchdog  # noqa: F401 (re-
 logger = logging.getLogger("mlx_internvl")
 
 _ACTIVE: Optional[Group] = None
+LOST_PEER_GRACE_S = 3.0  # a heartbeat notices a closed connection within its 1 s poll
 
 
 class Group:
@@ -52,16 +55,32 @@ class Group:
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (others pass anything): JSON values, tuples, dicts, bytes and numpy/MLX
         arrays, sent as JSON plus raw buffers (`wire`); nothing that arrives is unpickled or executed."""
-        settle()
         if self.is_leader:
             data = np.frombuffer(wire.encode(obj), dtype=np.uint8)
-            size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
-            mx.eval(size)
-            mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
+            with self._collective():
+                settle()
+                size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
+                mx.eval(size)
+                mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
             return obj
-        size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
-        data = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world)
-        return wire.decode(np.array(data).tobytes())
+        with self._collective():
+            settle()
+            size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
+            data = np.array(mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world))
+        return wire.decode(data.tobytes())
+
+    @contextmanager
+    def _collective(self):
+        """Collectives whose failure means a peer went away (the ring backend raises when its socket closes): the
+        heartbeat, which sees the same closed connection, names the rank and exits; if it has not within a few
+        seconds, one `UserError` says what happened instead of a traceback."""
+        try:
+            yield
+        except RuntimeError as e:
+            if self.watchdog is not None:
+                time.sleep(LOST_PEER_GRACE_S)
+            raise UserError(f"rank {self.rank} lost its connection to the other ranks ({e}); see their output "
+                            "for why.") from e
 
     def on_leader(self, fn: Callable, *args, **kwargs) -> Any:
         """`fn(*args)` run on rank 0 only; every rank gets its result, or raises the `UserError` it raised."""
@@ -77,8 +96,9 @@ class Group:
         return value
 
     def barrier(self) -> None:
-        settle()
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.world, stream=mx.cpu))
+        with self._collective():
+            settle()
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.world, stream=mx.cpu))
 
     def close(self) -> None:
         """The normal end: tell the peers this rank is done, so its closing connection is not taken for a crash."""

@@ -204,3 +204,15 @@ def test_chat_media_for_the_group_is_sendable(monkeypatch):
     assert images == [image.read_bytes(), "https://example.com/a.png"]
     expected = load_video_frames(clip, 2)
     assert len(frames) == 2 and all(np.array_equal(f, np.asarray(e)) for f, e in zip(frames, expected))
+
+
+def test_a_lost_ring_connection_is_one_clear_error(monkeypatch):
+    """The ring raises when a peer's socket closes (the heartbeat usually names the rank first and exits); where it
+    has not, `share` says what happened as a `UserError` (one `Error:` line), not a RuntimeError traceback."""
+    def lost(*args, **kwargs):
+        raise RuntimeError("[ring] connection to a peer was lost")
+
+    monkeypatch.setattr(mx.distributed, "all_sum", lost)
+    for rank in (0, 1):
+        with pytest.raises(UserError, match=rf"rank {rank} lost its connection to the other ranks \(\[ring\] conn"):
+            distributed.Group(_World(rank)).share("x")

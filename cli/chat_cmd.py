@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
+from PIL import Image
 
 from mlx_internvl import distributed
 from mlx_internvl.chat import ChatSession
@@ -106,6 +108,7 @@ def _answer(line: str, session, media: dict, group, num_frames: int, verbose: bo
     try:
         if group is not None:  # the files are on rank 0's machine: it reads them for everyone
             pending, video = group.on_leader(read_media, pending, video, num_frames)
+            video = None if video is None else [Image.fromarray(f) for f in video]
         for last in session.stream(line, images=pending, video=video):
             click.echo(last.text, nl=False)
             sys.stdout.flush()
@@ -128,8 +131,8 @@ def split_command(line: str):
 
 
 def read_media(images, video, num_frames: int):
-    """Image files as bytes and a video as decoded frames, read here (on rank 0) so the other ranks need no copy of
-    the files; URLs stay URLs (each rank fetches them)."""
+    """Image files as bytes and a video as decoded frames (uint8 arrays: what the group can send), read here (on
+    rank 0) so the other ranks need no copy of the files; URLs stay URLs (each rank fetches them)."""
     out = []
     for im in images:
         if str(im).startswith(("http://", "https://")):
@@ -140,5 +143,5 @@ def read_media(images, video, num_frames: int):
                 raise UserError(f"{p}: no such image file")
             out.append(p.read_bytes())
     if video is not None:
-        video = load_video_frames(video, num_frames)
+        video = [np.asarray(f.convert("RGB")) for f in load_video_frames(video, num_frames)]
     return out, video

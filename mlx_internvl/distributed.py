@@ -7,10 +7,9 @@ the same KV caches and stops at the same token. Each sampled token is rank 0's, 
 (`agree`), so ranks cannot drift apart on a near-tie. Only rank 0 prints: the others' stdout goes to /dev/null and
 their stderr keeps only `Error:` lines, prefixed with the rank.
 
-A side channel (one TCP connection from each rank to rank 0, next to the ring's own sockets) carries a heartbeat:
-a rank whose peer closes the connection (the process died) or stays silent for `MLX_INTERNVL_PEER_TIMEOUT` seconds
-(default 60: host asleep, cable pulled, process stopped) prints one `Error:` line and exits with status 1, even
-while its main thread is blocked inside a collective, which MLX cannot time out.
+A side channel (`heartbeat`: one TCP connection from each rank to rank 0, next to the ring's own sockets) carries
+a heartbeat, so that a rank whose peer died or went silent stops with one `Error:` line instead of waiting forever
+inside a collective. What travels over the ring (`Group.share`) is JSON plus raw buffers (`wire`), never pickle.
 """
 
 from __future__ import annotations
@@ -19,26 +18,25 @@ import io
 import json
 import logging
 import os
-import pickle
-import socket
 import sys
-import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
 
+from . import wire
 from .errors import UserError
+from .heartbeat import DEFAULT_TIMEOUT, TIMEOUT_ENV, Watchdog  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("mlx_internvl")
 
-TIMEOUT_ENV = "MLX_INTERNVL_PEER_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0
 _ACTIVE: Optional[Group] = None
+LOST_PEER_GRACE_S = 3.0  # a heartbeat notices a closed connection within its 1 s poll
 
 
 class Group:
@@ -55,17 +53,34 @@ class Group:
         return self.rank == 0
 
     def share(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (others pass anything). MLX arrays travel as arrays, the rest pickled."""
-        settle()
+        """Rank 0's `obj` on every rank (others pass anything): JSON values, tuples, dicts, bytes and numpy/MLX
+        arrays, sent as JSON plus raw buffers (`wire`); nothing that arrives is unpickled or executed."""
         if self.is_leader:
-            data = np.frombuffer(pickle.dumps(_to_numpy(obj)), dtype=np.uint8)
-            size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
-            mx.eval(size)
-            mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
+            data = np.frombuffer(wire.encode(obj), dtype=np.uint8)
+            with self._collective():
+                settle()
+                size = mx.distributed.all_sum(mx.array(data.size, dtype=mx.int64), group=self.world)
+                mx.eval(size)
+                mx.eval(mx.distributed.all_sum(mx.array(data), group=self.world))
             return obj
-        size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
-        data = mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world)
-        return _to_mlx(pickle.loads(np.array(data).tobytes()))
+        with self._collective():
+            settle()
+            size = mx.distributed.all_sum(mx.array(0, dtype=mx.int64), group=self.world).item()
+            data = np.array(mx.distributed.all_sum(mx.zeros((size,), dtype=mx.uint8), group=self.world))
+        return wire.decode(data.tobytes())
+
+    @contextmanager
+    def _collective(self):
+        """Collectives whose failure means a peer went away (the ring backend raises when its socket closes): the
+        heartbeat, which sees the same closed connection, names the rank and exits; if it has not within a few
+        seconds, one `UserError` says what happened instead of a traceback."""
+        try:
+            yield
+        except RuntimeError as e:
+            if self.watchdog is not None:
+                time.sleep(LOST_PEER_GRACE_S)
+            raise UserError(f"rank {self.rank} lost its connection to the other ranks ({e}); see their output "
+                            "for why.") from e
 
     def on_leader(self, fn: Callable, *args, **kwargs) -> Any:
         """`fn(*args)` run on rank 0 only; every rank gets its result, or raises the `UserError` it raised."""
@@ -81,8 +96,9 @@ class Group:
         return value
 
     def barrier(self) -> None:
-        settle()
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.world, stream=mx.cpu))
+        with self._collective():
+            settle()
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.world, stream=mx.cpu))
 
     def close(self) -> None:
         """The normal end: tell the peers this rank is done, so its closing connection is not taken for a crash."""
@@ -98,33 +114,6 @@ def settle() -> None:
     mx.synchronize()
 
 
-def _to_numpy(obj):
-    if isinstance(obj, mx.array):
-        return _Array(np.array(obj))
-    if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
-    return obj
-
-
-def _to_mlx(obj):
-    if isinstance(obj, _Array):
-        return mx.array(obj.value)
-    if isinstance(obj, dict):
-        return {k: _to_mlx(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_mlx(v) for v in obj)
-    return obj
-
-
-class _Array:
-    """An MLX array on its way through pickle (numpy inside), told apart from numpy arrays that stay numpy."""
-
-    def __init__(self, value: np.ndarray):
-        self.value = value
-
-
 def start(backend: str = "any") -> Optional[Group]:
     """The group this process was launched into (`mlx.launch`, MPI), or None when it runs alone.
 
@@ -137,7 +126,7 @@ def start(backend: str = "any") -> Optional[Group]:
     if world.size() == 1:
         return None
     group = Group(world)
-    group.watchdog = Watchdog.connect(group)
+    group.watchdog = Watchdog.connect(group, _leader_host())
     if not group.is_leader:
         _quiet_follower(group.rank)
     _ACTIVE = group
@@ -189,94 +178,6 @@ class _ErrorsOnly(io.TextIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Heartbeat
-
-class Watchdog:
-    """Liveness of the peers over one TCP connection per follower to rank 0 (bytes: '.' alive, 'B' finished)."""
-
-    def __init__(self, group: Group, peers: Dict[int, socket.socket], timeout: float):
-        self.group, self.peers, self.timeout = group, peers, timeout
-        self.finished = threading.Event()
-        self.lock = threading.Lock()
-        for rank, sock in peers.items():
-            threading.Thread(target=self._watch, args=(rank, sock), daemon=True, name=f"heartbeat-{rank}").start()
-
-    @classmethod
-    def connect(cls, group: Group) -> Optional[Watchdog]:
-        host = _leader_host()
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-        if host is None or timeout <= 0:
-            logger.info("no heartbeat between ranks (no ring hostfile or JACCL coordinator to find rank 0 by)")
-            return None
-        peers = {}
-        if group.is_leader:
-            server = socket.create_server((host, 0))
-            port = server.getsockname()[1]
-        port = mx.distributed.all_sum(mx.array(port if group.is_leader else 0), group=group.world).item()
-        if group.is_leader:
-            server.settimeout(timeout)
-            for _ in range(group.size - 1):
-                conn, _ = server.accept()
-                peer = int(conn.recv(4).decode())
-                peers[peer] = conn
-            server.close()
-        else:
-            sock = socket.create_connection((host, port), timeout=timeout)
-            sock.sendall(f"{group.rank:04d}".encode())
-            peers[0] = sock
-        return cls(group, peers, timeout)
-
-    def _watch(self, rank: int, sock: socket.socket) -> None:
-        interval = min(1.0, self.timeout / 4)
-        sock.settimeout(interval)
-        last = time.monotonic()
-        while not self.finished.is_set():
-            try:
-                data = sock.recv(64)
-            except TimeoutError:
-                data = None
-            except OSError:
-                data = b""
-            now = time.monotonic()
-            if data == b"":
-                if not self.finished.is_set():
-                    self._fail(f"rank {rank} is gone (its connection closed: the process exited or was killed); "
-                               f"rank {self.group.rank} stops too. See rank {rank}'s output for why.")
-                return
-            if data:
-                if b"B" in data:
-                    return  # that peer ended normally
-                last = now
-            elif now - last > self.timeout:
-                self._fail(f"rank {rank} sent no heartbeat for {self.timeout:.0f} s (host asleep or unreachable, "
-                           f"or the process stopped); rank {self.group.rank} stops too. Raise {TIMEOUT_ENV} if "
-                           "that rank is only slow.")
-                return
-            try:
-                sock.sendall(b".")
-            except OSError:
-                pass
-
-    def _fail(self, message: str) -> None:
-        with self.lock:
-            try:
-                sys.__stdout__.flush()
-            except Exception:
-                pass
-            os.write(2, f"Error: {message}\n".encode())
-            os._exit(1)
-
-    def finish(self) -> None:
-        self.finished.set()
-        for sock in self.peers.values():
-            try:
-                sock.sendall(b"B")
-                sock.close()
-            except OSError:
-                pass
 
 
 def _leader_host() -> Optional[str]:

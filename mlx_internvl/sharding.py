@@ -12,23 +12,28 @@ The other ranks never read the vision weights.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
+from . import wire
 from .backbones import backbone_module
+from .cache import human_size
 from .distributed import Group, settle
 from .errors import UserError
 from .loading import load as load_whole
 from .loading import resolve_model_path
 from .model import InternVLChatModel
+from .validate import QUANT_GROUPS
 
+logger = logging.getLogger("mlx_internvl")
 SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama")
 PARALLEL_ENV = "MLX_INTERNVL_PARALLEL"  # "tensor" (default) or "pipeline"
 
@@ -52,34 +57,51 @@ def check_shardable(config, size: int, where: str = "config.json", mode: str = "
             f"distributed runs support {', '.join(SHARDABLE)} (InternLM2 runs as llama). Run this model in one "
             "process (without mlx.launch)."
         )
-    heads = llm["num_attention_heads"]
-    kv = llm.get("num_key_value_heads") or heads
-    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
-    dims = [("num_attention_heads", heads), ("num_key_value_heads", kv)]
-    if mt == "qwen3_moe":
-        dims.append(("moe_intermediate_size", llm["moe_intermediate_size"]))
-        if llm.get("mlp_only_layers"):
-            dims.append(("intermediate_size", llm["intermediate_size"]))
-    else:
-        dims.append(("intermediate_size", llm["intermediate_size"]))
-    for name, value in dims:
+    dims, widths = _split_dims(llm)
+    for name, value in dims.items():
         if value % size:
             ok = [n for n in range(2, value + 1) if value % n == 0 and n <= 16]
             raise UserError(
                 f"{where}: llm_config.{name} is {value}, which {size} ranks cannot split evenly; launch a group "
                 f"whose size divides {value} (e.g. {', '.join(map(str, ok[:4])) or 'none'})."
             )
-    q = config.quantization
-    if q:
-        gs = q["group_size"]
-        per_rank = [("o_proj input (heads x head_dim / ranks)", heads * head_dim // size)]
-        per_rank.append(("down_proj input (intermediate / ranks)", dims[-1][1] // size))
-        for name, value in per_rank:
-            if value % gs:
-                raise UserError(
-                    f"{where}: quantization group_size {gs} does not divide the per-rank {name} = {value}; convert "
-                    f"with a smaller --q-group-size (32) or launch fewer ranks."
-                )
+    if config.quantization:
+        _check_groups(config.quantization["group_size"], widths, dims, size, where)
+
+
+def _split_dims(llm: dict):
+    """({config key: value} that tensor parallel divides by the rank count, {name: full width} of the layers cut
+    by input columns, whose per-rank width must hold whole quantization groups)."""
+    heads = llm["num_attention_heads"]
+    head_dim = llm.get("head_dim") or llm["hidden_size"] // heads
+    dims = {"num_attention_heads": heads, "num_key_value_heads": llm.get("num_key_value_heads") or heads}
+    widths = {"o_proj input (heads x head_dim)": heads * head_dim}
+    mlps = ["intermediate_size"]
+    if llm["model_type"] == "qwen3_moe":
+        mlps = ["moe_intermediate_size"] + (["intermediate_size"] if llm.get("mlp_only_layers") else [])
+    for key in mlps:
+        dims[key] = llm[key]
+        widths[f"down_proj input ({key})"] = llm[key]
+    return dims, widths
+
+
+def _check_groups(group_size: int, widths: dict, dims: dict, size: int, where: str) -> None:
+    """A `UserError` unless every per-rank width of a layer cut by input columns is whole groups of `group_size`;
+    it names the group sizes and rank counts that would work for this checkpoint."""
+    per_rank = {name: value // size for name, value in widths.items()}
+    bad = [(name, value) for name, value in per_rank.items() if value % group_size]
+    if not bad:
+        return
+    name, value = bad[0]
+    groups = [g for g in QUANT_GROUPS if all(v % g == 0 for v in per_rank.values())]
+    ranks = [n for n in range(2, 17) if all(d % n == 0 for d in dims.values())
+             and all((w // n) % group_size == 0 for w in widths.values())]
+    fix = (f"convert the original checkpoint with --q-group-size {' or '.join(map(str, groups))}" if groups else
+           f"no quantization group size ({', '.join(map(str, QUANT_GROUPS))}) divides it at {size} ranks")
+    fewer = (f"launch {' or '.join(map(str, ranks))} ranks instead" if ranks else
+             "no rank count from 2 to 16 works at this group size: run it in one process or unquantized")
+    raise UserError(f"{where}: quantization group_size {group_size} does not divide the per-rank {name} = "
+                    f"{value} ({size} ranks); {fix}, or {fewer}.")
 
 
 def shard_model(model, group: Group, mode: str = "tensor") -> None:
@@ -91,13 +113,11 @@ def shard_model(model, group: Group, mode: str = "tensor") -> None:
         lm.model.pipeline(group.world)
     else:
         _shard_tensor(lm, group)
-    dtype = model.mlp1.linear_2.weight.dtype if hasattr(model.mlp1, "linear_2") else mx.float32
     if not group.is_leader:
         model.vision_model = nn.Module()
         model.mlp1 = nn.Module()
     model.__class__ = ShardedInternVL
     model.group = group
-    model.feature_dtype = dtype
 
 
 def _shard_tensor(lm, group: Group) -> None:
@@ -168,14 +188,14 @@ class ShardedInternVL(InternVLChatModel):
     def extract_feature(self, pixel_values: mx.array) -> mx.array:
         group = self.group
         settle()
+        # The followers' zeros take the shape and dtype of rank 0's (still lazy) features, never a weight's: a
+        # quantized projector's weight is packed uint32, and an all-reduce of mismatched dtypes is wrong or hangs.
         if group.is_leader:
             feats = super().extract_feature(pixel_values)
+            group.share((list(feats.shape), wire.dtype_name(feats.dtype)))
         else:
-            cfg = self.config
-            patch = cfg.vision_config.patch_size
-            side = [round(s // patch * cfg.downsample_ratio) for s in pixel_values.shape[1:3]]
-            feats = mx.zeros((pixel_values.shape[0], side[0] * side[1], cfg.llm_config["hidden_size"]),
-                             dtype=self.feature_dtype)
+            shape, dtype = group.share(None)
+            feats = mx.zeros(tuple(shape), dtype=wire.dtype_named(dtype))
         feats = mx.distributed.all_sum(feats, group=group.world)
         # Done here, once per request: nothing else on the followers depends on this all-reduce, and a pipeline
         # stage's receive (which depends on nothing either) must not be scheduled before it.
@@ -198,4 +218,35 @@ def load(group: Group, path_or_repo, dtype=None, adapter_path=None, revision=Non
     shard_model(model, group, mode)
     mx.eval(model.parameters())
     group.barrier()
+    summary = split_summary(model, group, mode)  # every rank takes part; rank 0 alone logs
+    if group.is_leader:
+        logger.info("\n".join(summary))
     return model, processor
+
+
+_FIELDS = ("first layer", "end layer", "heads", "kv heads", "weight bytes", "active bytes", "vision")
+
+
+def split_summary(model, group: Group, mode: str) -> List[str]:
+    """How `model` is split, one line per rank as each rank reports it itself (one all-reduce): the decoder
+    layers, attention and KV heads it runs, the bytes of weights it holds and MLX's active memory."""
+    lm = model.language_model.model
+    layers = [(i, layer) for i, layer in enumerate(lm.layers) if layer is not None]
+    attn = layers[0][1].self_attn
+    mine = [layers[0][0], layers[-1][0] + 1, getattr(attn, "n_heads", 0), getattr(attn, "n_kv_heads", 0),
+            sum(v.nbytes for _, v in tree_flatten(model.parameters())), mx.get_active_memory(),
+            int(any(True for _ in tree_flatten(model.vision_model.parameters())))]
+    table = mx.zeros((group.size, len(_FIELDS)), dtype=mx.int64)
+    table[group.rank] = mx.array(mine, dtype=mx.int64)
+    rows = mx.distributed.all_sum(table, group=group.world).tolist()
+    llm = model.config.llm_config
+    heads = llm["num_attention_heads"]
+    how = ("tensor parallel (mlx-lm shard(): every layer's heads and MLP split across the ranks)" if mode == "tensor"
+           else "pipeline (mlx-lm pipeline(): consecutive decoder layers per rank)")
+    lines = [f"Model split over {group.size} ranks, {how}; {heads} attention heads, "
+             f"{llm.get('num_key_value_heads') or heads} KV heads, {llm['num_hidden_layers']} decoder layers in all."]
+    for rank, (first, end, h, kv, weights, active, vision) in enumerate(rows):
+        lines.append(f"  rank {rank}: layers {first}-{end - 1}, {h} heads, {kv} KV heads per layer, "
+                     f"{human_size(weights)} of weights{' (vision tower and projector too)' if vision else ''}, "
+                     f"{human_size(active)} active")
+    return lines

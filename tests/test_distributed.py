@@ -51,10 +51,11 @@ def cli(*args):
     return [shutil.which("mlx-internvl", path=str(BIN)) or "mlx-internvl", *args]
 
 
-def run(cmd, timeout=300, input=None):
+def run(cmd, timeout=300, input=None, env=None):
     """`subprocess.run` in a session of its own: on timeout every process of the launch is killed (mlx.launch's
     ranks would otherwise outlive it)."""
-    p = subprocess.Popen(cmd, env=ENV, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, env=dict(ENV, **(env or {})),
+                         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(input, timeout=timeout)
@@ -65,12 +66,12 @@ def run(cmd, timeout=300, input=None):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def one_process(model_dir, adapter=None):
+def one_process(model_dir, adapter=None, dtype="float32"):
     """Prompt logits and 16 greedy tokens (eos not honoured) from the unsharded model."""
-    model, processor = mlx_internvl.load(model_dir, dtype="float32", adapter_path=adapter)
+    model, processor = mlx_internvl.load(model_dir, dtype=dtype, adapter_path=adapter)
     inputs = processor(PROMPT, images=[IMAGE], max_tiles=1)
     ids, pv = inputs["input_ids"], inputs["pixel_values"]
-    logits = model(ids, pixel_values=pv)[0]
+    logits = model(ids, pixel_values=pv)[0].astype(mx.float32)
     embeds = model.get_input_embeddings(ids, pixel_values=pv)[0]
     tokens = [t for t, _ in generate_step(ids[0], model, max_tokens=16, sampler=lambda lp: mx.argmax(lp, axis=-1),
                                           input_embeddings=embeds)]
@@ -159,6 +160,57 @@ def test_two_ranks_match_one_process(cases, tmp_path):
         assert split >= 4, name
 
 
+def test_quantized_projector_two_ranks_match_one_process(build_case, tmp_path):
+    """A 4-bit model whose projector and vision tower are quantized too (`convert --quantize-vision`, as every
+    mlx-vlm 4-bit InternVL repo is): the followers' placeholder image features must take rank 0's float dtype, not
+    the packed projector weight's uint32 (fp32: wrong sums; bf16: an all-reduce of mismatched sizes that hangs)."""
+    from mlx_internvl.convert.convert import convert
+
+    hf = build_case(Case("dist_qwen2", text="qwen2", extra_text={"intermediate_size": 128})).hf_dir
+    q4 = convert(hf, tmp_path / "q4v", quantize_model=True, q_bits=4, q_group_size=32, quantize_vision=True)
+    quantized = json.loads((q4 / "config.json").read_text())
+    assert quantized["quantization"] and any(k.startswith("mlp1.") for k in _safetensor_keys(q4) if "scales" in k)
+    cases = [dict(model=str(q4), dtype=dt, out=str(tmp_path / dt)) for dt in ("float32", "bfloat16")]
+    # mlx.launch exits 0 even when a rank fails: the ranks' `Error:` lines and the files they wrote tell.
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompt": PROMPT, "image": str(IMAGE), "cases": cases}))
+    r = run([*launcher(), sys.executable, str(HERE / "dist_worker.py"), str(spec)], timeout=150)
+    assert r.returncode == 0 and "Error" not in r.stderr, (r.stdout[-2000:], r.stderr[-3000:])
+    two = {c["dtype"]: np.load(c["out"] + ".logits.npy") for c in cases}
+    ranks = {c["dtype"]: [json.loads(Path(f"{c['out']}.tokens.{k}.json").read_text()) for k in (0, 1)] for c in cases}
+    one = {dt: one_process(str(q4), dtype=dt)[:2] for dt in two}
+    diff = float(np.abs(two["float32"] - one["float32"][0]).max())
+    assert diff < 1e-4, diff
+    assert ranks["float32"][0] == ranks["float32"][1] == one["float32"][1]
+    # bfloat16: each rank's partial sums are rounded to bf16 before the all-reduce, so the two-rank logits cannot
+    # match one process to 1e-4; they must be as close to the fp32 result as one process's bf16 logits are.
+    bf16_error = float(np.abs(one["bfloat16"][0] - one["float32"][0]).max())
+    two_error = float(np.abs(two["bfloat16"] - one["float32"][0]).max())
+    assert two_error <= 1.5 * bf16_error, (two_error, bf16_error)
+    assert ranks["bfloat16"][0] == ranks["bfloat16"][1]
+    # Greedy tokens: each two-rank token is one process's bf16 choice given the same prefix, or a near-tie: behind
+    # that choice by less than the split moves bf16 logits (measured on the prompt: 0.86 here; the one flip seen
+    # trails by 0.125).
+    margins = _teacher_forced_margins(str(q4), "bfloat16", ranks["bfloat16"][0])
+    perturbation = float(np.abs(two["bfloat16"] - one["bfloat16"][0]).max())
+    assert margins[0] == 0 and max(margins) <= perturbation, (margins, perturbation)
+
+
+def _teacher_forced_margins(model_dir, dtype, tokens):
+    """For each of `tokens` (a continuation of the image prompt): how far below the one-process model's best logit
+    at that step its logit is (0 where it is the model's own greedy choice)."""
+    model, processor = mlx_internvl.load(model_dir, dtype=dtype)
+    inputs = processor(PROMPT, images=[IMAGE], max_tiles=1)
+    ids = mx.concatenate([inputs["input_ids"], mx.array([tokens[:-1]], dtype=inputs["input_ids"].dtype)], axis=1)
+    logits = np.array(model(ids, pixel_values=inputs["pixel_values"])[0].astype(mx.float32))
+    steps = logits[inputs["input_ids"].shape[1] - 1:]
+    return [float(row.max() - row[t]) for row, t in zip(steps, tokens)]
+
+
+def _safetensor_keys(folder: Path):
+    return [k for f in folder.glob("*.safetensors") for k in mx.load(str(f))]
+
+
 def test_generate_cli_prints_once_and_matches_one_process(cases):
     model = cases["llama"]["model"]
     args = cli("generate", "--model", model, "--image", str(IMAGE), "--prompt", PROMPT, "--max-tokens", "12",
@@ -169,6 +221,41 @@ def test_generate_cli_prints_once_and_matches_one_process(cases):
     assert one.stdout.strip(), one.stderr[-2000:]
     # The reply once (rank 0 alone prints), the same as one process's.
     assert two.stdout == one.stdout, (two.stdout, one.stdout, two.stderr[-2000:])
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_verbose_says_how_the_model_is_split(cases, mode):
+    """`--verbose` under mlx.launch: the mode, and per rank the layers, heads, KV heads and bytes of weights held,
+    checked against the whole model's own parameter sizes (one process)."""
+    import re
+
+    model = cases["qwen2"]["model"]
+    args = cli("generate", "--model", model, "--prompt", PROMPT, "--max-tokens", "2", "--dtype", "float32",
+               "--verbose")
+    env = {sharding.PARALLEL_ENV: mode}
+    r = run([*launcher(), *args], env=env)
+    assert r.returncode == 0 and "Error" not in r.stderr, r.stderr[-3000:]
+    word = "tensor parallel" if mode == "tensor" else "pipeline"
+    assert re.search(rf"Model split over 2 ranks, {word} .*4 attention heads, 2 KV heads, 2 decoder layers", r.stderr)
+    rows = re.findall(r"rank (\d): layers (\d)-(\d), (\d+) heads, (\d+) KV heads per layer, ([\d.]+) KB of weights"
+                      r"( \(vision tower and projector too\))?", r.stderr)
+    assert [row[0] for row in rows] == ["0", "1"], r.stderr[-3000:]
+    _, _, whole = one_process(model)
+    sizes = {k: 4 * int(np.prod(v)) for k, v in whole.items()}  # float32
+    lm = {k: b for k, b in sizes.items() if k.startswith("language_model.")}
+    layers = {k: b for k, b in lm.items() if ".layers." in k}
+    for rank, first, last, heads, kv, kb, vision in rows:
+        if mode == "tensor":
+            assert (first, last, heads, kv) == ("0", "1", "2", "1"), rows
+            cut = re.compile(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$|(o_proj|down_proj)\.weight$")
+            held = sum(b // 2 if cut.search(k) else b for k, b in lm.items())
+        else:  # rank 1 runs the first layer, rank 0 the second; the rest of the language model is whole on both
+            assert (first, last, heads, kv) == (("1", "1") if rank == "0" else ("0", "0")) + ("4", "2"), rows
+            held = sum(lm.values()) - sum(b for k, b in layers.items() if f".layers.{first}." not in k)
+        if rank == "0":
+            held += sum(b for k, b in sizes.items() if k.startswith(("vision_model.", "mlp1.")))
+        assert bool(vision) == (rank == "0")
+        assert abs(float(kb) * 1000 - held) <= 50, (rank, kb, held)
 
 
 def test_chat_cli_two_turns_with_image(cases):
@@ -260,3 +347,25 @@ def test_unshardable_models_are_clear_errors():
     with pytest.raises(UserError, match="2 decoder layers cannot make 4 pipeline stages"):
         sharding.check_shardable(_config(kv=2), 4, mode="pipeline")
     sharding.check_shardable(_config(inter=128, quant={"group_size": 32, "bits": 4}), 2)
+
+
+def test_group_size_refusal_says_what_would_work():
+    # Per rank, o_proj takes 64 / 2 = 32 columns: 64-wide groups do not fit, 32-wide ones do.
+    with pytest.raises(UserError, match=r"group_size 64 does not divide the per-rank o_proj input .* = 32 \(2 ranks\); "
+                                        r"convert the original checkpoint with --q-group-size 32,"):
+        sharding.check_shardable(_config(inter=128, quant={"group_size": 64, "bits": 4}), 2)
+    # A per-rank MLP width of 80 holds no whole number of 32-, 64- or 128-wide groups, and no other rank count
+    # splits this model: the message says so instead of naming the group size it already has.
+    with pytest.raises(UserError) as e:
+        sharding.check_shardable(_config(kv=4, inter=160, quant={"group_size": 32, "bits": 4}), 2)
+    text = str(e.value)
+    assert "down_proj input (intermediate_size) = 80 (2 ranks)" in text, text
+    assert "no quantization group size (32, 64, 128) divides it at 2 ranks" in text, text
+    assert "no rank count from 2 to 16 works" in text and "--q-group-size" not in text, text
+    # Where another rank count works, it is named: 320 / 2 = 160 is not whole 64-groups, 320 / 5 = 64 is.
+    big = ModelConfig(vision_config=VisionConfig(), quantization={"group_size": 64, "bits": 4}, llm_config=dict(
+        model_type="qwen2", hidden_size=640, num_attention_heads=10, num_key_value_heads=10, intermediate_size=320,
+        num_hidden_layers=2, vocab_size=300))
+    with pytest.raises(UserError, match=r"per-rank down_proj input \(intermediate_size\) = 160 .*--q-group-size 32, "
+                                        r"or launch 5 ranks instead"):
+        sharding.check_shardable(big, 2)

@@ -6,10 +6,12 @@ from its batch at the same step and the prompt and image-feature caches stay ali
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List
 
 import numpy as np
 
+from ..sampling import SamplingOptions
 from .render import ImageSpec, Prompt
 
 
@@ -23,7 +25,9 @@ def _load_tiles(job) -> None:
 def _payload(job) -> tuple:
     p = job.prompt
     images = [(spec.key, spec.num_tiles, spec.tiles) for spec in p.images]
-    return (job.id, p.ids, p.keyed, images, p.max_tokens, job.sampling, job.stop, job.top_logprobs)
+    # Plain values only (the group sends JSON and raw buffers, no pickle): the sampling options as a dict.
+    return (job.id, p.ids, p.keyed, images, p.max_tokens, dataclasses.asdict(job.sampling), job.stop,
+            job.top_logprobs)
 
 
 def _unavailable():
@@ -47,6 +51,6 @@ def exchange(group, stop: bool, new: list, dropped: List[int], fail: Callable, j
     jobs = []
     for (job_id, ids, keyed, images, max_tokens, sampling, stops, top) in payloads:
         specs = [ImageSpec(key, n, np.asarray(tiles), _unavailable) for key, n, tiles in images]
-        jobs.append(job_type(prompt=Prompt(ids, keyed, specs, max_tokens), sampling=sampling,
+        jobs.append(job_type(prompt=Prompt(ids, keyed, specs, max_tokens), sampling=SamplingOptions(**sampling),
                              emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id))
     return stop, jobs, dropped

@@ -189,3 +189,20 @@ class ThinkingBudget:
             return logits
         mask = mx.arange(logits.shape[-1]) == self.pending[0]
         return mx.where(mask, mx.zeros_like(logits), mx.full(logits.shape, -mx.inf, dtype=logits.dtype))
+
+
+def thinking_options(thinking: Optional[bool], sampling, options: dict) -> dict:
+    """`options` (keyword sampling fields) with the card's temperature added when thinking is on and neither
+    `sampling` nor `options` chose one."""
+    if thinking and sampling is None and "temperature" not in options:
+        return dict(options, temperature=THINKING_TEMPERATURE)
+    return options
+
+
+def budget_processors(budget: Optional[int], tokenizer, draft=None) -> list:
+    """The logits processors a thinking budget adds for one sequence (none without a budget)."""
+    if check_budget(budget) is None:
+        return []
+    if draft is not None:
+        raise UserError("thinking_budget cannot be combined with speculative decoding (a draft model); drop one")
+    return [ThinkingBudget.for_tokenizer(budget, tokenizer)]

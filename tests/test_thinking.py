@@ -105,3 +105,75 @@ def test_reasoning_parser_streams_token_by_token(qwen3, in_think):
     assert ("".join(p[0] for p in chars), "".join(p[1] for p in chars)) == (reasoning, answer)
     assert split_reasoning(reply, in_think) == (reasoning, answer)
     assert split_reasoning("no tags here") == ("", "no tags here")
+
+
+# --- the budget, in the generation loop ---------------------------------------------------------------------------
+
+CASE = Case("think_qwen3", text="qwen3", think_tokens=True, seed=5,
+            extra_text={"max_position_embeddings": 2048})  # room for the thinking system prompt
+
+
+@pytest.fixture(scope="module")
+def tiny(build_case):
+    from transformers import AutoTokenizer
+
+    built = build_case(CASE)
+    model, processor = mlx_internvl.load(built.original_dir, dtype="float32")
+    hf = AutoTokenizer.from_pretrained(str(built.hf_dir))
+    ids = {t: hf.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_end|>", "a", "b", "c")}
+    ids["nl"] = hf.encode("\n\n", add_special_tokens=False)
+    return model, processor, hf, ids
+
+
+def scripted(*scripts):
+    """A greedy sampler that prefers, at step k, row r's `scripts[r][k]` by a large margin, within what the logits
+    processors left possible (a token they set to -inf stays impossible): random weights, a known reply."""
+    step = [0]
+
+    def sampler(logprobs):
+        k = step[0]
+        step[0] += 1
+        rows = [s[min(k, len(s) - 1)] for s in scripts][: logprobs.shape[0]]
+        bonus = mx.array([[1e4 if v == t else 0.0 for v in range(logprobs.shape[-1])] for t in rows])
+        return mx.argmax(logprobs + bonus, axis=-1)
+
+    return lambda self, special_tokens=(): (sampler, [])
+
+
+def test_budget_forces_the_end_of_thinking_and_the_answer_follows(tiny, monkeypatch):
+    model, processor, hf, t = tiny
+    think, end, a, b, c, n = t["<think>"], t["</think>"], t["a"], t["b"], t["c"], len(t["nl"])
+    script = [think] + [a] * 8 + [b, c, t["<|im_end|>"]]
+    out = {}
+    for budget in (3, 0, None):
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        out[budget] = generate(model, processor, "Q", max_tokens=20, thinking=True, thinking_budget=budget)
+    # Three reasoning tokens, then </think> and the template's blank line forced, then the reply goes on.
+    assert out[3] == hf.decode([think, a, a, a, end] + t["nl"] + [a] * (8 - 3 - 1 - n) + [b, c])
+    assert split_reasoning(out[3]) == ("aaa", "a" * (8 - 3 - 1 - n) + "bc")
+    assert split_reasoning(out[0]) == ("", "a" * (8 - 1 - n) + "bc")
+    assert split_reasoning(out[None]) == ("a" * 8 + "bc", "")  # no budget: the block never closes
+
+
+def test_budget_counts_per_row_in_a_batch_and_in_chat(tiny, monkeypatch):
+    model, processor, hf, t = tiny
+    think, a, b, stop = t["<think>"], t["a"], t["b"], t["<|im_end|>"]
+    rows = [[think] + [a] * 5 + [b, stop], [b, think] + [a] * 5 + [b, stop]]  # row 1 opens the block a step later
+    monkeypatch.setattr(SamplingOptions, "make", scripted(*rows))
+    res = batch_generate(model, processor, ["Q1", "Q2"], max_tokens=len(rows[1]), thinking_budget=2)
+    n = len(t["nl"])
+    assert res.token_ids[0] == [think, a, a, t["</think>"]] + t["nl"] + [a] * (5 - 2 - 1 - n) + [b]
+    assert res.token_ids[1] == [b, think, a, a, t["</think>"]] + t["nl"] + [a] * (5 - 2 - 1 - n) + [b]
+    monkeypatch.setattr(SamplingOptions, "make", scripted([think] + [a] * 5 + [b, stop]))
+    session = ChatSession(model, processor, thinking=True, thinking_budget=2, max_tokens=10)
+    reply = session.ask("Q")
+    assert split_reasoning(reply) == ("aa", "a" * (5 - 2 - 1 - n) + "b")
+    assert session.history == [("Q", reply)] and reply.startswith("<think>")  # kept whole, as upstream
+
+
+def test_budget_errors_are_clear(tiny, qwen3):
+    model, processor, _, _ = tiny
+    with pytest.raises(UserError, match="thinking_budget must be an integer >= 0"):
+        generate(model, processor, "Q", thinking_budget=-1)
+    tok, _ = qwen3
+    assert ThinkingBudget.for_tokenizer(4, tok).forced[0] == tok.convert_tokens_to_ids("</think>")

@@ -161,7 +161,7 @@ class ThinkingBudget:
         self._seen = False
 
     @classmethod
-    def for_tokenizer(cls, budget: int, tokenizer) -> "ThinkingBudget":
+    def for_tokenizer(cls, budget: int, tokenizer) -> ThinkingBudget:
         return cls(check_budget(budget), *think_token_ids(tokenizer))
 
     def _observe(self, token: int) -> None:

@@ -11,6 +11,7 @@ from mlx_internvl import distributed
 from mlx_internvl.errors import UserError
 
 from .generate_cmd import DEFAULT_MODEL, setup_logging
+from .options import thinking_options
 
 try:
     from mlx_internvl.server import serve
@@ -73,6 +74,7 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Requests decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(0), default=32, show_default=True,
               help="Requests that may wait for a slot; beyond that the server answers 503 at once.")
+@thinking_options
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

@@ -177,3 +177,33 @@ def test_budget_errors_are_clear(tiny, qwen3):
         generate(model, processor, "Q", thinking_budget=-1)
     tok, _ = qwen3
     assert ThinkingBudget.for_tokenizer(4, tok).forced[0] == tok.convert_tokens_to_ids("</think>")
+
+
+# --- the server, through the real `openai` client -----------------------------------------------------------------
+
+def test_server_reasoning_content_and_budget(tiny, build_case, monkeypatch):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from server_util import serving
+
+    _, _, hf, t = tiny
+    think, a, b, c, stop = t["<think>"], t["a"], t["b"], t["c"], t["<|im_end|>"]
+    script = [think] + [a] * 6 + [b, c, stop]
+    with serving(build_case(CASE).original_dir) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "Q"}], max_tokens=20)
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        r = client.chat.completions.create(**ask, reasoning_effort="high", extra_body={"thinking_token_budget": 2})
+        msg = r.choices[0].message
+        n = len(t["nl"])
+        assert (msg.reasoning_content, msg.content) == ("aa", "a" * (6 - 2 - 1 - n) + "bc")
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={
+            "chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 2}))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "aa"
+        assert "".join(d.content or "" for d in deltas) == msg.content
+        assert all("<think>" not in (d.content or "") for d in deltas)
+        with pytest.raises(openai.BadRequestError, match="contradicts"):
+            client.chat.completions.create(**ask, reasoning_effort="none",
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": True}})

@@ -207,3 +207,31 @@ def test_server_reasoning_content_and_budget(tiny, build_case, monkeypatch):
         with pytest.raises(openai.BadRequestError, match="contradicts"):
             client.chat.completions.create(**ask, reasoning_effort="none",
                                            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+
+
+def test_chat_page_folds_the_reasoning(tiny, build_case, monkeypatch, tmp_path):
+    pytest.importorskip("fastapi")
+    page = pytest.importorskip("test_server_page")
+    if page.CHROMIUM is None:
+        pytest.skip("no chromium on this machine")
+    from server_util import serving
+
+    _, processor, _, t = tiny
+    monkeypatch.setattr(SamplingOptions, "make", scripted(
+        [t["<think>"], t["a"], t["a"], t["</think>"], t["b"], t["c"], t["<|im_end|>"]]))
+    with serving(build_case(CASE).original_dir) as (url, app):
+        b = page.Browser(tmp_path)
+        try:
+            b.call("Page.enable")
+            b.call("Page.navigate", url=url + "/")
+            b.wait("document.getElementById('model').textContent === 'tiny'")
+            b.js("document.getElementById('thinking').value = 'on'; 1")
+            page.ask(b, "Q", 1)
+            msg = f"{page.ASSISTANT}[0]"
+            assert b.js(f"{msg}.querySelector('details.reasoning .text').textContent") == "aa"
+            assert b.js(f"{msg}.querySelector('details.reasoning').open") is False  # folded
+            assert b.js(f"{msg}.querySelector('.body').textContent") == "bc"
+            # The page's switch reached the prompt: the card's thinking system prompt was rendered.
+            assert app.state.engine.stats["prompt_tokens"] == len(processor.render("Q", thinking=True).ids)
+        finally:
+            b.close()

@@ -175,8 +175,23 @@ def test_budget_errors_are_clear(tiny, qwen3):
     model, processor, _, _ = tiny
     with pytest.raises(UserError, match="thinking_budget must be an integer >= 0"):
         generate(model, processor, "Q", thinking_budget=-1)
-    tok, _ = qwen3
-    assert ThinkingBudget.for_tokenizer(4, tok).forced[0] == tok.convert_tokens_to_ids("</think>")
+    tok, proc = qwen3
+    assert ThinkingBudget.for_tokenizer(4, tok).forced == tok.encode("</think>\n\n")  # the template's close
+    assert ThinkingBudget.for_tokenizer(4, proc.tokenizer).forced == tok.encode("</think>\n\n")
+    qwen25 = load_tokenizer(ASSETS / "tokenizers" / "qwen2_5")  # Qwen2.5 (InternVL3): no <think> token
+    with pytest.raises(UserError, match="one token each for <think> and </think>"):
+        ThinkingBudget.for_tokenizer(4, qwen25)
+
+
+def test_budget_when_the_prompt_opened_the_block():
+    """The first call sees the whole context: a prompt ending inside <think> counts from there."""
+    budget = ThinkingBudget(2, start_id=5, end_id=6, forced=[6, 7])
+    logits = mx.zeros((1, 10))
+    free = []
+    for ctx in ([1, 5], [1, 5, 9], [1, 5, 9, 9], [1, 5, 9, 9, 6], [1, 5, 9, 9, 6, 7]):
+        out = budget(mx.array(ctx), logits)
+        free.append(int(mx.argmax(out, axis=-1).item()) if mx.isinf(out).any().item() else None)
+    assert free == [None, None, 6, 7, None]  # two thinking tokens, then </think> and the blank line forced
 
 
 # --- the server, through the real `openai` client -----------------------------------------------------------------

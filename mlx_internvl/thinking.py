@@ -135,14 +135,19 @@ def split_reasoning(text: str, in_think: bool = False) -> Tuple[str, str]:
 
 def think_token_ids(tokenizer) -> Tuple[int, int, List[int]]:
     """(`<think>` id, `</think>` id, ids forced when the budget runs out: `</think>` and the blank line after it);
-    a clear error when the tokenizer has no single token for the tags."""
-    ids = []
-    for tag in (THINK_START, THINK_END):
-        enc = tokenizer.encode(tag, add_special_tokens=False)
-        if len(enc) != 1:
-            raise UserError(f"thinking_budget needs a tokenizer with one token for {tag} (Qwen3-based InternVL3.5 "
-                            f"has it); this one splits it into {len(enc)} tokens")
-        ids.append(enc[0])
+    a clear error when the tokenizer has no single token for the tags. mlx-lm's `TokenizerWrapper` already knows
+    its think tokens; a plain Hugging Face tokenizer is asked by encoding the tags."""
+    problem = f"thinking_budget needs a tokenizer with one token each for {THINK_START} and {THINK_END} " \
+              "(the Qwen3 tokenizer of InternVL3.5 has them); this one has not"
+    if hasattr(tokenizer, "has_thinking"):
+        if not tokenizer.has_thinking or tokenizer.think_start != THINK_START:
+            raise UserError(problem)
+        ids = [tokenizer.think_start_id, tokenizer.think_end_id]
+    else:
+        encoded = [tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK_START, THINK_END)]
+        if any(len(e) != 1 for e in encoded):
+            raise UserError(problem)
+        ids = [e[0] for e in encoded]
     forced = ids[1:] + list(tokenizer.encode(AFTER_THINK, add_special_tokens=False))
     return ids[0], ids[1], forced
 

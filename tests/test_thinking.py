@@ -250,3 +250,25 @@ def test_chat_page_folds_the_reasoning(tiny, build_case, monkeypatch, tmp_path):
             assert app.state.engine.stats["prompt_tokens"] == len(processor.render("Q", thinking=True).ids)
         finally:
             b.close()
+
+
+def test_cli_switches(tiny, build_case):
+    import subprocess
+    import sys
+
+    model, processor, _, _ = tiny
+    path = build_case(CASE).original_dir
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "mlx_internvl.cli.main", "generate", "--model", str(path),
+                               "-p", "Q", "-m", "6", "--verbose", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    off = run("--no-thinking")
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n\n==========" in off.stderr  # the prompt, then the rule
+    assert off.stdout.strip() == generate(model, processor, "Q", max_tokens=6, thinking=False)
+    on = run("--thinking", "--seed", "3")  # the card's temperature 0.6 unless --temperature is given
+    assert "rigorously follows this response protocol" in on.stderr
+    assert on.stdout.strip() == generate(model, processor, "Q", max_tokens=6, thinking=True, seed=3)
+    assert on.stdout.strip() != generate(model, processor, "Q", max_tokens=6, thinking=True, seed=3, temperature=0.0)

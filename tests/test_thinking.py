@@ -201,10 +201,10 @@ def test_server_reasoning_content_and_budget(tiny, build_case, monkeypatch):
     pytest.importorskip("fastapi")
     from server_util import serving
 
-    _, _, hf, t = tiny
+    _, processor, hf, t = tiny
     think, a, b, c, stop = t["<think>"], t["a"], t["b"], t["c"], t["<|im_end|>"]
     script = [think] + [a] * 6 + [b, c, stop]
-    with serving(build_case(CASE).original_dir) as (url, app):
+    with serving(build_case(CASE).original_dir, thinking=False) as (url, app):  # the server's default: off
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         ask = dict(model="tiny", messages=[{"role": "user", "content": "Q"}], max_tokens=20)
         monkeypatch.setattr(SamplingOptions, "make", scripted(script))
@@ -212,6 +212,11 @@ def test_server_reasoning_content_and_budget(tiny, build_case, monkeypatch):
         msg = r.choices[0].message
         n = len(t["nl"])
         assert (msg.reasoning_content, msg.content) == ("aa", "a" * (6 - 2 - 1 - n) + "bc")
+        assert r.usage.prompt_tokens == len(processor.render("Q", thinking=True).ids)  # the card's prompt
+        monkeypatch.setattr(SamplingOptions, "make", scripted([b, stop]))
+        plain = client.chat.completions.create(**ask)  # says nothing: the server's default (off)
+        assert plain.usage.prompt_tokens == len(processor.render("Q", thinking=False).ids)
+        assert getattr(plain.choices[0].message, "reasoning_content", None) is None
         monkeypatch.setattr(SamplingOptions, "make", scripted(script))
         chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={
             "chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 2}))

@@ -331,7 +331,7 @@ class Processor:
         """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...],
         'prompt': str, 'image_spans': [(start, end), ...]}`. `video` is a file path (decoded with PyAV,
         `num_frames` frames sampled as upstream) or a
-        list of PIL frames; its frames follow the images."""
+        list of PIL frames; its frames follow the images. `thinking`: InternVL3.5's thinking switch (`thinking.py`)."""
         validate.conversation(text, history, system_message)
         num_frames = validate.num_frames(num_frames)
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)

@@ -5,7 +5,8 @@ prompt a model is trained on is token for token the prompt it is later asked wit
 
 - A conversation is an optional system message and `(role, text)` messages (`USER` / `ASSISTANT`); user texts hold
   one `<image>` placeholder per image (where upstream puts them: `processing.add_image_placeholders`). A last
-  `(ASSISTANT, None)` asks for the generation prompt, the bare assistant role.
+  `(ASSISTANT, None)` asks for the generation prompt, the bare assistant role (with thinking off, followed by the
+  empty think block; with thinking on, the system message is the model card's thinking prompt: `thinking.py`).
 - The text is the checkpoint template's (`Template.render_spans`); each `<image>`, first to last, becomes
   `<img>` + `<IMG_CONTEXT>` * (tiles x tokens per tile) + `</img>`; the whole text is tokenized in one piece with
   the tokenizer's own BOS rule.

@@ -19,6 +19,7 @@ from PIL import Image
 from mlx_internvl import distributed
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
+from mlx_internvl.thinking import THINKING_TEMPERATURE
 from mlx_internvl.video import load_video_frames
 
 from .generate_cmd import (
@@ -31,7 +32,7 @@ from .generate_cmd import (
     setup_logging,
     stats_text,
 )
-from .options import Command, GreedyOption
+from .options import Command, GreedyOption, thinking_options
 from .repl import LineReader
 
 HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video PATH, /clear (new conversation), "
@@ -41,20 +42,23 @@ HELP = ("Commands: /image PATH [PATH...] (attach to the next question), /video P
 @click.command(name="chat", cls=Command)
 @model_options
 @sampling_options
+@thinking_options
 @click.option("--image", "-i", "images", cls=GreedyOption,
               help="Image(s) to attach to the first question: --image a.jpg b.jpg, or --image repeated.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, stop_on_eos, verbose, images, **options):
+            exif_transpose, stop_on_eos, verbose, thinking, thinking_budget, images, **options):
     """Chat with a model about images, turn by turn (line editing and history on a terminal)."""
     setup_logging(verbose)
+    if thinking and options.get("temperature") is None:
+        options["temperature"] = THINKING_TEMPERATURE
     sampling, kv = option_values(options)
     group = distributed.start()  # None unless launched as a group; then rank 0 reads stdin and shares each line
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
                           **load_extras(model, processor, dtype, options, group),
-                          stop_on_eos=stop_on_eos)
+                          stop_on_eos=stop_on_eos, thinking=thinking, thinking_budget=thinking_budget)
     media = {"images": list(images), "video": None}  # attached to the next question
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
     reader = LineReader()

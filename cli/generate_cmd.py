@@ -22,9 +22,18 @@ from mlx_internvl.loading import load
 from mlx_internvl.prompt_cache import PromptCacheFile
 from mlx_internvl.sampling import KVOptions, SamplingOptions
 from mlx_internvl.speculative import load_draft
+from mlx_internvl.thinking import THINKING_TEMPERATURE
 from mlx_internvl.validate import integer
 
-from .options import Command, GreedyOption, adapter_option, int_range, max_tokens_option, parse_logit_bias
+from .options import (
+    Command,
+    GreedyOption,
+    adapter_option,
+    int_range,
+    max_tokens_option,
+    parse_logit_bias,
+    thinking_options,
+)
 
 _IMAGE_BLOCK = re.compile(r"<img>(?:<IMG_CONTEXT>)+</img>")
 
@@ -188,6 +197,7 @@ def default_prompt(prompt, images, video) -> str:
 @click.command(name="generate", cls=Command)
 @model_options
 @sampling_options
+@thinking_options
 @click.option("--image", "-i", "images", cls=GreedyOption,
               help="Image path(s) or URL(s): --image a.jpg b.jpg, or --image repeated.")
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
@@ -195,9 +205,11 @@ def default_prompt(prompt, images, video) -> str:
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, stop_on_eos, verbose, images, video, prompt, **options):
+            exif_transpose, stop_on_eos, verbose, thinking, thinking_budget, images, video, prompt, **options):
     """Answer one prompt about images or a video, streaming the reply."""
     setup_logging(verbose)
+    if thinking and options.get("temperature") is None:
+        options["temperature"] = THINKING_TEMPERATURE
     sampling, kv = option_values(options)
     integer("max_tokens", max_tokens, minimum=1)
     group = distributed.start()  # None unless launched as a group (mlx.launch); then rank 0 reads and prints
@@ -205,7 +217,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     prompt = run(lambda: default_prompt(prompt, images, video))
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     inputs = run(lambda: processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message,
-                                   video=video, num_frames=num_frames, exif_transpose=exif_transpose))
+                                   video=video, num_frames=num_frames, exif_transpose=exif_transpose,
+                                   thinking=thinking))
     extras = load_extras(model, processor, dtype, options, group)
     if verbose:
         click.echo(f"Template: {processor.template.name}", err=True)
@@ -214,7 +227,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
-                                kv=kv, stop_on_eos=stop_on_eos, **extras):
+                                kv=kv, stop_on_eos=stop_on_eos, thinking_budget=thinking_budget, **extras):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()

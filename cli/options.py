@@ -101,3 +101,13 @@ def parse_logit_bias(ctx, param, value) -> Optional[dict]:
         raise click.BadParameter(f"{value!r}: give token ids and additive biases as JSON ('{{\"42\": -100}}') "
                                  "or as 42:-100,7:2.5") from None
     return bias
+
+
+def thinking_options(f):
+    """`--thinking/--no-thinking` and `--thinking-budget` (generate, chat, serve): see `mlx_internvl.thinking`."""
+    f = click.option("--thinking-budget", type=click.IntRange(0), default=None,
+                     help="At most this many reasoning tokens, then </think> is forced and the answer follows.")(f)
+    return click.option("--thinking/--no-thinking", default=None,
+                        help="InternVL3.5 thinking mode: on uses the model card's thinking system prompt and "
+                             "temperature 0.6 (unless --temperature is given); off starts the reply with an empty "
+                             "think block. Default: neither (the checkpoint's own prompt).")(f)

@@ -12,7 +12,7 @@ from mlx_internvl.errors import UserError
 from mlx_internvl.sampling import COUNT_MAX
 
 from .generate_cmd import DEFAULT_MODEL, setup_logging
-from .options import int_range
+from .options import int_range, thinking_options
 
 try:
     from mlx_internvl.server import serve
@@ -90,6 +90,7 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Seconds a request may take to send its body (408 beyond); it holds a slot meanwhile.")
 @click.option("--max-connections", type=click.IntRange(1, 1 << 20), default=None,
               help="Open connections at most; more are closed as they arrive (default: the open-file limit less 256).")
+@thinking_options
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

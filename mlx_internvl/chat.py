@@ -33,6 +33,7 @@ from .processing import (
 from .prompt_cache import as_prompt_cache, image_hashes
 from .sampling import KVOptions, SamplingOptions, split_options
 from .templates import chat_messages
+from .thinking import budget_processors, check_budget, thinking_options
 
 
 class ChatSession:
@@ -41,11 +42,15 @@ class ChatSession:
     def __init__(self, model, processor, system_message: Optional[str] = None, max_tiles=None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                  kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False, draft=None,
-                 prompt_cache_file=None, stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), **options):
+                 prompt_cache_file=None, stop_on_eos: bool = False, extra_stop_tokens: Sequence = (),
+                 thinking: Optional[bool] = None, thinking_budget: Optional[int] = None, **options):
         """`sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`, `kv_bits=8`) apply to every
         turn; a seed seeds once, here. `draft`: a `speculative.Draft`; `prompt_cache_file`: a path or a loaded
         `prompt_cache.PromptCacheFile`. Replies end at the template's end token (`stop_on_eos` adds the tokenizer's
-        eos, `extra_stop_tokens` more)."""
+        eos, `extra_stop_tokens` more). `thinking` (see `thinking.py`): True, the card's thinking system prompt (in
+        place of the default) and temperature; False, each reply starts after an empty think block; None, neither.
+        `thinking_budget`: at most that many reasoning tokens per reply, then `</think>` is forced. The history
+        keeps each whole reply, think block included, as upstream `chat(history=...)` does."""
         self.model, self.processor = model, processor
         max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
         max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
@@ -60,7 +65,9 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.num_frames = num_frames
         self.exif_transpose = exif_transpose
-        self.sampling, self.kv = split_options(sampling, kv, options)
+        self.thinking, self.thinking_budget = thinking, check_budget(thinking_budget)
+        budget_processors(self.thinking_budget, processor.tokenizer, draft)  # refuse a bad combination now
+        self.sampling, self.kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
         self.kv.check(model)
         self.sampling.check(model)
         self.sampler, self.logits_processors = self.sampling.make(processor.tokenizer.eos_token_ids)
@@ -140,7 +147,8 @@ class ChatSession:
             validate.conversation(question)
             question = self._add_media(question, as_image_list(images), video)
             num_tiles = [t.shape[0] for t in self._tiles]
-            ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message).ids
+            ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message,
+                                       thinking=self.thinking).ids
             max_tokens = proc.clamp_max_tokens(len(ids), max_tokens or self.max_tokens)
 
             common = 0
@@ -164,7 +172,9 @@ class ChatSession:
             text = ""
             try:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
-                                       logits_processors=self.logits_processors, prompt_cache=self._cache,
+                                       logits_processors=self.logits_processors
+                                       + budget_processors(self.thinking_budget, proc.tokenizer),
+                                       prompt_cache=self._cache,
                                        kv=self.kv, num_tiles=num_tiles, on_token=generated.append,
                                        draft=self.draft, draft_features=draft_feats,
                                        extra_stop_tokens=self.stop_ids):

@@ -26,6 +26,7 @@ from .errors import UserError
 from .images import ImageInput
 from .prompt_cache import prepare_request
 from .sampling import KVOptions, SamplingOptions, split_options
+from .thinking import budget_processors, thinking_options
 from .validate import integer
 
 DEFAULT_MAX_TOKENS = 256
@@ -146,25 +147,29 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     sampling: Optional[SamplingOptions] = None, kv: Optional[KVOptions] = None, max_tiles=None,
                     system_message: Optional[str] = None, history=None, exif_transpose: bool = False,
                     inputs: Optional[dict] = None, draft=None, prompt_cache_file=None, stop_on_eos: bool = False,
-                    extra_stop_tokens: Sequence = (),
-                    **options) -> Iterator[GenerationResponse]:
+                    extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
+                    thinking_budget: Optional[int] = None, **options) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`) say how to sample and cache.
     `inputs` may be the processor's output for this request, computed beforehand. `draft` (a
     `speculative.Draft`) decodes speculatively; `prompt_cache_file` (a path or a loaded
     `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends. Generation stops on the
-    template's end token (`stop_on_eos` adds the tokenizer's eos, `extra_stop_tokens` more)."""
-    sampling, kv = split_options(sampling, kv, options)
+    template's end token (`stop_on_eos` adds the tokenizer's eos, `extra_stop_tokens` more). `thinking` and
+    `thinking_budget`: see `thinking.py` (on: the card's system prompt and temperature; off: an empty think block;
+    a budget forces `</think>` after that many reasoning tokens)."""
+    sampling, kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
+    budget = budget_processors(thinking_budget, processor.tokenizer, draft)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
-                           exif_transpose=exif_transpose)
+                           exif_transpose=exif_transpose, thinking=thinking)
     ids = inputs["input_ids"][0].tolist()
     max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
+    processors = processors + budget
     cache, draft_features = None, None
     if draft is None and prompt_cache_file is None:
         features = _features(model, inputs["pixel_values"])
@@ -201,11 +206,13 @@ def format_stats(r: GenerationResponse) -> str:
 def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Sequence] = None, *,
                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                    kv: Optional[KVOptions] = None, max_tiles=None, system_message: Optional[str] = None,
-                   stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), **options) -> BatchResult:
+                   stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
+                   thinking_budget: Optional[int] = None, **options) -> BatchResult:
     """Replies to several independent requests at once (upstream `batch_chat`): `images[i]` is the list of
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches; `kv` gives
-    the prefill chunk (the batch keeps plain caches)."""
-    sampling, kv = split_options(sampling, kv, options)
+    the prefill chunk (the batch keeps plain caches). `thinking`, `thinking_budget`: as `stream_generate` (the
+    budget counts per row)."""
+    sampling, kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     images = list(images) if images is not None else [None] * len(prompts)
@@ -216,7 +223,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     prompt_ids, caches, limits = [], [], []
     for text, ims in zip(prompts, images):
         ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
-        inputs = processor(text, images=ims, max_tiles=max_tiles, system_message=system_message)
+        inputs = processor(text, images=ims, max_tiles=max_tiles, system_message=system_message, thinking=thinking)
         ids = inputs["input_ids"][0].tolist()
         limits.append(processor.clamp_max_tokens(len(ids), max_tokens))
         cache = model.make_cache()
@@ -236,8 +243,9 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
                          prefill_batch_size=len(prompts), prefill_step_size=kv.prefill_step_size)
     tic = time.perf_counter()
     try:
+        per_row = [processors + budget_processors(thinking_budget, processor.tokenizer) for _ in prompt_ids]
         uids = gen.insert([[p[-1]] for p in prompt_ids], max_tokens=limits, caches=caches,
-                          all_tokens=[p[:-1] for p in prompt_ids])
+                          all_tokens=[p[:-1] for p in prompt_ids], logits_processors=per_row)
         tokens = {u: [] for u in uids}
         while responses := gen.next_generated():
             for r in responses:

@@ -286,6 +286,7 @@ class Processor:
         system_message: Optional[str] = None,
         num_frames: int = 0,
         frame_label: str = FRAME_LABEL,
+        thinking: Optional[bool] = None,
     ) -> Rendered:
         """The request rendered as upstream `chat()` builds it (placeholders for images and frames, the template,
         image tokens expanded). `num_tiles` lists tiles per `<image>` in prompt order; the last `num_frames`
@@ -300,7 +301,7 @@ class Processor:
                 question = image_lines(n_images) + question
         else:
             question = add_image_placeholders(question, n_images, first_turn=not history)
-        return self.renderer.render(chat_messages(question, history), num_tiles, system_message)
+        return self.renderer.render(chat_messages(question, history), num_tiles, system_message, thinking=thinking)
 
     def image_tiles(self, images: Sequence[ImageInput], max_tiles: MaxTiles = None,
                     exif_transpose: bool = False) -> List[np.ndarray]:
@@ -329,11 +330,12 @@ class Processor:
         num_frames: int = 8,
         frame_label: str = FRAME_LABEL,
         exif_transpose: bool = False,
+        thinking: Optional[bool] = None,
     ) -> dict:
         """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...],
         'prompt': str, 'image_spans': [(start, end), ...]}`. `video` is a file path (decoded with PyAV,
         `num_frames` frames sampled as upstream) or a
-        list of PIL frames; its frames follow the images."""
+        list of PIL frames; its frames follow the images. `thinking`: InternVL3.5's thinking switch (`thinking.py`)."""
         validate.conversation(text, history, system_message)
         num_frames = validate.num_frames(num_frames)
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
@@ -345,7 +347,7 @@ class Processor:
             tiles += frames
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
-        rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label)
+        rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label, thinking)
         self.check_length(len(rendered.ids), sum(num_tiles))
         pixel_values = mx.array(np.concatenate(tiles)) if tiles else None
         return {

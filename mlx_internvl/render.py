@@ -5,7 +5,8 @@ prompt a model is trained on is token for token the prompt it is later asked wit
 
 - A conversation is an optional system message and `(role, text)` messages (`USER` / `ASSISTANT`); user texts hold
   one `<image>` placeholder per image (where upstream puts them: `processing.add_image_placeholders`). A last
-  `(ASSISTANT, None)` asks for the generation prompt, the bare assistant role.
+  `(ASSISTANT, None)` asks for the generation prompt, the bare assistant role (with thinking off, followed by the
+  empty think block; with thinking on, the system message is the model card's thinking prompt: `thinking.py`).
 - The text is the checkpoint template's (`Template.render_spans`); each `<image>`, first to last, becomes
   `<img>` + `<IMG_CONTEXT>` * (tiles x tokens per tile) + `</img>`; the whole text is tokenized in one piece with
   the tokenizer's own BOS rule.
@@ -24,7 +25,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .templates import USER, Message, Template
+from .templates import ASSISTANT, USER, Message, Template
+from .thinking import generation_suffix, system_for
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 
@@ -62,22 +64,28 @@ class Renderer:
             text = text.replace("<image>", IMG_START + IMG_CONTEXT * (self.tokens_per_tile * next(tiles)) + IMG_END, 1)
         return text
 
-    def text(self, messages: Sequence[Message], num_tiles: Sequence[int] = (),
-             system: Optional[str] = None) -> Tuple[str, List[Tuple[int, int]]]:
+    def text(self, messages: Sequence[Message], num_tiles: Sequence[int] = (), system: Optional[str] = None,
+             thinking: Optional[bool] = None) -> Tuple[str, List[Tuple[int, int]]]:
         """(the prompt text with images expanded, the character span of each assistant answer + its stop token).
-        `num_tiles[k]` is the tile count of the k-th `<image>` in the user messages."""
+        `num_tiles[k]` is the tile count of the k-th `<image>` in the user messages. `thinking` (see `thinking.py`):
+        True puts the model card's thinking system prompt in place of the default, False starts the generated
+        turn with an empty think block, None does neither."""
         count = sum(text.count("<image>") for role, text in messages if role == USER and text)
         if count != len(num_tiles):
             raise UserError(f"the conversation has {count} <image> placeholder(s) but {len(num_tiles)} "
                             "image(s)/frame(s) were given; use one <image> per image, or none to have them added")
         tiles = iter(num_tiles)
         expanded = [(role, self._expand(text, tiles) if role == USER and text else text) for role, text in messages]
-        return self.template.render_spans(self.system_message if system is None else system, expanded)
+        system = system_for(thinking, system)
+        text, spans = self.template.render_spans(self.system_message if system is None else system, expanded)
+        if messages and messages[-1] == (ASSISTANT, None):
+            text += generation_suffix(thinking)
+        return text, spans
 
     def render(self, messages: Sequence[Message], num_tiles: Sequence[int] = (), system: Optional[str] = None,
-               loss_mask: bool = False) -> Rendered:
+               loss_mask: bool = False, thinking: Optional[bool] = None) -> Rendered:
         """Text, ids and image spans of the conversation; with `loss_mask`, also the mask of answer tokens."""
-        text, answers = self.text(messages, num_tiles, system)
+        text, answers = self.text(messages, num_tiles, system, thinking)
         ids = list(self.tokenizer.encode(text))
         spans = self.image_spans(ids)
         found, expected = sum(b - a for a, b in spans), sum(num_tiles) * self.tokens_per_tile

@@ -19,10 +19,12 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<
             "<ref>", "</ref>", "<box>", "</box>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<s>", "</s>"]
 
 
-def tiny_tokenizer(out: Path, bos: bool = False) -> int:
+def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False) -> int:
     """A byte-level BPE tokenizer with 256 byte tokens, a few merges and InternVL's special tokens.
 
-    With `bos=True` it prepends `<s>` like InternLM2/Phi-3/Llama tokenizers. Returns its length.
+    With `bos=True` it prepends `<s>` like InternLM2/Phi-3/Llama tokenizers; with `think=True` it has Qwen3's
+    `<think>`/`</think>`, added as Qwen3 adds them (one token each, not special: decoding keeps them). Returns its
+    length.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -37,6 +39,8 @@ def tiny_tokenizer(out: Path, bos: bool = False) -> int:
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    if think:
+        fast.add_tokens(["<think>", "</think>"])
     if bos:
         bos_id = fast.convert_tokens_to_ids("<s>")
         fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -68,6 +72,7 @@ class Case:
     template: str = "internvl2_5"
     seed: int = 0
     extra_text: dict = field(default_factory=dict)
+    think_tokens: bool = False  # the tokenizer has Qwen3's <think> and </think>
 
     @property
     def bos(self) -> bool:
@@ -187,7 +192,7 @@ def build(case: Case, root: Path) -> Built:
     from mlx_internvl.reference.layout import hf_config_to_original, hf_state_to_original
 
     tok_dir = root / "tokenizer"
-    vocab = tiny_tokenizer(tok_dir, bos=case.bos)
+    vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens)
     from transformers import AutoTokenizer
 
     image_token_id = AutoTokenizer.from_pretrained(str(tok_dir)).convert_tokens_to_ids("<IMG_CONTEXT>")

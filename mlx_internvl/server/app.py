@@ -38,6 +38,7 @@ from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
+from ..thinking import ReasoningParser, split_reasoning, temperature_for, think_token_ids
 from . import caches
 from .budget import Limits
 from .engine import Engine, Job
@@ -82,6 +83,8 @@ class ServerConfig:
     max_queue: int = 32
     max_tokens: int = 1024
     temperature: float = 0.0
+    thinking: Optional[bool] = None  # the default of requests that do not say (see thinking.py)
+    thinking_budget: Optional[int] = None  # the default thinking_token_budget
     prefill_step_size: int = 512
     shutdown_timeout_s: float = 3.0  # how long running replies may go on after SIGTERM / Ctrl-C
     header_timeout_s: float = 10.0  # a connection's request line and headers, from its opening or its last reply
@@ -150,10 +153,11 @@ class _Server:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
                            "invalid_api_key")
 
-    def sampling(self, req) -> SamplingOptions:
+    def sampling(self, req, thinking: Optional[bool] = None) -> SamplingOptions:
+        temperature = temperature_for(thinking, req.temperature)
         try:
             return SamplingOptions(
-                temperature=self.cfg.temperature if req.temperature is None else req.temperature,
+                temperature=self.cfg.temperature if temperature is None else temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 logit_bias=req.token_bias)
@@ -258,13 +262,21 @@ async def _chat_completions(request: Request):
         if req.model != st.cfg.model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{st.cfg.model_name!r}", "model", "model_not_found")
-        sampling = st.sampling(req)
-        prompt = await anyio.to_thread.run_sync(st.renderer.render, req)
+        thinking = req.thinking(st.cfg.thinking)
+        budget = st.cfg.thinking_budget if req.thinking_token_budget is None else req.thinking_token_budget
+        if budget is not None:
+            try:
+                think_token_ids(st.renderer.processor.tokenizer)
+            except UserError as e:
+                raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
+        sampling = st.sampling(req, thinking)
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
     except BaseException:
         st.engine.release()
         raise
     events = _Events(request, st)
-    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
+    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
+              thinking_budget=budget)
     events.job = job
     st.engine.submit(job)
     try:
@@ -318,7 +330,8 @@ async def _collect(ev, events: _Events, model: str, req):
             text += ev[1]
             logprobs += ev[2]
         elif ev[0] == "done":
-            return completion(new_id(), model, text, ev[1], ev[2], logprobs if req.logprobs else None)
+            reasoning, answer = split_reasoning(text)
+            return completion(new_id(), model, answer, ev[1], ev[2], logprobs if req.logprobs else None, reasoning)
         else:
             raise ev[1]
         try:
@@ -328,8 +341,10 @@ async def _collect(ev, events: _Events, model: str, req):
 
 
 async def _stream(job: Job, first, next_event, cid: str, model: str, req):
-    """SSE events: a role chunk, content chunks, the finish chunk, the usage chunk if asked, then `[DONE]`."""
+    """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
+    chunk, the usage chunk if asked, then `[DONE]`."""
     created = int(time.time())
+    parser = ReasoningParser()
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def sse(obj) -> bytes:
@@ -339,15 +354,19 @@ async def _stream(job: Job, first, next_event, cid: str, model: str, req):
         yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
         ev = first
         while True:
-            if ev[0] == "delta":
-                yield sse(chunk(cid, model, created, {"content": ev[1]}, None, ev[2] if req.logprobs else None,
-                                include_usage=with_usage))
-            elif ev[0] == "done":
+            if ev[0] == "delta" or ev[0] == "done":
+                reasoning, answer = parser.feed(ev[1]) if ev[0] == "delta" else parser.finish()
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
+                lp = ev[2] if req.logprobs and ev[0] == "delta" else None
+                if delta or lp:
+                    yield sse(chunk(cid, model, created, delta or {"content": ""}, None, lp,
+                                    include_usage=with_usage))
+            if ev[0] == "done":
                 yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
                 if with_usage:
                     yield sse(usage_chunk(cid, model, created, ev[2]))
                 break
-            else:  # an error after the stream started: OpenAI's streams carry it as an error object
+            elif ev[0] == "error":  # an error after the stream started: OpenAI's streams carry it as an error object
                 yield sse(ev[1].body())
                 break
             ev = await next_event()

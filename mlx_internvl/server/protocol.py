@@ -79,6 +79,15 @@ class ResponseFormat(_Strict):
     type: str
 
 
+class TemplateKwargs(_Strict):
+    enable_thinking: Optional[bool] = None
+
+
+# OpenAI's reasoning_effort levels: "none"/"minimal" ask for (next to) no reasoning, so thinking is off; "low",
+# "medium" and "high" ask for reasoning, and InternVL3.5 has one thinking mode, so they all turn it on.
+EFFORT_THINKS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
 class ChatRequest(_Strict):
     model: str
     messages: List[Message] = Field(min_length=1)
@@ -102,6 +111,22 @@ class ChatRequest(_Strict):
     # InternVL extras (the openai client sends them with extra_body=...)
     max_tiles: Optional[int] = Field(None, ge=1, le=40)
     num_frames: Optional[int] = Field(None, ge=1, le=64)
+    # Thinking, as clients send it: OpenAI's reasoning_effort, the chat_template_kwargs of vLLM/SGLang, and vLLM's
+    # thinking_token_budget.
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    chat_template_kwargs: Optional[TemplateKwargs] = None
+    thinking_token_budget: Optional[int] = Field(None, ge=0)
+
+    def thinking(self, default: Optional[bool]) -> Optional[bool]:
+        """Thinking on/off for this request: `chat_template_kwargs.enable_thinking`, else `reasoning_effort`, else
+        the server's default; a contradiction between the two fields is a 400."""
+        kw = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        effort = EFFORT_THINKS.get(self.reasoning_effort) if self.reasoning_effort else None
+        if kw is not None and effort is not None and kw != effort:
+            raise APIError(400, f"chat_template_kwargs.enable_thinking={str(kw).lower()} contradicts "
+                                f"reasoning_effort={self.reasoning_effort!r}; send one of them", "reasoning_effort",
+                           "invalid_value")
+        return next((v for v in (kw, effort) if v is not None), default)
 
     @property
     def token_bias(self) -> Optional[Dict[int, float]]:
@@ -172,9 +197,14 @@ def logprob_entries(items) -> Optional[dict]:
             "refusal": None}
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, use: dict, logprobs=None) -> dict:
+def completion(cid: str, model: str, text: str, finish_reason: str, use: dict, logprobs=None,
+               reasoning: str = "") -> dict:
+    """`text` is the answer; `reasoning` (the think block's text), when there is any, is `reasoning_content`."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": finish_reason, "logprobs": logprob_entries(logprobs)}],
             "usage": use}
 

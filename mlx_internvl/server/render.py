@@ -216,8 +216,9 @@ class Renderer:
             parts += stills + clips
         return question, history, "\n".join(system) if system else None, parts
 
-    def render(self, req: ChatRequest) -> Prompt:
-        """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop)."""
+    def render(self, req: ChatRequest, thinking: Optional[bool] = None) -> Prompt:
+        """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop);
+        `thinking` as `thinking.py` says (the request's, resolved)."""
         max_tiles = req.max_tiles if req.max_tiles is not None else self.max_tiles
         num_frames = req.num_frames or self.num_frames
         question, history, system, parts = self._conversation(*self._turns(req), num_frames)
@@ -231,13 +232,14 @@ class Renderer:
         specs: List[ImageSpec] = []
         for part in parts:
             specs += self._video(part) if part.video else [self._image(part, max_tiles)]
-        return self._prompt(req, question, history, system, specs)
+        return self._prompt(req, question, history, system, specs, thinking)
 
     def _prompt(self, req: ChatRequest, question: str, history, system: Optional[str],
-                specs: List[ImageSpec]) -> Prompt:
+                specs: List[ImageSpec], thinking: Optional[bool] = None) -> Prompt:
         proc = self.processor
         try:
-            rendered = proc.renderer.render(chat_messages(question, history), [s.num_tiles for s in specs], system)
+            rendered = proc.renderer.render(chat_messages(question, history), [s.num_tiles for s in specs], system,
+                                            thinking=thinking)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages", "placeholder_mismatch") from None
         ids = rendered.ids

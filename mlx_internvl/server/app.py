@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -38,14 +37,15 @@ from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
-from ..thinking import ReasoningParser, split_reasoning, temperature_for, think_token_ids
+from ..thinking import temperature_for, think_token_ids
 from . import caches
 from .budget import Limits
 from .engine import Engine, Job
 from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
-from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
+from .protocol import APIError, new_id, parse_request
 from .render import Renderer
+from .replies import Events, collect, stream
 
 
 @dataclass
@@ -274,7 +274,7 @@ async def _chat_completions(request: Request):
     except BaseException:
         st.engine.release()
         raise
-    events = _Events(request, st)
+    events = Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
               thinking_budget=budget)
     events.job = job
@@ -286,93 +286,9 @@ async def _chat_completions(request: Request):
     if first[0] == "error":
         raise first[1]
     if req.stream:
-        return EventSourceResponse(_stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req),
                                    headers={"Cache-Control": "no-cache"})
-    return await _collect(first, events, st.cfg.model_name, req)
-
-
-class _Events:
-    """A job's events, from the generation thread to this request's event loop."""
-
-    def __init__(self, request: Request, st: _Server):
-        self.request, self.server, self.engine, self.job = request, st, st.engine, None
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def emit(self, ev) -> None:  # called on the generation thread
-        if ev[0] in ("done", "error"):
-            self.engine.release()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-
-    async def next(self):
-        while True:  # wake up now and then to notice a client that went away, or a shutdown
-            end = self.server.shutdown_at
-            if end is not None and time.monotonic() >= end:
-                self.job.cancelled.set()
-                return ("error", APIError(503, "the server is shutting down; the reply was cut", None,
-                                          "server_shutdown"))
-            try:
-                return await asyncio.wait_for(self.queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                if not self.engine.alive:
-                    raise APIError(503, "the generation thread has stopped; restart the server", None,
-                                   "engine_stopped") from None
-                if await self.request.is_disconnected():
-                    self.job.cancelled.set()
-                    raise
-
-
-async def _collect(ev, events: _Events, model: str, req):
-    """The whole reply as one `chat.completion`."""
-    text, logprobs = "", []
-    while True:
-        if ev[0] == "delta":
-            text += ev[1]
-            logprobs += ev[2]
-        elif ev[0] == "done":
-            reasoning, answer = split_reasoning(text)
-            return completion(new_id(), model, answer, ev[1], ev[2], logprobs if req.logprobs else None, reasoning)
-        else:
-            raise ev[1]
-        try:
-            ev = await events.next()
-        except asyncio.TimeoutError:
-            return JSONResponse({}, status_code=499)
-
-
-async def _stream(job: Job, first, next_event, cid: str, model: str, req):
-    """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
-    chunk, the usage chunk if asked, then `[DONE]`."""
-    created = int(time.time())
-    parser = ReasoningParser()
-    with_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def sse(obj) -> bytes:
-        return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
-
-    try:
-        yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
-        ev = first
-        while True:
-            if ev[0] == "delta" or ev[0] == "done":
-                reasoning, answer = parser.feed(ev[1]) if ev[0] == "delta" else parser.finish()
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
-                lp = ev[2] if req.logprobs and ev[0] == "delta" else None
-                if delta or lp:
-                    yield sse(chunk(cid, model, created, delta or {"content": ""}, None, lp,
-                                    include_usage=with_usage))
-            if ev[0] == "done":
-                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
-                if with_usage:
-                    yield sse(usage_chunk(cid, model, created, ev[2]))
-                break
-            elif ev[0] == "error":  # an error after the stream started: OpenAI's streams carry it as an error object
-                yield sse(ev[1].body())
-                break
-            ev = await next_event()
-        yield format_sse_event(data_str="[DONE]")
-    finally:
-        job.cancelled.set()  # no-op when finished; stops generation when the client went away
+    return await collect(first, events, st.cfg.model_name, req)
 
 
 def serve(model: str, group=None, **options) -> None:

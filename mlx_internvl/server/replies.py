@@ -1,0 +1,103 @@
+"""A chat completion's reply, from the engine's events: one `chat.completion`, or SSE chunks.
+
+`Events` carries a job's events from the generation thread to the request's event loop and notices a client that
+went away, a stopped engine, or the server's shutdown deadline (`st.shutdown_at`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import format_sse_event
+
+from ..thinking import ReasoningParser, split_reasoning
+from .engine import Job
+from .protocol import APIError, chunk, completion, new_id, usage_chunk
+
+
+class Events:
+    """A job's events, from the generation thread to this request's event loop."""
+
+    def __init__(self, request: Request, st):
+        self.request, self.server, self.engine, self.job = request, st, st.engine, None
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, ev) -> None:  # called on the generation thread
+        if ev[0] in ("done", "error"):
+            self.engine.release()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    async def next(self):
+        while True:  # wake up now and then to notice a client that went away, or a shutdown
+            end = self.server.shutdown_at
+            if end is not None and time.monotonic() >= end:
+                self.job.cancelled.set()
+                return ("error", APIError(503, "the server is shutting down; the reply was cut", None,
+                                          "server_shutdown"))
+            try:
+                return await asyncio.wait_for(self.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if not self.engine.alive:
+                    raise APIError(503, "the generation thread has stopped; restart the server", None,
+                                   "engine_stopped") from None
+                if await self.request.is_disconnected():
+                    self.job.cancelled.set()
+                    raise
+
+
+async def collect(ev, events: Events, model: str, req):
+    """The whole reply as one `chat.completion`."""
+    text, logprobs = "", []
+    while True:
+        if ev[0] == "delta":
+            text += ev[1]
+            logprobs += ev[2]
+        elif ev[0] == "done":
+            reasoning, answer = split_reasoning(text)
+            return completion(new_id(), model, answer, ev[1], ev[2], logprobs if req.logprobs else None, reasoning)
+        else:
+            raise ev[1]
+        try:
+            ev = await events.next()
+        except asyncio.TimeoutError:
+            return JSONResponse({}, status_code=499)
+
+
+async def stream(job: Job, first, next_event, cid: str, model: str, req):
+    """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
+    chunk, the usage chunk if asked, then `[DONE]`."""
+    created = int(time.time())
+    parser = ReasoningParser()
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def sse(obj) -> bytes:
+        return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
+
+    try:
+        yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
+        ev = first
+        while True:
+            if ev[0] == "delta" or ev[0] == "done":
+                reasoning, answer = parser.feed(ev[1]) if ev[0] == "delta" else parser.finish()
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
+                lp = ev[2] if req.logprobs and ev[0] == "delta" else None
+                if delta or lp:
+                    yield sse(chunk(cid, model, created, delta or {"content": ""}, None, lp,
+                                    include_usage=with_usage))
+            if ev[0] == "done":
+                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
+                if with_usage:
+                    yield sse(usage_chunk(cid, model, created, ev[2]))
+                break
+            elif ev[0] == "error":  # an error after the stream started: OpenAI's streams carry it as an error object
+                yield sse(ev[1].body())
+                break
+            ev = await next_event()
+        yield format_sse_event(data_str="[DONE]")
+    finally:
+        job.cancelled.set()  # no-op when finished; stops generation when the client went away

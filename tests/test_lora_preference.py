@@ -2,12 +2,6 @@
 LoRA gradients on a tiny model; BCO's running mean over steps and across a SIGKILL + resume; the pair formats."""
 
 import copy
-import csv
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,6 +9,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_lora_peft import randomize_adapters
+from trl_reference import import_trl, trl_dpo, trl_orpo, trl_self
 
 import mlx_internvl
 from builders import Case
@@ -23,14 +19,11 @@ from mlx_internvl.adapters import CONFIG_FILE
 from mlx_internvl.files import save_json
 from mlx_internvl.lora import LoraConfig, PreferenceConfig, apply_lora, export_peft, save_adapters
 from mlx_internvl.lora.batching import collate
-from mlx_internvl.lora.data import load_dataset
 from mlx_internvl.lora.pairs import encode_pair, parse_pair
 from mlx_internvl.lora.peft import peft_tensors
 from mlx_internvl.lora.pref_step import reference_logps
 from mlx_internvl.lora.preference import dpo_losses, init_running, orpo_losses, pair_objective
 from mlx_internvl.lora.trainer import training_logits
-from test_lora_peft import randomize_adapters
-from trl_reference import import_trl, trl_dpo, trl_orpo, trl_self
 
 TESTS = Path(__file__).parent
 CONFIGS = {

@@ -2,6 +2,12 @@
 LoRA gradients on a tiny model; BCO's running mean over steps and across a SIGKILL + resume; the pair formats."""
 
 import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +25,7 @@ from mlx_internvl.adapters import CONFIG_FILE
 from mlx_internvl.files import save_json
 from mlx_internvl.lora import LoraConfig, PreferenceConfig, apply_lora, export_peft, save_adapters
 from mlx_internvl.lora.batching import collate
+from mlx_internvl.lora.data import load_dataset
 from mlx_internvl.lora.pairs import encode_pair, parse_pair
 from mlx_internvl.lora.peft import peft_tensors
 from mlx_internvl.lora.pref_step import reference_logps
@@ -158,3 +165,121 @@ def test_loss_metrics_and_lora_gradients_equal_trl_on_transformers_peft(peft_tas
     assert largest > 1e-2  # the gradients are not all ~0 (projector included: its LoRA is trained)
     assert min(float(np.abs(v).max()) for v in t_grads.values()) > 1e-4
     assert worst < 1e-5 * max(1.0, largest), (worst, largest)  # 1e-5, relative once gradients exceed 1
+
+
+def _formats(rows):
+    """The same pairs as MMPR, TRL plain, TRL conversational, ms-swift and OpenAI-style lines."""
+    out = {k: [] for k in ("mmpr", "trl", "trl_conv", "swift", "openai")}
+    for r in rows:
+        q, img = r["question"].replace("<image>\n", ""), r["image"]
+        out["mmpr"].append(r)
+        out["trl"].append({"prompt": r["question"], "chosen": r["chosen"], "rejected": r["rejected"], "images": [img]})
+        out["trl_conv"].append({
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}], "images": [img]})
+        out["swift"].append({"messages": [{"role": "user", "content": r["question"]},
+                                          {"role": "assistant", "content": r["chosen"]}],
+                             "rejected_response": r["rejected"], "images": [img]})
+        parts = [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": q}]
+        out["openai"].append({"messages": [{"role": "user", "content": parts},
+                                           {"role": "assistant", "content": r["chosen"]}],
+                              "rejected": {"role": "assistant", "content": r["rejected"]}})
+    return out
+
+
+def test_pair_formats_give_identical_tokens_and_answer_only_masks(build_case, tmp_path):
+    built = build_case(Case("lora_train"))
+    _, proc = mlx_internvl.load(built.hf_dir, dtype="float32")
+    color_task(tmp_path, 4, "train", seed=0)
+    encoded = {}
+    for name, rows in _formats(_pairs_rows(4)).items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = load_dataset(tmp_path / f"{name}.jsonl", parse=parse_pair)
+        assert data.problems == [] and len(data) == 4
+        encoded[name] = [encode_pair(p, proc) for p in data.samples]
+    first = encoded.pop("mmpr")
+    for name, pairs in encoded.items():
+        for a, b in zip(first, pairs):
+            for side in ("chosen", "rejected"):
+                x, y = getattr(a, side), getattr(b, side)
+                assert np.array_equal(x.ids, y.ids) and np.array_equal(x.mask, y.mask), (name, side)
+    for pair, row in zip(first, _pairs_rows(4)):
+        for side in ("chosen", "rejected"):
+            enc = getattr(pair, side)
+            learned = proc.tokenizer.decode(enc.ids[enc.mask].tolist())
+            assert learned == row[side] + "<|im_end|>", learned  # the loss covers the answer and its stop only
+        n = min(len(pair.chosen.ids), len(pair.rejected.ids))
+        start = int(np.flatnonzero(pair.chosen.mask)[0])
+        assert np.array_equal(pair.chosen.ids[:start], pair.rejected.ids[:start]) and start < n  # one prompt
+
+
+def test_every_bad_pair_line_is_reported_with_file_and_line(tmp_path):
+    color_task(tmp_path, 1, "train", seed=0)
+    good = _pairs_rows(1)[0]
+    lines = [json.dumps(good), "{not json", json.dumps(dict(good, rejected=good["chosen"])),
+             json.dumps({k: v for k, v in good.items() if k != "rejected"}), json.dumps(dict(good, image="nope.png")),
+             json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}),
+             json.dumps({"prompt": "Hi", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"})]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    data = load_dataset(path, parse=parse_pair)
+    assert len(data) == 1
+    where = [p.split(": ", 1)[0] for p in data.problems]
+    assert where == [f"{path}:{i}" for i in range(2, 8)], data.problems
+    text = "\n".join(data.problems)
+    for why in ("not valid JSON", "the same text", "missing key 'rejected'", "image not found",
+                "not a preference pair", "'chosen' must be an assistant message"):
+        assert why in text, (why, text)
+
+
+RUN = textwrap.dedent("""
+    import os, signal, sys
+    from mlx_internvl.lora import LoraConfig, PreferenceConfig, TrainingArgs, finetune
+    hf, data, out, kill_at, resume = sys.argv[1:6]
+    def on_step(step, info):
+        if step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup
+    finetune(hf, data, out, lora=LoraConfig(rank=4, alpha=8, dropout=0.1, train_projector="lora"),
+             args=TrainingArgs(batch_size=2, iters=6, lr=1e-2, save_every=3, report_every=1, seed=7),
+             resume=resume == "1", dtype="float32", on_step=on_step, log=lambda *_: None,
+             preference=PreferenceConfig.make("mpo", beta=0.5))
+""")
+
+
+def _run(*argv):
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    return subprocess.run([sys.executable, "-c", RUN, *map(str, argv)], env=env, capture_output=True, text=True,
+                          timeout=400)
+
+
+def test_killed_mpo_run_resumes_bitwise_and_bco_running_mean_follows_trl(build_case, tmp_path):
+    _, _, RunningMoments = import_trl()
+    import torch
+
+    built = build_case(Case("lora_train"))
+    color_task(tmp_path, 8, "train", seed=0)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs_rows(8)))
+    data = tmp_path / "pairs.jsonl"
+    whole = _run(built.hf_dir, data, tmp_path / "whole", 0, 0)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _run(built.hf_dir, data, tmp_path / "killed", 5, 0)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _run(built.hf_dir, data, tmp_path / "killed", 0, 1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "killed" / "adapters.safetensors"))
+    assert sorted(a) == sorted(b) and max(float(mx.abs(a[k] - b[k]).max()) for k in a) == 0.0
+    opt = [mx.load(str(d / "checkpoints" / "step-0000006" / "optimizer.safetensors")) for d in (tmp_path / "whole",
+                                                                                                   tmp_path / "killed")]
+    running = {k: float(opt[1][k].item()) for k in opt[1] if k.startswith("preference_running.")}
+    assert len(running) == 3 and all(opt[0][k].item() == v for k, v in running.items())
+    with open(tmp_path / "killed" / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and float(rows[-1]["rewards/margins"]) != 0
+    # TRL's RunningMoments fed each step's reward mean (one microbatch per step; MPO's weights sum to 1).
+    trl_running = RunningMoments(trl_self(0.5).accelerator)
+    for r in rows:
+        trl_running.update(torch.tensor((float(r["rewards/chosen"]) + float(r["rewards/rejected"])) / 2))
+    assert abs(running["preference_running.mean"] - trl_running.mean) < 1e-5, (running, trl_running.mean)
+    assert abs(running["preference_running.count"] - trl_running.count) < 1e-6

@@ -62,7 +62,11 @@ def make_preference_step(model, optimizer, cfg: PreferenceConfig, logits_fn: Cal
     def step(batch, ref, prev_grad, do_update, scale):
         (loss, metrics, running), grad = value_and_grad(model, batch, ref, optimizer.state.get(RUNNING_KEY))
         if running is not None:
-            optimizer.state[RUNNING_KEY] = running
+            # In place and in the held order: a compiled function's inputs are read back in its first call's
+            # order (a checkpoint brings the keys back sorted), so a new dict would shuffle mean/var/count.
+            held = optimizer.state[RUNNING_KEY]
+            for key in held:
+                held[key] = running[key]
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:

@@ -329,3 +329,19 @@ def test_cli_mpo_run_logs_trl_metrics_and_prefers_the_chosen_answers_held_out(bu
                       (args + ["--loss-type", "sigmoid:x"], "the weight after ':' must be a number")):
         bad = CliRunner().invoke(cli, [str(a) for a in argv])
         assert bad.exit_code != 0 and why in str(bad.exception), (why, bad.exception)
+
+
+def test_multi_turn_prompt_learns_only_the_final_answer(build_case, tmp_path):
+    built = build_case(Case("lora_train"))
+    _, proc = mlx_internvl.load(built.hf_dir, dtype="float32")
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "blue"},
+             {"role": "user", "content": "Another?"}]
+    rows = [{"messages": turns + [{"role": "assistant", "content": "red"}], "rejected": "blue again"},
+            {"prompt": turns, "chosen": [{"role": "assistant", "content": "red"}],
+             "rejected": [{"role": "assistant", "content": "blue again"}]}]
+    a, b = (encode_pair(parse_pair(r, tmp_path), proc) for r in rows)
+    for side, text in (("chosen", "red"), ("rejected", "blue again")):
+        x, y = getattr(a, side), getattr(b, side)
+        assert np.array_equal(x.ids, y.ids) and np.array_equal(x.mask, y.mask)
+        assert proc.tokenizer.decode(x.ids[x.mask].tolist()) == text + "<|im_end|>"
+        assert "blue" in proc.tokenizer.decode(x.ids[: int(np.flatnonzero(x.mask)[0])].tolist())  # context kept

@@ -13,7 +13,7 @@ import yaml
 from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
 from mlx_internvl.errors import UserError
-from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
+from mlx_internvl.lora import LoraConfig, PreferenceConfig, TrainingArgs, finetune
 
 from .options import adapter_option
 
@@ -156,6 +156,15 @@ def _targets(ctx, param, value):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-compile", is_flag=True, help="Run the training step uncompiled.")
 @click.option("--skip-bad", is_flag=True, help="Train on the good samples and list the bad ones, instead of stopping.")
+@click.option("--train-mode", type=click.Choice(["sft", "dpo", "orpo", "mpo"]), default="sft", show_default=True,
+              help="sft: answers of conversations. dpo / orpo / mpo: preference pairs (chosen vs rejected); mpo is "
+                   "InternVL's recipe, DPO sigmoid 0.8 + bco_pair 0.2 + rpo-alpha 1.0.")
+@click.option("--beta", type=float, default=None, help="DPO/MPO beta; ORPO's lambda.  [default: 0.1]")
+@click.option("--loss-type", default=None,
+              help="DPO loss: sigmoid, hinge, ipo or bco_pair; several with weights as 'sigmoid:0.8,bco_pair:0.2'. "
+                   "[default: sigmoid; mpo: sigmoid:0.8,bco_pair:0.2]")
+@click.option("--rpo-alpha", type=float, default=None,
+              help="Add this times the chosen answers' cross-entropy to the DPO loss.  [default: none; mpo: 1.0]")
 @click.option("--train", "train_flag", is_flag=True, hidden=True, help="Accepted for mlx-lm compatibility.")
 @click.option("--lora-scale", "lora_scale", type=float, default=None, hidden=True,
               help="mlx-lm's lora_parameters.scale (= alpha / rank).")
@@ -163,10 +172,15 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
             fine_tune_type, train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr,
             min_lr, warmup, weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every,
             report_every, report_to, project_name, keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad,
-            train_flag, lora_scale, bias_correction):
+            train_flag, lora_scale, bias_correction, train_mode, beta, loss_type, rpo_alpha):
     """Fine-tune an InternVL model with LoRA / QLoRA / DoRA. Run it under `mlx.launch` for data-parallel training
     on several processes or Macs."""
     data, val = _data_dirs(list(data), list(val))
+    preference = None
+    if train_mode != "sft":
+        preference = PreferenceConfig.make(train_mode, beta, loss_type, rpo_alpha)
+    elif beta is not None or loss_type or rpo_alpha is not None:
+        raise UserError("--beta, --loss-type and --rpo-alpha need a preference --train-mode (dpo, orpo or mpo)")
     if alpha is None:
         alpha = lora_scale * rank if lora_scale is not None else 2.0 * rank
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
@@ -181,7 +195,7 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
     callback = _reporting_callback(report_to, project_name, adapter_path, {**vars(lora), **vars(args)})
     finetune(model_path, data, adapter_path, val=val or None, root=root, lora=lora, args=args,
              resume=resume, quantize_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size), dtype=dtype,
-             log=click.echo, training_callback=callback)
+             log=click.echo, training_callback=callback, preference=preference)
 
 
 def _data_dirs(data, val):

@@ -4,12 +4,14 @@ from ..adapters import LoraConfig, apply_lora, load_adapters, save_adapters
 from .data import Sample, load_dataset
 from .fuse import fuse, fuse_adapters
 from .peft import export_peft
+from .preference import PreferenceConfig
 from .render import encode_sample
 from .trainer import TrainingArgs, TrainResult, train
 from .tune import finetune
 
 __all__ = [
     "LoraConfig",
+    "PreferenceConfig",
     "TrainingArgs",
     "TrainResult",
     "Sample",

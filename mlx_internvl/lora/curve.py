@@ -19,7 +19,8 @@ FIELDS = ["step", "split", "loss", "learning_rate", "tokens_per_second", "peak_m
 
 
 class LossLog:
-    def __init__(self, directory: Path, enabled: bool = True):
+    def __init__(self, directory: Path, enabled: bool = True, extra=()):
+        self.fields = FIELDS + list(extra)  # extra columns: the preference metrics
         self.csv = Path(directory) / "loss.csv"
         self.png = Path(directory) / "loss.png"
         self.enabled = enabled
@@ -32,7 +33,7 @@ class LossLog:
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, FIELDS)
+                w = csv.DictWriter(f, self.fields, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
 
@@ -42,7 +43,7 @@ class LossLog:
         if not self.enabled:
             return
         with output_errors(self.csv, "loss log"), open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
+            csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
 
     def rows(self) -> List[Dict[str, str]]:
         if not self.csv.exists():

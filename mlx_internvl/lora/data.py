@@ -213,8 +213,8 @@ def parse_record(obj, root: Optional[Path]) -> Sample:
 
 
 def read_jsonl(path: Path, root: Optional[Path], repeat_time: float = 1.0, max_tiles: Optional[int] = None,
-               display: Optional[str] = None) -> Tuple[List[Sample], List[str]]:
-    """Samples and problems ('file:line: why') of one jsonl file."""
+               display: Optional[str] = None, parse=parse_record) -> Tuple[List[Sample], List[str]]:
+    """Samples and problems ('file:line: why') of one jsonl file; `parse(obj, root)` reads one line."""
     name = display or str(path)
     samples, problems = [], []
     try:
@@ -240,7 +240,7 @@ def read_jsonl(path: Path, root: Optional[Path], repeat_time: float = 1.0, max_t
             problems.append(f"{where}: JSON nested too deeply to read (thousands of levels); is the line garbled?")
             continue
         try:
-            sample = parse_record(obj, root)
+            sample = parse(obj, root)
         except (BadLine, UserError) as e:
             problems.append(f"{where}: {e}")
             continue
@@ -261,7 +261,8 @@ def _meta_path(value, key: str, base: Path, name: str) -> Path:
     return p if p.is_absolute() else (base.parent / p)
 
 
-def read_meta(path: Path, root_override: Optional[Path] = None) -> Tuple[List[Sample], List[str], List[str]]:
+def read_meta(path: Path, root_override: Optional[Path] = None,
+              parse=parse_record) -> Tuple[List[Sample], List[str], List[str]]:
     """InternVL's meta json: relative `annotation`/`root` paths are taken relative to the meta file."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -285,7 +286,7 @@ def read_meta(path: Path, root_override: Optional[Path] = None) -> Tuple[List[Sa
         if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
             raise UserError(f"{path}: dataset {name!r}: max_dynamic_patch must be a whole number >= 1, got "
                             f"{max_tiles!r}")
-        s, p = read_jsonl(ann, root, repeat, max_tiles)
+        s, p = read_jsonl(ann, root, repeat, max_tiles, parse=parse)
         samples += s
         problems += p
         sources.append(str(ann))
@@ -293,8 +294,9 @@ def read_meta(path: Path, root_override: Optional[Path] = None) -> Tuple[List[Sa
 
 
 def load_dataset(paths: Union[str, Path, Sequence[Union[str, Path]]],
-                 root: Optional[Union[str, Path]] = None) -> Dataset:
-    """Read jsonl files and/or InternVL meta json files into one Dataset (bad lines listed in `problems`)."""
+                 root: Optional[Union[str, Path]] = None, parse=parse_record) -> Dataset:
+    """Read jsonl files and/or InternVL meta json files into one Dataset (bad lines listed in `problems`);
+    `parse` reads one line (preference pairs: `pairs.parse_pair`)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     root_path = Path(root).expanduser() if root is not None else None
@@ -306,10 +308,10 @@ def load_dataset(paths: Union[str, Path, Sequence[Union[str, Path]]],
         if not p.is_file():
             raise UserError(f"{p}: no such data file")
         if p.suffix == ".json":
-            s, pr, src = read_meta(p, root_path)
+            s, pr, src = read_meta(p, root_path, parse)
             sources += src
         else:
-            s, pr = read_jsonl(p, root_path if root_path is not None else p.parent)
+            s, pr = read_jsonl(p, root_path if root_path is not None else p.parent, parse=parse)
             sources.append(str(p))
         samples += s
         problems += pr

@@ -12,6 +12,7 @@
   inference (`model.scatter_image_features`), so nothing in the step reads values back to the host.
 - `Run` is the state one run carries between steps: batches, optimizer, loss window, log and result.
 - Gradient checkpointing (`checkpointing.py`) recomputes decoder (and trained ViT) layers in the backward pass.
+- With a `PreferenceConfig` (DPO/MPO/ORPO): pair data (`pairs.py`), `pref_step.py`'s step, TRL's metrics.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batc
 from .checkpointing import grad_checkpointing, layer_types
 from .curve import LossLog
 from .data import Dataset
+from .pairs import PairBatcher, encode_pairs
+from .pref_step import check_preference_setup, init_preference_state, make_preference_step, preference_optimizer_step
+from .preference import METRICS, PreferenceConfig, metrics_dict
 from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
-STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum")
+STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum", "preference")
 
 
 @dataclass
@@ -183,6 +187,8 @@ class Run:
     callback: Optional[object] = None  # an mlx-lm TrainingCallback (process 0 only)
     trained_tokens: int = 0  # input tokens reported so far (all processes), as mlx-lm counts them
     last_report: int = 0  # the step of the last loss report
+    preference: Optional[PreferenceConfig] = None
+    metric_window: List[float] = field(default_factory=lambda: [0.0] * len(METRICS))  # preference metric sums
 
     @property
     def rank(self) -> int:
@@ -196,18 +202,26 @@ class Run:
 def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
           val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
           on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
-          training_callback=None) -> TrainResult:
+          training_callback=None, preference: Optional[PreferenceConfig] = None) -> TrainResult:
     """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`.
     `training_callback` (an mlx-lm `TrainingCallback`, e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)
-    gets every loss report and validation with mlx-lm's keys, on process 0."""
+    gets every loss report and validation with mlx-lm's keys, on process 0. With `preference`, `train_data` holds
+    preference pairs (`load_dataset(..., parse=pairs.parse_pair)`) and the objective is DPO/MPO/ORPO."""
     args = args or TrainingArgs()
     check_training_args(args)
     lora.validate()
-    run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log)
+    if preference is not None:
+        check_preference_setup(preference, lora, val_data)
+    run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log, preference)
     lora = _start(run, processor, lora, resume, base_model)
     run.callback = training_callback if run.rank == 0 else None
     run.last_report = run.result.start_step
-    step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
+    if preference is None:
+        step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
+    else:
+        init_preference_state(preference, run.optimizer)
+        step_fn, state = make_preference_step(model, run.optimizer, preference, training_logits, run.frozen,
+                                              args.compile, run.world)
     mx.reset_peak_memory()
     model.train()
     if run.val_batcher is not None and run.result.start_step == 0:
@@ -218,7 +232,8 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
         with grad_checkpointing(layer_types(model, lora) if args.grad_checkpoint else ()):
             for s in range(run.result.start_step + 1, run.steps + 1):
                 tic = time.perf_counter()
-                ce_sum, answer_tokens = _optimizer_step(run, step_fn, state)
+                ce_sum, answer_tokens = (_optimizer_step(run, step_fn, state) if preference is None else
+                                         preference_optimizer_step(run, step_fn, state, training_logits))
                 step_ce = ce_sum.item()
                 if not math.isfinite(step_ce):
                     stop_diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
@@ -236,11 +251,12 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     return run.result
 
 
-def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingArgs, log) -> Run:
+def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingArgs, log, preference=None) -> Run:
     """Encode and batch the data (refusing bad samples unless --skip-bad), and size the run."""
     group = mx.distributed.init()
     say = log if group.rank() == 0 else (lambda *_: None)
-    encoded, problems, truncated = encode_dataset(train_data, processor, args)
+    encode, batcher_cls = (encode_dataset, Batcher) if preference is None else (encode_pairs, PairBatcher)
+    encoded, problems, truncated = encode(train_data, processor, args)
     report_problems("training data", problems, encoded, args.skip_bad, say)
     if truncated:
         say(f"{truncated} training sample(s) were cut to --max-length {args.max_length} (after their images).")
@@ -250,11 +266,11 @@ def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingAr
         report_problems("validation data", val_problems, val_enc, args.skip_bad, say)
         val_batcher = Batcher(val_enc, args.batch_size, processor.config, pad_id(processor),
                               processor.image_token_id, shuffle=False)
-    batcher = Batcher(encoded, args.batch_size, processor.config, pad_id(processor), processor.image_token_id,
-                      seed=args.seed)
+    batcher = batcher_cls(encoded, args.batch_size, processor.config, pad_id(processor), processor.image_token_id,
+                          seed=args.seed)
     steps = total_steps(args, len(batcher), group.size())
     result = TrainResult(out, steps, 0, skipped=problems, truncated=truncated)
-    return Run(model, args, out, group, say, batcher, val_batcher, steps, result)
+    return Run(model, args, out, group, say, batcher, val_batcher, steps, result, preference=preference)
 
 
 def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Optional[str]) -> LoraConfig:
@@ -281,7 +297,8 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
     if run.rank == 0:
         with output_errors(out, "--adapter-path directory"):
             out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
-    settings = dict(asdict(args), world_size=run.world)
+    settings = dict(asdict(args), world_size=run.world,
+                    preference=run.preference.to_json() if run.preference is not None else None)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, run.optimizer)
         _check_same_stream(state["settings"], settings, checkpoint)
@@ -291,7 +308,7 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
         save_json(out / CONFIG_FILE, lora.to_json(base_model=base_model,
                                                   base_quantization=processor.config.quantization))
     run.settings = settings
-    run.log_file = LossLog(out, enabled=run.rank == 0)
+    run.log_file = LossLog(out, enabled=run.rank == 0, extra=METRICS if run.preference is not None else ())
     run.log_file.start(run.result.start_step)
     say(f"Training {n_train / 1e6:.3f}M parameters ({', '.join(targets)}"
         f"{'; vision LoRA' if lora.train_vision else ''}"
@@ -336,16 +353,18 @@ def _after_step(run: Run, s: int, bar) -> None:
         lr = float(run.optimizer.learning_rate.item())
         bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{result.tokens_per_second:.0f}",
                         peak_gb=f"{result.peak_memory_gb:.2f}")
+        metrics = metrics_dict(run.metric_window, tokens) if run.preference is not None else {}
+        run.metric_window = [0.0] * len(METRICS)
         run.log_file.add(step=s, split="train", loss=f"{result.train_loss:.6f}", learning_rate=f"{lr:.3e}",
                          tokens_per_second=f"{result.tokens_per_second:.1f}",
-                         peak_memory_gb=f"{result.peak_memory_gb:.3f}")
+                         peak_memory_gb=f"{result.peak_memory_gb:.3f}", **{k: f"{v:.6f}" for k, v in metrics.items()})
         run.trained_tokens += inputs * run.world
         if run.callback is not None:  # mlx-lm's keys, as its own trainer reports them
             run.callback.on_train_loss_report({
                 "iteration": s, "train_loss": result.train_loss, "learning_rate": lr,
                 "iterations_per_second": (s - run.last_report) / seconds,
                 "tokens_per_second": result.tokens_per_second, "trained_tokens": run.trained_tokens,
-                "peak_memory": result.peak_memory_gb})
+                "peak_memory": result.peak_memory_gb, **metrics})
         run.last_report = s
         run.window = [0.0, 0.0, 0, 0.0]
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):

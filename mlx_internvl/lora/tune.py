@@ -14,6 +14,8 @@ from ..loading import load
 from ..validate import QUANT_GROUPS, check_training_args, choice
 from ..weights import quantize
 from .data import load_dataset
+from .pairs import parse_pair
+from .preference import PreferenceConfig
 from .trainer import TrainingArgs, TrainResult, train
 
 PathLike = Union[str, Path]
@@ -24,18 +26,19 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
              lora: Optional[LoraConfig] = None, args: Optional[TrainingArgs] = None, resume: bool = False,
              quantize_bits: Optional[int] = None, q_group_size: int = 64, dtype: Optional[str] = None,
              on_step: Optional[Callable] = None, log: Callable[[str], None] = print,
-             training_callback=None) -> TrainResult:
+             training_callback=None, preference: Optional[PreferenceConfig] = None) -> TrainResult:
     """Fine-tune the model at `model_path` (MLX dir, HF dir of either layout, or hub id) on `data` (jsonl files
     and/or InternVL meta json) and write adapters to `adapter_path`. `quantize_bits` (4 or 8) quantizes the base
     before training (QLoRA); a base converted with `--quantize` is used as it is. `training_callback` is an
-    mlx-lm `TrainingCallback` (e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)."""
+    mlx-lm `TrainingCallback` (e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`). With `preference`
+    (a `PreferenceConfig`: DPO, MPO or ORPO) `data` holds preference pairs (`pairs.py` lists the formats)."""
     if quantize_bits is not None:
         choice("--quantize", quantize_bits, (4, 8))
         choice("--q-group-size", q_group_size, QUANT_GROUPS)
     check_training_args(args or TrainingArgs())
     check_writable_dir(Path(adapter_path).expanduser(), "--adapter-path directory")
     (lora or LoraConfig()).validate()
-    train_data = load_dataset(data, root)
+    train_data = load_dataset(data, root, parse=parse_pair) if preference else load_dataset(data, root)
     val_data = load_dataset(val, root) if val else None
     model, processor = load(model_path, dtype=dtype)
     if quantize_bits:
@@ -50,4 +53,4 @@ def finetune(model_path: PathLike, data: Union[PathLike, Sequence[PathLike]], ad
                                 "multiples of it); choose another --q-group-size")
     return train(model, processor, train_data, adapter_path, lora or LoraConfig(), args or TrainingArgs(),
                  val_data=val_data, resume=resume, base_model=str(model_path), on_step=on_step, log=log,
-                 training_callback=training_callback)
+                 training_callback=training_callback, preference=preference)

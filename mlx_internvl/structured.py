@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 from jsonschema import SchemaError
 from jsonschema.validators import validator_for
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import UserError
 
@@ -128,7 +129,7 @@ _CACHE: dict = {}
 def ll_tokenizer(tokenizer, n_vocab: int, stop_ids: Sequence[int]) -> llguidance.LLTokenizer:
     """llguidance's view of the checkpoint's tokenizer (an mlx-lm `TokenizerWrapper` or a transformers tokenizer)
     over `n_vocab` logits, ending on `stop_ids`. Built once per tokenizer (about a second for 150k tokens)."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
     key = (id(hf), n_vocab, tuple(sorted(stop_ids)))
     if key not in _CACHE:
         stops = sorted(stop_ids) or None

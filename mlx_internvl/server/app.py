@@ -38,7 +38,7 @@ from . import caches
 from .budget import Limits
 from .engine import Engine, Job
 from .media import MediaPolicy
-from .protocol import APIError, chunk, completion, new_id, parse_request, usage_chunk
+from .protocol import APIError, chunk, completion, json_format, new_id, parse_request, usage_chunk
 from .render import Renderer
 
 
@@ -232,7 +232,7 @@ async def _chat_completions(request: Request):
     if req.model != st.cfg.model_name:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
                        "model", "model_not_found")
-    sampling = st.sampling(req)
+    sampling, fmt = st.sampling(req), json_format(req)
     if not st.engine.try_reserve():
         raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
                        None, "server_busy")
@@ -242,7 +242,8 @@ async def _chat_completions(request: Request):
         st.engine.release()
         raise
     events = _Events(request, st.engine)
-    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None)
+    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
+              response_format=fmt)
     events.job = job
     st.engine.submit(job)
     try:

@@ -22,6 +22,7 @@ from mlx_internvl.loading import load
 from mlx_internvl.prompt_cache import PromptCacheFile
 from mlx_internvl.sampling import KVOptions, SamplingOptions
 from mlx_internvl.speculative import load_draft
+from mlx_internvl.structured import ResponseFormat, load_schema_file
 from mlx_internvl.thinking import THINKING_TEMPERATURE
 from mlx_internvl.validate import integer
 
@@ -203,15 +204,22 @@ def default_prompt(prompt, images, video) -> str:
 @click.option("--video", default=None, type=click.Path(), help="A local video file (needs the [video] extra).")
 @click.option("--prompt", "-p", default=None,
               help="The question; '-' reads it from stdin. Default: a request to describe the image or video.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None,
+              help="A JSON Schema file: the reply is a JSON object that matches it, constrained token by token.")
+@click.option("--json-object", is_flag=True, help="The reply is a JSON object (any), constrained token by token.")
 @draft_options
 def command(model_path, revision, adapter_path, dtype, template, system_message, max_tokens, max_tiles, num_frames,
-            exif_transpose, stop_on_eos, verbose, thinking, thinking_budget, images, video, prompt, **options):
+            exif_transpose, stop_on_eos, verbose, thinking, thinking_budget, images, video, prompt, json_schema,
+            json_object, **options):
     """Answer one prompt about images or a video, streaming the reply."""
     setup_logging(verbose)
     if thinking and options.get("temperature") is None:
         options["temperature"] = THINKING_TEMPERATURE
     sampling, kv = option_values(options)
     integer("max_tokens", max_tokens, minimum=1)
+    if json_schema and json_object:
+        raise UserError("give --json-schema or --json-object, not both")
+    fmt = load_schema_file(json_schema) if json_schema else (ResponseFormat() if json_object else None)
     group = distributed.start()  # None unless launched as a group (mlx.launch); then rank 0 reads and prints
     run = (lambda fn: fn()) if group is None else group.on_leader
     prompt = run(lambda: default_prompt(prompt, images, video))
@@ -227,10 +235,14 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
         click.echo("Prompt:\n" + printable_prompt(inputs["prompt"]) + "\n" + "=" * 10, err=True)
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
-                                kv=kv, stop_on_eos=stop_on_eos, thinking_budget=thinking_budget, **extras):
+                                kv=kv, stop_on_eos=stop_on_eos, thinking_budget=thinking_budget,
+                                response_format=fmt, **extras):
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()
+    if fmt is not None and last is not None and last.finish_reason == "length":
+        click.echo(f"note: the reply reached --max-tokens ({max_tokens}) before its JSON was complete; it is "
+                   "cut off. Raise -m/--max-tokens.", err=True)
     if verbose and last is not None:
         click.echo("=" * 10 + "\n" + stats_text(last, extras["draft"]), err=True)
     if group is not None:

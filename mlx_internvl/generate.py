@@ -26,6 +26,7 @@ from .errors import UserError
 from .images import ImageInput
 from .prompt_cache import prepare_request
 from .sampling import KVOptions, SamplingOptions, split_options
+from .structured import constraint
 from .thinking import budget_processors, thinking_options
 from .validate import integer
 
@@ -57,6 +58,7 @@ class BatchResult:
     prompt_tps: float
     generation_tps: float
     peak_memory: float
+    finish_reasons: List[str] = field(default_factory=list)  # per request: "stop" or "length"
 
 
 def stream_tokens(model, processor, input_ids: List[int], image_features: Optional[mx.array], *,
@@ -148,7 +150,8 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     system_message: Optional[str] = None, history=None, exif_transpose: bool = False,
                     inputs: Optional[dict] = None, draft=None, prompt_cache_file=None, stop_on_eos: bool = False,
                     extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
-                    thinking_budget: Optional[int] = None, **options) -> Iterator[GenerationResponse]:
+                    thinking_budget: Optional[int] = None, response_format=None,
+                    **options) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
     `sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`) say how to sample and cache.
@@ -157,11 +160,16 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     `prompt_cache.PromptCacheFile`) starts from a cached prompt that this request extends. Generation stops on the
     template's end token (`stop_on_eos` adds the tokenizer's eos, `extra_stop_tokens` more). `thinking` and
     `thinking_budget`: see `thinking.py` (on: the card's system prompt and temperature; off: an empty think block;
-    a budget forces `</think>` after that many reasoning tokens)."""
+    a budget forces `</think>` after that many reasoning tokens). `response_format` (a `structured.ResponseFormat`
+    or an OpenAI `response_format` dict) constrains the reply to JSON; a reply cut off by `max_tokens` before its
+    JSON is complete ends with finish_reason "length"."""
     sampling, kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     budget = budget_processors(thinking_budget, processor.tokenizer, draft)
+    rule = constraint(model, processor, response_format, processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
+    if rule is not None and draft is not None:
+        raise UserError("a response format (JSON constraint) cannot be combined with speculative decoding; drop one")
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
@@ -169,7 +177,7 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     ids = inputs["input_ids"][0].tolist()
     max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
-    processors = processors + budget
+    processors = processors + budget + ([rule] if rule is not None else [])
     cache, draft_features = None, None
     if draft is None and prompt_cache_file is None:
         features = _features(model, inputs["pixel_values"])
@@ -207,17 +215,23 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                    kv: Optional[KVOptions] = None, max_tiles=None, system_message: Optional[str] = None,
                    stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
-                   thinking_budget: Optional[int] = None, **options) -> BatchResult:
+                   thinking_budget: Optional[int] = None, response_formats: Optional[Sequence] = None,
+                   **options) -> BatchResult:
     """Replies to several independent requests at once (upstream `batch_chat`): `images[i]` is the list of
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches; `kv` gives
     the prefill chunk (the batch keeps plain caches). `thinking`, `thinking_budget`: as `stream_generate` (the
-    budget counts per row)."""
+    budget counts per row). `response_formats[i]` (None: plain text) constrains reply i to JSON, each row with its
+    own grammar."""
     sampling, kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     images = list(images) if images is not None else [None] * len(prompts)
-    if len(images) != len(prompts):
-        raise UserError(f"batch_generate got {len(prompts)} prompts but {len(images)} image lists")
+    formats = list(response_formats) if response_formats is not None else [None] * len(prompts)
+    if len(images) != len(prompts) or len(formats) != len(prompts):
+        raise UserError(f"batch_generate got {len(prompts)} prompts but {len(images)} image lists and "
+                        f"{len(formats)} response formats")
+    eos = sorted(processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
+    rules = [constraint(model, processor, f, eos) for f in formats]
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
     tic = time.perf_counter()
     prompt_ids, caches, limits = [], [], []
@@ -237,20 +251,22 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     prompt_time = time.perf_counter() - tic
     n_prompt = sum(len(p) for p in prompt_ids)
 
-    eos = sorted(processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos], sampler=sampler,
                          logits_processors=processors, completion_batch_size=len(prompts),
                          prefill_batch_size=len(prompts), prefill_step_size=kv.prefill_step_size)
     tic = time.perf_counter()
     try:
-        per_row = [processors + budget_processors(thinking_budget, processor.tokenizer) for _ in prompt_ids]
+        per_row = [processors + budget_processors(thinking_budget, processor.tokenizer) + ([r] if r is not None else [])
+                   for r in rules]
         uids = gen.insert([[p[-1]] for p in prompt_ids], max_tokens=limits, caches=caches,
                           all_tokens=[p[:-1] for p in prompt_ids], logits_processors=per_row)
-        tokens = {u: [] for u in uids}
+        tokens, finish = {u: [] for u in uids}, {}
         while responses := gen.next_generated():
             for r in responses:
                 if r.finish_reason != "stop":
                     tokens[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    finish[r.uid] = r.finish_reason
     finally:
         gen.close()
     gen_time = time.perf_counter() - tic
@@ -258,7 +274,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     n_gen = sum(len(t) for t in out)
     texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     return BatchResult(texts, out, n_prompt, n_gen, n_prompt / max(prompt_time, 1e-9),
-                       n_gen / max(gen_time, 1e-9), mx.get_peak_memory() / 1e9)
+                       n_gen / max(gen_time, 1e-9), mx.get_peak_memory() / 1e9, [finish.get(u, "length") for u in uids])
 
 
 def stream_prefill(model, input_ids: List[int], image_features: Optional[mx.array], cache, step: int = 2048):

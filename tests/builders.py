@@ -73,6 +73,7 @@ class Case:
     seed: int = 0
     extra_text: dict = field(default_factory=dict)
     think_tokens: bool = False  # the tokenizer has Qwen3's <think> and </think>
+    tokenizer: Optional[str] = None  # a folder of fixtures/tokenizers to use instead of the tiny BPE one
 
     @property
     def bos(self) -> bool:
@@ -192,10 +193,18 @@ def build(case: Case, root: Path) -> Built:
     from mlx_internvl.reference.layout import hf_config_to_original, hf_state_to_original
 
     tok_dir = root / "tokenizer"
-    vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens)
-    from transformers import AutoTokenizer
+    if case.tokenizer:
+        from mlx_internvl.tokenizer import load_hf_tokenizer
 
-    image_token_id = AutoTokenizer.from_pretrained(str(tok_dir)).convert_tokens_to_ids("<IMG_CONTEXT>")
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        _copy_tokenizer(FIXTURES / "tokenizers" / case.tokenizer, tok_dir)
+        real = load_hf_tokenizer(tok_dir)
+        vocab, image_token_id = len(real), real.convert_tokens_to_ids("<IMG_CONTEXT>")
+    else:
+        vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens)
+        from transformers import AutoTokenizer
+
+        image_token_id = AutoTokenizer.from_pretrained(str(tok_dir)).convert_tokens_to_ids("<IMG_CONTEXT>")
     torch.manual_seed(case.seed)
     cfg = InternVLConfig(vision_config=vision_config(case), text_config=text_config(case, vocab + 3),
                          image_token_id=image_token_id, vision_feature_layer=case.select_layer,

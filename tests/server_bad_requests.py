@@ -138,7 +138,8 @@ def cases(local_dir: Path, slow_url: str):
          None),
         ("unknown model", dict(ok, model="gpt-4o"), None, None),
         ("`n: 2`", dict(ok, n=2), None, None),
-        ("`response_format: json_object`", dict(ok, response_format={"type": "json_object"}), None, None),
+        ("`response_format` with an invalid JSON Schema", dict(ok, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}), None, None),
         ("unknown route", ok, None, "/v1/embeddings"),
     ]
 

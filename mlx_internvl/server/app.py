@@ -43,7 +43,7 @@ from .budget import Limits
 from .engine import Engine, Job
 from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
-from .protocol import APIError, new_id, parse_request
+from .protocol import APIError, json_format, new_id, parse_request
 from .render import Renderer
 from .replies import Events, collect, stream
 
@@ -269,14 +269,14 @@ async def _chat_completions(request: Request):
                 think_token_ids(st.renderer.processor.tokenizer)
             except UserError as e:
                 raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
-        sampling = st.sampling(req, thinking)
+        sampling, fmt = st.sampling(req, thinking), json_format(req)
         prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
     except BaseException:
         st.engine.release()
         raise
     events = Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-              thinking_budget=budget)
+              thinking_budget=budget, response_format=fmt)
     events.job = job
     st.engine.submit(job)
     try:

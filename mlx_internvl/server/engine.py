@@ -29,6 +29,7 @@ from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
 from ..sampling import SamplingOptions
+from ..structured import constraint
 from ..thinking import budget_processors
 from . import caches, spmd
 from .protocol import APIError, usage
@@ -46,6 +47,7 @@ class Job:
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs
     thinking_budget: Optional[int] = None  # at most this many reasoning tokens, then </think> is forced
+    response_format: Optional[object] = None  # a structured.ResponseFormat: the reply is constrained to JSON
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0  # set by the generation thread; the same on every rank of a group
     dropped: bool = False  # cancellation as the generation loop sees it (on every rank at the same step)
@@ -293,6 +295,8 @@ class Engine:
         suffix = p.ids[job.cached_tokens:]
         sampler, processors = self._make_sampling(job.sampling)
         processors = processors + budget_processors(job.thinking_budget, self.processor.tokenizer)
+        rule = constraint(self.model, self.processor, job.response_format, self._eos)
+        processors = processors + ([rule] if rule is not None else [])
         if len(suffix) > 1:
             n_image = sum(1 for t in suffix[:-1] if t == self.processor.image_token_id)
             steps = stream_prefill(self.model, suffix[:-1], self._image_rows(p, n_image), cache,

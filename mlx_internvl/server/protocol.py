@@ -3,10 +3,11 @@
 Requests are checked field by field before anything reaches the model; every problem becomes an `APIError` that
 the app answers as OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`). Pydantic runs in strict
 mode so `"max_tokens": "5"` is a wrong type, not a number. Unknown top-level fields are ignored, as most
-OpenAI-compatible servers do, except those whose silent omission would change the answer (`tools`, `n` > 1,
-`response_format` other than text): those are refused. The body is parsed by pydantic's own JSON parser alone: it
-has a nesting limit and a digit limit of its own and never recurses in Python, so a body nested 10,000 deep or a
-5,000-digit number is a 400, not a RecursionError. Integer fields take their ranges from `sampling.INT_RANGES`.
+OpenAI-compatible servers do, except those whose silent omission would change the answer (`tools`, `n` > 1):
+those are refused; `json_format` checks `response_format` (an invalid or unenforceable JSON Schema is a 400).
+The body is parsed by pydantic's own JSON parser alone: it has a nesting limit and a digit limit of its own and
+never recurses in Python, so a body nested 10,000 deep or a 5,000-digit number is a 400, not a RecursionError.
+Integer fields take their ranges from `sampling.INT_RANGES`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 from ..sampling import COUNT_MAX, INT_RANGES, parse_token_id
+from ..structured import ResponseFormat as JsonFormat
+from ..structured import compile_grammar
 
 
 class APIError(Exception):
@@ -138,6 +141,20 @@ class ChatRequest(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def json_format(req: ChatRequest) -> Optional[JsonFormat]:
+    """The request's JSON constraint (None for plain text), its schema checked and compiled once: a 400 naming
+    what is wrong, before any work is done."""
+    if req.response_format is None:
+        return None
+    try:
+        fmt = JsonFormat.parse(req.response_format.model_dump())
+        if fmt is not None:
+            compile_grammar(fmt)
+    except UserError as e:
+        raise APIError(400, str(e), "response_format", "invalid_value") from None
+    return fmt
+
+
 def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
     """A validated `ChatRequest` from the request body, or an `APIError(400)` naming the first bad field."""
     try:
@@ -155,10 +172,6 @@ def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1)", "n",
                        "unsupported_value")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format {req.response_format.type!r} is not supported: this server does not "
-                            "constrain decoding to JSON. Omit response_format (or use type 'text') and ask for JSON "
-                            "in the prompt.", "response_format", "unsupported_value")
     if req.tools:
         raise APIError(400, "tools (function calling) are not supported by this server", "tools", "unsupported_value")
     if len(req.stop_strings) > 4 or any(not s for s in req.stop_strings):

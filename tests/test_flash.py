@@ -1,0 +1,191 @@
+"""InternVL3.5-Flash (the Visual Resolution Router) against the Flash repos' own modeling code (tests/upstream_flash).
+
+A tiny case at 448 px (1024 patches and 256 tokens per tile, as upstream's compression hard-codes) gets seeded
+Flash modules from upstream's own classes; the thresholds make the router compress some tiles, keep others for the
+relative threshold, and keep others again for the absolute one. Compared per request: per-tile decisions, the
+compressed prompt ids, the merged embeddings and logits, greedy tokens and `chat()` replies — one image, several
+images with `num_patches_list`, two turns, text only; and the full-resolution switch against `generate_normal`.
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from builders import Case
+from conftest import ASSETS
+from flash_oracle import Spy, upstream_flash, write_flash_checkpoint
+
+import mlx_internvl
+from mlx_internvl.chat import ChatSession
+from mlx_internvl.errors import UserError
+from mlx_internvl.flash import compress_ids, route
+from mlx_internvl.generate import batch_generate, generate, stream_generate
+
+CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
+RELATIVE, ABSOLUTE = 0.25, 0.76  # with these weights: some tiles pass both, some fail each one
+IMAGES = [str(ASSETS / "images" / "image1.jpg"), str(ASSETS / "images" / "chelsea.png")]
+MAX_TILES, MAX_NEW = 4, 6
+EMBED_TOL, LOGITS_TOL = 1e-4, 1e-4  # tests/test_parity.py's fp32 tolerances
+
+
+@pytest.fixture(scope="module")
+def setup(build_case, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    built = build_case(CASE)
+    up = upstream_flash(built, RELATIVE, ABSOLUTE)
+    path = write_flash_checkpoint(built, up, tmp_path_factory.mktemp("flash") / "ckpt")
+    model, processor = mlx_internvl.load(path, dtype="float32")
+    return up, model, processor, AutoTokenizer.from_pretrained(str(path)), path
+
+
+def torch_pixels(inputs):
+    import torch
+
+    return torch.from_numpy(np.array(inputs["pixel_values"])).permute(0, 3, 1, 2).contiguous()
+
+
+def upstream_chat(up, tok, question, inputs, history=None):
+    spy = Spy(up)
+    pv = None if inputs["pixel_values"] is None else torch_pixels(inputs)
+    reply, history = up.chat(tok, pv, question, dict(max_new_tokens=MAX_NEW, do_sample=False), history=history,
+                             return_history=True, num_patches_list=list(inputs["num_tiles"]) if pv is not None else None)
+    return spy, reply, history
+
+
+def our_tokens(model, processor, question, images, **kw):
+    out = list(stream_generate(model, processor, question, images, max_tokens=MAX_NEW, max_tiles=MAX_TILES, **kw))
+    stop = processor.stop_token_ids(False, ())
+    return [r.token for r in out if r.token not in stop], "".join(r.text for r in out).strip(), out[-1]
+
+
+def upstream_new_tokens(spy, tok):
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for t in spy.tokens:
+        if t == end:
+            break
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("question,images", [
+    ("Describe the image.", IMAGES[:1]),
+    ("Image-1: <image>\nImage-2: <image>\nCompare them.", IMAGES),
+], ids=["one_image", "two_images"])
+def test_flash_matches_upstream(setup, question, images):
+    import torch
+
+    up, model, processor, tok, _ = setup
+    inputs = processor(question, images=images, max_tiles=MAX_TILES)
+    spy, reply, _ = upstream_chat(up, tok, question, inputs)
+    ref = spy.calls[0]
+    enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"])
+    np.testing.assert_array_equal(enc.compress, ref["decisions"])
+    assert enc.compress.any() and not enc.compress.all()
+    assert enc.ids == ref["ids"].tolist()
+    assert len(enc.ids) < inputs["input_ids"].shape[1]
+
+    ours_embeds = model.get_input_embeddings(mx.array(enc.ids)[None], image_features=enc.features)[0]
+    assert np.abs(np.array(ours_embeds) - ref["embeds"].numpy()).max() < EMBED_TOL
+    with torch.no_grad():
+        ref_logits = up.language_model(inputs_embeds=ref["embeds"][None]).logits[0].numpy()
+    ours_logits = np.array(model(mx.array(enc.ids)[None], image_features=enc.features)[0])
+    # Over ~1300 positions fp32 sums drift in the backbone itself (the same embeddings through transformers'
+    # Qwen2 differ by ~2e-4 at the far end), so all positions are held to the relative error, the last to the abs.
+    err = np.abs(ours_logits - ref_logits)
+    assert err.max() / np.abs(ref_logits).max() < LOGITS_TOL and err[-1].max() < LOGITS_TOL
+
+    tokens, text, last = our_tokens(model, processor, question, images)
+    assert tokens == upstream_new_tokens(spy, tok)
+    assert text == reply
+    assert last.router.startswith(f"Flash router: {int(enc.compress.sum())}/{len(enc.compress)} tiles compressed")
+
+
+def test_both_thresholds_bite(setup):
+    """The fixture's thresholds exercise each condition: a tile above the quantile kept by the absolute one."""
+    _, model, processor, _, _ = setup
+    inputs = processor("Image-1: <image>\nImage-2: <image>\nx", images=IMAGES, max_tiles=MAX_TILES)
+    p0 = model.flash_tiles(inputs["pixel_values"]).p0
+    above = p0 > np.quantile(p0, RELATIVE)
+    assert (above & (p0 < ABSOLUTE)).any() and (above & (p0 >= ABSOLUTE)).any() and (~above).any()
+
+
+def test_multi_turn_matches_upstream(setup):
+    up, model, processor, tok, _ = setup
+    q1, q2 = "Image-1: <image>\nImage-2: <image>\nWhat is shown?", "And then?"
+    inputs = processor(q1, images=IMAGES, max_tiles=MAX_TILES)
+    _, r1, history = upstream_chat(up, tok, q1, inputs)
+    spy2, r2, _ = upstream_chat(up, tok, q2, inputs, history=history)
+    session = ChatSession(model, processor, max_tokens=MAX_NEW, max_tiles=MAX_TILES)
+    assert session.ask(q1, images=IMAGES) == r1
+    assert session.ask(q2) == r2
+    assert session.router.startswith(f"Flash router: {int(spy2.calls[0]['decisions'].sum())}/")
+
+
+def test_text_only_matches_upstream(setup):
+    up, model, processor, tok, _ = setup
+    inputs = processor("Hello there", images=None)
+    _, reply, _ = upstream_chat(up, tok, "Hello there", inputs)
+    assert generate(model, processor, "Hello there", max_tokens=MAX_NEW) == reply
+
+
+def test_full_resolution_switch_matches_generate_normal(setup):
+    """`flash=False` is upstream's `generate_normal`: every tile through mlp1, nothing dropped."""
+    up, model, processor, tok, _ = setup
+    question = "Image-1: <image>\nImage-2: <image>\nCompare them."
+    inputs = processor(question, images=IMAGES, max_tiles=MAX_TILES)
+    up.flash_mode = False
+    try:
+        spy, reply, _ = upstream_chat(up, tok, question, inputs)
+    finally:
+        up.flash_mode = True
+    assert not spy.calls  # upstream's compression never ran
+    tokens, text, last = our_tokens(model, processor, question, IMAGES, flash=False)
+    assert text == reply and last.router is None
+    assert last.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_batch_routes_each_request(setup):
+    up, model, processor, tok, _ = setup
+    prompts = ["Describe the image.", "Image-1: <image>\nImage-2: <image>\nCompare them.", "Hello there"]
+    images = [IMAGES[:1], IMAGES, None]
+    out = batch_generate(model, processor, prompts, images, max_tokens=MAX_NEW, max_tiles=MAX_TILES)
+    for text, q, ims in zip(out.texts, prompts, images):
+        inputs = processor(q, images=ims, max_tiles=MAX_TILES)
+        assert text == upstream_chat(up, tok, q, inputs)[1]
+
+
+def test_config_switch_and_errors(setup, tmp_path, build_case):
+    _, model, _, _, path = setup
+    cfg = json.loads((path / "config.json").read_text())
+    off = tmp_path / "off"
+    off.mkdir()
+    for f in path.iterdir():
+        (off / f.name).write_bytes(f.read_bytes())
+    (off / "config.json").write_text(json.dumps(dict(cfg, flash_mode=False)))
+    m_off, _ = mlx_internvl.load(off, dtype="float32")
+    assert not m_off.use_flash() and m_off.use_flash(True)
+    (off / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "flash_absolute_threshold"}))
+    with pytest.raises(UserError, match="flash_absolute_threshold"):
+        mlx_internvl.load(off, dtype="float32")
+    plain, _ = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    with pytest.raises(UserError, match="InternVL3.5-Flash checkpoint"):
+        plain.use_flash(True)
+
+
+def test_route_and_compress_ids_pure():
+    """`torch.quantile`'s linear rule, strict `>` against it, `>=` against the absolute threshold."""
+    import torch
+
+    p0 = np.array([0.2, 0.9, 0.5, 0.7, 0.7], dtype=np.float32)
+    for rel, ab in [(0.5, 0.0), (0.25, 0.7), (0.0, 0.6), (1.0, 0.0), (0.3, 0.75)]:
+        t = torch.from_numpy(p0)
+        ref = (t > torch.quantile(t, rel)) & (t >= ab)
+        np.testing.assert_array_equal(route(p0, rel, ab), ref.numpy())
+    assert not route(np.array([0.99], dtype=np.float32), 0.1, 0.0).any()  # one tile is its own quantile
+    ids = [1, 7, 7, 7, 7, 2, 7, 7, 7, 7, 3]
+    assert compress_ids(ids, 7, [True, False, False, True], per_tile=2, kept=1) == [1, 7, 7, 7, 2, 7, 7, 7, 3]
+    with pytest.raises(ValueError, match="image tokens"):
+        compress_ids(ids, 7, [True], per_tile=2, kept=1)

@@ -21,9 +21,9 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import validate
-from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .errors import UserError
 from .flash import FlashTiles, describe
+from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .images import ImageInput
 from .processing import (
     add_image_placeholders,

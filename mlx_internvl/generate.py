@@ -23,9 +23,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wired_limit
 
 from .errors import UserError
+from .flash import describe
 from .images import ImageInput
 from .prompt_cache import prepare_request
-from .flash import describe
 from .sampling import KVOptions, SamplingOptions, split_options
 from .validate import integer
 

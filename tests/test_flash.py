@@ -12,11 +12,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from builders import Case
 from conftest import ASSETS
 from flash_oracle import Spy, upstream_flash, write_flash_checkpoint
 
 import mlx_internvl
+from builders import Case
 from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.flash import compress_ids, route
@@ -49,8 +49,9 @@ def torch_pixels(inputs):
 def upstream_chat(up, tok, question, inputs, history=None):
     spy = Spy(up)
     pv = None if inputs["pixel_values"] is None else torch_pixels(inputs)
+    patches = list(inputs["num_tiles"]) if pv is not None else None
     reply, history = up.chat(tok, pv, question, dict(max_new_tokens=MAX_NEW, do_sample=False), history=history,
-                             return_history=True, num_patches_list=list(inputs["num_tiles"]) if pv is not None else None)
+                             return_history=True, num_patches_list=patches)
     return spy, reply, history
 
 

@@ -104,6 +104,22 @@ def test_flash_matches_upstream(setup, question, images):
     assert last.router.startswith(f"Flash router: {int(enc.compress.sum())}/{len(enc.compress)} tiles compressed")
 
 
+def test_router_stages_match_upstream(setup):
+    """Stage by stage (upstream `extract_feature_flash`): the router's p0 per tile, mlp2's 64 and mlp1's 256 rows."""
+    import torch
+
+    up, model, processor, _, _ = setup
+    inputs = processor("Image-1: <image>\nImage-2: <image>\nx", images=IMAGES, max_tiles=MAX_TILES)
+    pv = torch_pixels(inputs)
+    with torch.no_grad():
+        low, full, gate = up.extract_feature_flash(pv, torch.ones(pv.shape[0], dtype=torch.int64))
+    ours = model.flash_tiles(inputs["pixel_values"])
+    assert np.abs(ours.p0 - gate[:, 0].numpy()).max() < 1e-5
+    assert ours.low.shape == (pv.shape[0], 64, full.shape[-1])
+    assert np.abs(np.array(ours.low) - low.numpy()).max() < EMBED_TOL
+    assert np.abs(np.array(ours.full) - full.numpy()).max() < EMBED_TOL
+
+
 def test_both_thresholds_bite(setup):
     """The fixture's thresholds exercise each condition: a tile above the quantile kept by the absolute one."""
     _, model, processor, _, _ = setup
@@ -174,6 +190,35 @@ def test_config_switch_and_errors(setup, tmp_path, build_case):
     plain, _ = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
     with pytest.raises(UserError, match="InternVL3.5-Flash checkpoint"):
         plain.use_flash(True)
+
+
+def test_convert_and_export_keep_the_router(setup, tmp_path):
+    """convert -> MLX dir -> export (original layout) gives back the Flash tensors bit for bit and the config keys;
+    the converted model routes as the source does. The -hf layout has no router and is refused."""
+    from safetensors.numpy import load_file
+
+    from mlx_internvl.convert import convert
+    from mlx_internvl.convert.export import export_hf
+
+    _, model, processor, _, path = setup
+    mlx_dir = convert(path, tmp_path / "mlx")
+    out = export_hf(mlx_dir, tmp_path / "export", layout="original")
+    src, back = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    flash_keys = [k for k in src if k.startswith(("mlp2.", "gating.", "pooling_before_gating."))]
+    assert len(flash_keys) == 61
+    for k in flash_keys:
+        assert np.array_equal(src[k], back[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["flash_mode"], cfg["flash_relative_threshold"], cfg["flash_absolute_threshold"]) == (
+        True, RELATIVE, ABSOLUTE)
+    converted, _ = mlx_internvl.load(mlx_dir, dtype="float32")
+    inputs = processor("Image-1: <image>\nImage-2: <image>\nx", images=IMAGES, max_tiles=MAX_TILES)
+    ids = inputs["input_ids"][0].tolist()
+    ours = model.encode_request(ids, inputs["pixel_values"])
+    theirs = converted.encode_request(ids, inputs["pixel_values"])
+    assert theirs.ids == ours.ids and np.array_equal(theirs.compress, ours.compress)
+    with pytest.raises(UserError, match="no Flash router"):
+        export_hf(mlx_dir, tmp_path / "hf", layout="hf")
 
 
 def test_route_and_compress_ids_pure():

@@ -221,6 +221,34 @@ def test_convert_and_export_keep_the_router(setup, tmp_path):
         export_hf(mlx_dir, tmp_path / "hf", layout="hf")
 
 
+def test_cli_flash_switch_and_verbose_decisions(setup):
+    """`generate --verbose` prints the router's per-tile decisions; `--no-flash` runs full resolution; both replies
+    are upstream's (generate_flash / generate_normal)."""
+    from test_cli_generate import run
+
+    up, model, processor, tok, path = setup
+    question = "Image-1: <image>\nImage-2: <image>\nCompare them."
+    inputs = processor(question, images=IMAGES, max_tiles=MAX_TILES)
+    spy, reply, _ = upstream_chat(up, tok, question, inputs)
+    args = ["generate", "--model", path, "--image", *IMAGES, "--prompt", question, "--max-tokens", MAX_NEW,
+            "--max-tiles", MAX_TILES]
+    proc = run(args + ["--verbose"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == reply
+    decisions = spy.calls[0]["decisions"]
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("Flash router:"))
+    assert line.startswith(f"Flash router: {int(decisions.sum())}/{len(decisions)} tiles compressed")
+    assert [w.split("(")[0] for w in line.split(": ")[-1].split()] == ["low" if d else "full" for d in decisions]
+    up.flash_mode = False
+    try:
+        normal = upstream_chat(up, tok, question, inputs)[1]
+    finally:
+        up.flash_mode = True
+    proc = run(args + ["--no-flash", "--verbose"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == normal and "Flash router:" not in proc.stderr
+
+
 def test_route_and_compress_ids_pure():
     """`torch.quantile`'s linear rule, strict `>` against it, `>=` against the absolute threshold."""
     import torch

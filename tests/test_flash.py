@@ -174,6 +174,26 @@ def test_batch_routes_each_request(setup):
         assert text == upstream_chat(up, tok, q, inputs)[1]
 
 
+def test_speculative_decoding_with_the_router(setup):
+    """A self-draft shares the target's ViT, so it takes the routed features; the greedy reply stays upstream's.
+    A draft with a vision tower of its own is refused while the router is on."""
+    from mlx_internvl.speculative import Draft
+
+    up, model, processor, tok, path = setup
+    question = "Image-1: <image>\nImage-2: <image>\nCompare them."
+    reply = upstream_chat(up, tok, question, processor(question, images=IMAGES, max_tiles=MAX_TILES))[1]
+    draft = Draft.self_draft(model, 8, num_draft_tokens=2)
+    assert generate(model, processor, question, IMAGES, max_tokens=MAX_NEW, max_tiles=MAX_TILES, draft=draft) == reply
+    session = ChatSession(model, processor, max_tokens=MAX_NEW, max_tiles=MAX_TILES, draft=draft)
+    assert session.ask(question, images=IMAGES) == reply
+    other, other_proc = mlx_internvl.load(path, dtype="float32")
+    own = Draft.from_model(model, processor, other, other_proc)
+    with pytest.raises(UserError, match="share the target's vision tower"):
+        generate(model, processor, question, IMAGES, max_tokens=MAX_NEW, max_tiles=MAX_TILES, draft=own)
+    assert generate(model, processor, "Hello there", max_tokens=MAX_NEW, draft=own, flash=False) == upstream_chat(
+        up, tok, "Hello there", processor("Hello there"))[1]
+
+
 def test_config_switch_and_errors(setup, tmp_path, build_case):
     _, model, _, _, path = setup
     cfg = json.loads((path / "config.json").read_text())

@@ -73,6 +73,9 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
               help="Requests decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(0), default=32, show_default=True,
               help="Requests that may wait for a slot; beyond that the server answers 503 at once.")
+@click.option("--flash/--no-flash", "flash", default=None,
+              help="InternVL3.5-Flash checkpoints: the resolution router on or off (full resolution). Default: the "
+                   "config's flash_mode.")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

@@ -8,6 +8,7 @@ images with `num_patches_list`, two turns, text only; and the full-resolution sw
 """
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -267,6 +268,41 @@ def test_cli_flash_switch_and_verbose_decisions(setup):
     proc = run(args + ["--no-flash", "--verbose"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == normal and "Flash router:" not in proc.stderr
+
+
+def test_server_routes_and_keys_its_caches_on_the_decisions(setup):
+    """The server's replies are upstream's; a repeated request reuses its prompt cache and vision cache; a request
+    that shares the first image but routes it differently (the quantile spans other tiles) does not reuse the KV of
+    that image's tokens, and still answers as upstream does."""
+    openai = pytest.importorskip("openai")
+    from server_util import serving, user
+
+    up, model, processor, tok, path = setup
+    cat, other = IMAGES[1], str(ASSETS / "images" / "image2.jpg")
+    q = "Image-1: <image>\nImage-2: <image>\nCompare them."
+    pair_a, pair_b = [cat, cat], [cat, other]
+    first_tiles = processor(q, images=pair_a, max_tiles=MAX_TILES)["num_tiles"][0]
+
+    def first_image_decisions(images):
+        inputs = processor(q, images=images, max_tiles=MAX_TILES)
+        return model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"]).compress[:first_tiles]
+
+    assert not np.array_equal(first_image_decisions(pair_a), first_image_decisions(pair_b))  # the case in point
+    with serving(path, max_tiles=MAX_TILES, max_tokens=MAX_NEW) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for images, again in ((pair_a, True), (pair_b, False)):
+            inputs = processor(q, images=images, max_tiles=MAX_TILES)
+            spy, reply, _ = upstream_chat(up, tok, q, inputs)
+            r = client.chat.completions.create(model="tiny", messages=[user("Compare them.", *map(Path, images))])
+            assert r.choices[0].message.content == reply
+            assert r.usage.prompt_tokens == len(spy.calls[0]["ids"])
+            if again:
+                r2 = client.chat.completions.create(model="tiny", messages=[user("Compare them.",
+                                                                                  *map(Path, images))])
+                assert r2.choices[0].message.content == reply
+                assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+        stats = app.state.engine.stats
+        assert stats["vision_misses"] == 2 and stats["vision_hits"] >= 4  # cat once, image2 once
 
 
 def test_route_and_compress_ids_pure():

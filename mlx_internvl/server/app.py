@@ -75,6 +75,7 @@ class ServerConfig:
     max_tokens: int = 1024
     temperature: float = 0.0
     prefill_step_size: int = 512
+    flash: Optional[bool] = None  # InternVL3.5-Flash router: None follows the checkpoint's flash_mode
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -147,7 +148,7 @@ def start_engine(cfg: ServerConfig, group=None) -> Engine:
 
     engine = Engine(load_model, decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
                     prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
-                    prefill_step_size=cfg.prefill_step_size, group=group)
+                    prefill_step_size=cfg.prefill_step_size, group=group, flash=cfg.flash)
     engine.start()
     return engine
 

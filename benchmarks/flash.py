@@ -4,11 +4,12 @@ router's own cost, at 1, 7 and 13 tiles on the full-size `internvl3_5-1b-flash` 
     python benchmarks/flash.py --tiles 1,7,13
 
 The ViT is the same for both variants and linear in tiles: it runs on one tile, its time counts n times in both
-variants, and the other tiles' ViT states are that tile's plus independent noise (so the router scores differ per
-tile). Each variant then adds its own projection (router off: mlp1; on: pooling + gating + mlp1 + mlp2) and
-the prefill of its prompt (`<IMG_CONTEXT>` x 256 per tile, or 64 per compressed tile) to the first token. With
-random weights the router's scores are close together; the preset's thresholds (relative 0.5, absolute 0) compress the tiles above
-the request's median, so none at 1 tile (a lone tile is its own quantile, as upstream decides). Ratios are on/off.
+variants, and the other tiles' ViT states are that tile's plus independent noise (so the router's scores differ
+per tile). Each variant then adds its own projection (off: mlp1; on: pooling + gating + mlp1 + mlp2) and the
+prefill of its prompt (`<IMG_CONTEXT>` x 256 per tile, or 64 per compressed tile) up to the first token. With
+random weights the scores are close together; the preset's thresholds (relative 0.5, absolute 0) compress the
+tiles above the request's median, so none at 1 tile (a lone tile is its own quantile, as upstream decides).
+Ratios are on/off.
 """
 
 import argparse

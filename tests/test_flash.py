@@ -149,6 +149,21 @@ def test_text_only_matches_upstream(setup):
     assert generate(model, processor, "Hello there", max_tokens=MAX_NEW) == reply
 
 
+def test_video_frames_are_routed_as_upstream(setup):
+    """Video frames are one tile each; the router decides over the frames (upstream: chat with one patch each)."""
+    pytest.importorskip("av")
+    from mlx_internvl.processing import add_video_placeholders
+
+    up, model, processor, tok, _ = setup
+    clip = str(ASSETS / "video" / "carphone_pristine.mp4")
+    inputs = processor("What happens?", video=clip, num_frames=6)
+    spy, reply, _ = upstream_chat(up, tok, add_video_placeholders("What happens?", 6), inputs)
+    enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"])
+    np.testing.assert_array_equal(enc.compress, spy.calls[0]["decisions"])
+    assert enc.compress.any() and enc.ids == spy.calls[0]["ids"].tolist()
+    assert generate(model, processor, "What happens?", video=clip, num_frames=6, max_tokens=MAX_NEW) == reply
+
+
 def test_full_resolution_switch_matches_generate_normal(setup):
     """`flash=False` is upstream's `generate_normal`: every tile through mlp1, nothing dropped."""
     up, model, processor, tok, _ = setup

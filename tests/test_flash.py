@@ -320,6 +320,18 @@ def test_server_routes_and_keys_its_caches_on_the_decisions(setup):
         assert stats["vision_misses"] == 2 and stats["vision_hits"] >= 4  # cat once, image2 once
 
 
+def test_lora_leaves_the_router_and_mlp2_frozen(setup):
+    """LoRA adapts the LLM (and mlp1 when asked); the router and mlp2 stay frozen, even with the projector trained."""
+    from mlx_internvl.adapters import LoraConfig, apply_lora, trainable_weights
+
+    _, _, _, _, path = setup
+    model, _ = mlx_internvl.load(path, dtype="float32")
+    apply_lora(model, LoraConfig(rank=4, train_projector="full"))
+    names = list(trainable_weights(model))
+    assert any(n.startswith("language_model.") for n in names) and any(n.startswith("mlp1.") for n in names)
+    assert not [n for n in names if n.startswith(("mlp2.", "gating.", "pooling_before_gating."))]
+
+
 def test_route_and_compress_ids_pure():
     """`torch.quantile`'s linear rule, strict `>` against it, `>=` against the absolute threshold."""
     import torch

@@ -58,7 +58,8 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     session = ChatSession(model, processor, system_message=system_message, max_tiles=max_tiles, max_tokens=max_tokens,
                           sampling=sampling, kv=kv, num_frames=num_frames, exif_transpose=exif_transpose,
                           **load_extras(model, processor, dtype, options, group),
-                          stop_on_eos=stop_on_eos, thinking=thinking, thinking_budget=thinking_budget)
+                          stop_on_eos=stop_on_eos, thinking=thinking, thinking_budget=thinking_budget,
+                          flash=options.get("flash"))
     media = {"images": list(images), "video": None}  # attached to the next question
     click.echo(f"Chatting with {model_path} (template {processor.template.name}). {HELP}", err=True)
     reader = LineReader()
@@ -120,6 +121,8 @@ def _answer(line: str, session, media: dict, group, num_frames: int, verbose: bo
         click.echo(f"Error: {e}", err=True)
         return
     click.echo()
+    if verbose and session.router:
+        click.echo(session.router, err=True)
     if verbose and last is not None:
         click.echo(stats_text(last, session.draft), err=True)
 

@@ -72,7 +72,12 @@ def model_options(f):
         click.option("--stop-on-eos", is_flag=True,
                      help="Also stop on the tokenizer's eos token (upstream chat() stops only on the template's end "
                           "token, so this is off by default)."),
-        click.option("--verbose", "-v", is_flag=True, help="Show the layout read, prompt, tiles and speed on stderr."),
+        click.option("--flash/--no-flash", "flash", default=None,
+                     help="InternVL3.5-Flash checkpoints: run the resolution router (compress simple tiles to 64 "
+                          "tokens) or every tile at full resolution (upstream's generate_normal). Default: the "
+                          "config's flash_mode."),
+        click.option("--verbose", "-v", is_flag=True,
+                     help="Show the layout read, prompt, tiles, the Flash router's decisions and speed on stderr."),
     ])
 
 
@@ -236,7 +241,9 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     last = None
     for last in stream_generate(model, processor, prompt, inputs=inputs, max_tokens=max_tokens, sampling=sampling,
                                 kv=kv, stop_on_eos=stop_on_eos, thinking_budget=thinking_budget,
-                                response_format=fmt, **extras):
+                                response_format=fmt, flash=options.get("flash"), **extras):
+        if verbose and last.router and last.generation_tokens <= 1:
+            click.echo(last.router, err=True)
         click.echo(last.text, nl=False)
         sys.stdout.flush()
     click.echo()

@@ -91,6 +91,9 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--max-connections", type=click.IntRange(1, 1 << 20), default=None,
               help="Open connections at most; more are closed as they arrive (default: the open-file limit less 256).")
 @thinking_options
+@click.option("--flash/--no-flash", "flash", default=None,
+              help="InternVL3.5-Flash checkpoints: the resolution router on or off (full resolution). Default: the "
+                   "config's flash_mode.")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
     """Serve a model over the OpenAI chat-completions API, with a web chat page at /.

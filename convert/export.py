@@ -149,7 +149,8 @@ def original_config(config: ModelConfig, dtype_name: str, remote_code: bool) -> 
         out["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
                            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
-    for key in ("system_message", "eos_token_id"):
+    for key in ("system_message", "eos_token_id", "flash_mode", "flash_relative_threshold",
+                "flash_absolute_threshold"):
         if getattr(config, key) is not None:
             out[key] = getattr(config, key)
     return out
@@ -158,6 +159,9 @@ def original_config(config: ModelConfig, dtype_name: str, remote_code: bool) -> 
 def check_exportable(config: ModelConfig, layout: str) -> None:
     if layout not in LAYOUTS:
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "hf" and config.is_flash:
+        raise UserError("transformers' InternVL has no Flash router (gating, mlp2); export this InternVL3.5-Flash "
+                        "model with --layout original instead")
     if layout == "hf" and config.ps_version == "v1":
         raise UserError(
             "this model uses ps_version 'v1' (the InternVL 1.5 token order), which transformers' InternVL cannot "

@@ -84,6 +84,15 @@ ORIGINAL = Renames([
     ("^mlp1.0.",                                  "^mlp1.layer_norm."),
     ("^mlp1.1.",                                  "^mlp1.linear_1."),
     ("^mlp1.3.",                                  "^mlp1.linear_2."),
+    # InternVL3.5-Flash: mlp2 (dropouts at 3, 6) and the router's gating blocks (dropouts at 2, 4).
+    ("^mlp2.0.",                                  "^mlp2.layer_norm."),
+    ("^mlp2.1.",                                  "^mlp2.linear_1."),
+    ("^mlp2.4.",                                  "^mlp2.linear_2."),
+    ("^mlp2.7.",                                  "^mlp2.linear_3."),
+    *[(f"^gating.block{i}.{a}.", f"^gating.block{i}.{b}.") for i in range(1, 5)
+      for a, b in (("0", "fc1"), ("3", "fc2"), ("5", "norm"))],
+    ("^gating.gate.0.",                           "^gating.gate_norm."),
+    ("^gating.gate.1.",                           "^gating.gate_proj."),
 ])
 
 # InternLM2 (original layout, under `language_model.`) <-> mlx-lm / transformers Llama. The fused `wqkv` keeps

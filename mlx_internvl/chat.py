@@ -21,6 +21,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import validate
+from .errors import UserError
+from .flash import FlashTiles, describe
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
 from .images import ImageInput
 from .processing import (
@@ -43,15 +45,22 @@ class ChatSession:
                  max_tokens: int = DEFAULT_MAX_TOKENS, sampling: Optional[SamplingOptions] = None,
                  kv: Optional[KVOptions] = None, num_frames: int = 8, exif_transpose: bool = False, draft=None,
                  prompt_cache_file=None, stop_on_eos: bool = False, extra_stop_tokens: Sequence = (),
-                 thinking: Optional[bool] = None, thinking_budget: Optional[int] = None, **options):
+                 thinking: Optional[bool] = None, thinking_budget: Optional[int] = None,
+                 flash: Optional[bool] = None, **options):
         """`sampling` and `kv` (or their fields as keywords, e.g. `temperature=0.7`, `kv_bits=8`) apply to every
         turn; a seed seeds once, here. `draft`: a `speculative.Draft`; `prompt_cache_file`: a path or a loaded
         `prompt_cache.PromptCacheFile`. Replies end at the template's end token (`stop_on_eos` adds the tokenizer's
         eos, `extra_stop_tokens` more). `thinking` (see `thinking.py`): True, the card's thinking system prompt (in
         place of the default) and temperature; False, each reply starts after an empty think block; None, neither.
         `thinking_budget`: at most that many reasoning tokens per reply, then `</think>` is forced. The history
-        keeps each whole reply, think block included, as upstream `chat(history=...)` does."""
+        keeps each whole reply, think block included, as upstream `chat(history=...)` does. `flash`: the Flash
+        router on/off (None: the checkpoint's `flash_mode`); each turn routes all the conversation's tiles again, as
+        upstream `chat(history=...)` does."""
         self.model, self.processor = model, processor
+        self.flash = model.use_flash(flash)
+        if self.flash and (prompt_cache_file is not None or (draft is not None and not draft.shares_vision)):
+            raise UserError("the Flash router cannot be combined with a prompt-cache file or a draft with its own "
+                            "vision tower yet; pass --no-flash (flash=False)")
         max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
         max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
         validate.conversation("", None, system_message)
@@ -79,6 +88,9 @@ class ChatSession:
         self._tiles: List = []  # per image (or frame), [T, S, S, 3] numpy tiles, in prompt order
         self._features: List[Optional[mx.array]] = []  # per image, [T*n, D], computed on first use
         self._draft_features: List[Optional[mx.array]] = []  # the same for a draft with its own ViT
+        self._flash_tiles: List[Optional[FlashTiles]] = []  # per image, both projections and p0 (Flash router on)
+        self._flash_rows: Optional[mx.array] = None  # this turn's routed image rows
+        self.router: Optional[str] = None  # this turn's router decisions, one line
         self._cache = None
         self._cache_ids: List[int] = []  # the token ids whose keys/values the cache holds
         self._prompt_len = 0  # how many of them were prompt (the rest were generated)
@@ -100,6 +112,7 @@ class ChatSession:
         self._tiles += new
         self._features += [None] * len(new)
         self._draft_features += [None] * len(new)
+        self._flash_tiles += [None] * len(new)
         return question
 
     def _image_rows(self, start: int, stop: int, draft: bool = False) -> Optional[mx.array]:
@@ -107,6 +120,8 @@ class ChatSession:
         `draft=True`: the draft's features."""
         if stop <= start:
             return None
+        if self.flash:
+            return self._flash_rows[start:stop]
         own = draft and not self.draft.shares_vision
         model, store = (self.draft.model, self._draft_features) if own else (self.model, self._features)
         per_tile = self.processor.config.num_image_token
@@ -120,6 +135,18 @@ class ChatSession:
                 parts.append(store[i][max(start - row, 0): stop - row])
             row += n
         return mx.concatenate(parts)
+
+    def _route(self, ids: List[int]) -> List[int]:
+        """With the Flash router on, `ids` with the compressed tiles' surplus image tokens dropped (the router
+        decides over every tile of the conversation); the routed image rows are kept for `_image_rows`."""
+        if not self.flash or not self._tiles:
+            return ids
+        for i, tiles in enumerate(self._tiles):
+            if self._flash_tiles[i] is None:
+                self._flash_tiles[i] = self.model.flash_tiles(mx.array(tiles))
+        enc = self.model.route_tiles(ids, FlashTiles.concat(self._flash_tiles))
+        self._flash_rows, self.router = enc.features, describe(enc.compress, enc.p0)
+        return enc.ids
 
     def _new_cache(self, ids: List[int]) -> Tuple[list, int]:
         """A cache for a first turn: empty, or the prompt-cache file's (which `ids` must extend); with a draft,
@@ -149,6 +176,7 @@ class ChatSession:
             num_tiles = [t.shape[0] for t in self._tiles]
             ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message,
                                        thinking=self.thinking).ids
+            ids = self._route(ids)
             max_tokens = proc.clamp_max_tokens(len(ids), max_tokens or self.max_tokens)
 
             common = 0
@@ -189,6 +217,7 @@ class ChatSession:
         finally:
             if not done:  # an interrupted or failed turn leaves the conversation as it was (and the cache unused)
                 del self._tiles[n_before:], self._features[n_before:], self._draft_features[n_before:]
+                del self._flash_tiles[n_before:]
                 self._cache, self._cache_ids = None, []
 
     def ask(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,

@@ -120,6 +120,10 @@ class ModelConfig(_FromDict):
     source_llm_architecture: Optional[str] = None
     quantization: Optional[dict] = None
     eos_token_id: Any = None
+    # InternVL3.5-Flash: None for other checkpoints; True/False whether the router runs by default.
+    flash_mode: Optional[bool] = None
+    flash_relative_threshold: Optional[float] = None
+    flash_absolute_threshold: Optional[float] = None
     # The directory this model was loaded from (tokenizer files, remote code for export); set on load, not saved.
     source_path: Optional[str] = None
     extra: dict = field(default_factory=dict)
@@ -136,6 +140,9 @@ class ModelConfig(_FromDict):
             raise UserError(
                 f"select_layer {self.select_layer} is outside the {depth}-layer vision encoder."
             )
+        if self.flash_mode and None in (self.flash_relative_threshold, self.flash_absolute_threshold):
+            raise UserError("config.json sets flash_mode but lacks flash_relative_threshold and/or "
+                            "flash_absolute_threshold; a Flash checkpoint's config has both")
         if self.image_size_mismatch:
             raise UserError(
                 f"force_image_size {self.force_image_size} differs from vision_config.image_size "
@@ -145,6 +152,11 @@ class ModelConfig(_FromDict):
     @property
     def image_size_mismatch(self) -> bool:
         return self.force_image_size != self.vision_config.image_size
+
+    @property
+    def is_flash(self) -> bool:
+        """An InternVL3.5-Flash checkpoint (router, gating and mlp2 weights), whether or not its router is on."""
+        return self.flash_mode is not None
 
     @property
     def model_type(self) -> str:
@@ -323,6 +335,9 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
             source_format="original",
             source_llm_architecture=arch,
             eos_token_id=config.get("eos_token_id"),
+            flash_mode=config.get("flash_mode"),
+            flash_relative_threshold=config.get("flash_relative_threshold"),
+            flash_absolute_threshold=config.get("flash_absolute_threshold"),
         )
     vision = _vision_from_hf(config["vision_config"])
     layer = config.get("vision_feature_layer", -1)

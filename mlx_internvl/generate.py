@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wired_limit
 
 from .errors import UserError
+from .flash import describe
 from .images import ImageInput
 from .prompt_cache import prepare_request
 from .sampling import KVOptions, SamplingOptions, split_options
@@ -47,6 +48,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop", "length", or None while generating
     num_tiles: List[int] = field(default_factory=list)
+    router: Optional[str] = None  # the Flash router's decisions, one line (see `flash.describe`)
 
 
 @dataclass
@@ -144,6 +146,32 @@ def _features(model, pixel_values: Optional[mx.array]) -> Optional[mx.array]:
     return None if pixel_values is None else model.extract_feature(pixel_values)
 
 
+def _router_line(enc) -> Optional[str]:
+    return None if enc.compress is None else describe(enc.compress, enc.p0)
+
+
+def _encode(model, processor, ids: List[int], inputs: dict, flash: Optional[bool], draft, prompt_cache_file,
+            prefill_step_size: int):
+    """(ids, features, draft features, cache, router line) of one request: the Flash router when it is on,
+    else the prompt-cache file / draft preparation."""
+    if model.use_flash(flash) and inputs["pixel_values"] is not None:
+        if prompt_cache_file is not None:
+            raise UserError("a prompt-cache file cannot be combined with the Flash router yet: its decisions "
+                            "depend on every tile of the request; pass --no-flash (flash=False)")
+        if draft is not None and not draft.shares_vision:
+            raise UserError("with the Flash router on, the draft model must share the target's vision tower "
+                            "(compressed tiles have no features of the draft's own); pass --no-flash")
+        enc = model.encode_request(ids, inputs["pixel_values"], flash)
+        processor.check_length(len(enc.ids))
+        return enc.ids, enc.features, enc.features if draft is not None else None, None, _router_line(enc)
+    if draft is None and prompt_cache_file is None:
+        return ids, _features(model, inputs["pixel_values"]), None, None, None
+    ids, features, draft_features, cache = prepare_request(
+        model, processor, ids, inputs["pixel_values"], inputs["num_tiles"], draft=draft,
+        prompt_cache_file=prompt_cache_file, prefill_step_size=prefill_step_size)
+    return ids, features, draft_features, cache, None
+
+
 def stream_generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,
                     video=None, num_frames: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS,
                     sampling: Optional[SamplingOptions] = None, kv: Optional[KVOptions] = None, max_tiles=None,
@@ -151,6 +179,7 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
                     inputs: Optional[dict] = None, draft=None, prompt_cache_file=None, stop_on_eos: bool = False,
                     extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
                     thinking_budget: Optional[int] = None, response_format=None,
+                    flash: Optional[bool] = None,
                     **options) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` with `images` (paths, URLs, bytes or PIL images) and/or a `video`, as the
     official `chat()` builds it. Yields `GenerationResponse` pieces; the last has `finish_reason` set.
@@ -162,7 +191,9 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     `thinking_budget`: see `thinking.py` (on: the card's system prompt and temperature; off: an empty think block;
     a budget forces `</think>` after that many reasoning tokens). `response_format` (a `structured.ResponseFormat`
     or an OpenAI `response_format` dict) constrains the reply to JSON; a reply cut off by `max_tokens` before its
-    JSON is complete ends with finish_reason "length"."""
+    JSON is complete ends with finish_reason "length". `flash`: run an InternVL3.5-Flash checkpoint's
+    resolution router (None: as its config's `flash_mode` says; False: every tile at full resolution, upstream's
+    `generate_normal`)."""
     sampling, kv = split_options(sampling, kv, thinking_options(thinking, sampling, options))
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
@@ -178,24 +209,24 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
     processors = processors + budget + ([rule] if rule is not None else [])
-    cache, draft_features = None, None
-    if draft is None and prompt_cache_file is None:
-        features = _features(model, inputs["pixel_values"])
-    else:
-        ids, features, draft_features, cache = prepare_request(
-            model, processor, ids, inputs["pixel_values"], inputs["num_tiles"], draft=draft,
-            prompt_cache_file=prompt_cache_file, prefill_step_size=kv.prefill_step_size)
-    yield from stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
-                             logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
-                             draft=draft, draft_features=draft_features, stop_on_eos=stop_on_eos,
-                             extra_stop_tokens=extra_stop_tokens)
+    ids, features, draft_features, cache, router = _encode(model, processor, ids, inputs, flash, draft,
+                                                           prompt_cache_file, kv.prefill_step_size)
+    for r in stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
+                           logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
+                           draft=draft, draft_features=draft_features, stop_on_eos=stop_on_eos,
+                           extra_stop_tokens=extra_stop_tokens):
+        r.router = router
+        yield r
 
 
 def generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,
              verbose: bool = False, **kwargs) -> str:
     """The whole reply to `prompt` (see `stream_generate` for the options), stripped as upstream strips it."""
-    text, last = "", None
+    text, last, shown = "", None, False
     for last in stream_generate(model, processor, prompt, images, **kwargs):
+        if verbose and last.router and not shown:
+            print(last.router)
+        shown = True
         if verbose:
             print(last.text, end="", flush=True)
         text += last.text
@@ -216,6 +247,7 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
                    kv: Optional[KVOptions] = None, max_tiles=None, system_message: Optional[str] = None,
                    stop_on_eos: bool = False, extra_stop_tokens: Sequence = (), thinking: Optional[bool] = None,
                    thinking_budget: Optional[int] = None, response_formats: Optional[Sequence] = None,
+                   flash: Optional[bool] = None,
                    **options) -> BatchResult:
     """Replies to several independent requests at once (upstream `batch_chat`): `images[i]` is the list of
     images of `prompts[i]` (or one image, or None). Decoding runs batched with left-padded KV caches; `kv` gives
@@ -238,13 +270,14 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     for text, ims in zip(prompts, images):
         ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
         inputs = processor(text, images=ims, max_tiles=max_tiles, system_message=system_message, thinking=thinking)
-        ids = inputs["input_ids"][0].tolist()
+        # Each request is routed on its own tiles, as upstream's single-request Flash path does.
+        enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"], flash)
+        ids = enc.ids
         limits.append(processor.clamp_max_tokens(len(ids), max_tokens))
         cache = model.make_cache()
         if len(ids) > 1:
             # Prefill all but the last token; the batch's first decode step feeds the last one.
-            for _ in stream_prefill(model, ids[:-1], _features(model, inputs["pixel_values"]), cache,
-                                    kv.prefill_step_size):
+            for _ in stream_prefill(model, ids[:-1], enc.features, cache, kv.prefill_step_size):
                 pass
         prompt_ids.append(ids)
         caches.append(cache)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .backbones import build_language_model, embedding_layer, forward_embeddings
 from .config import ModelConfig
 from .errors import UserError
+from .flash import CrossAttentionPooling, FlashTiles, Gating, LowResProjector, compress_ids, route, select_features
 from .projector import Projector, pixel_shuffle
 from .vision import InternVisionModel
 
@@ -47,6 +50,18 @@ def merge_image_features(
     return scatter_image_features(inputs_embeds, image_features, index, mask)
 
 
+@dataclass
+class EncodedRequest:
+    """A request's token ids and image features as the LLM takes them. With the Flash router on, `compress[t]`
+    says whether tile t was compressed (its score is `p0[t]`) and `ids` has the compressed tiles' surplus image
+    tokens dropped; otherwise both are None."""
+
+    ids: List[int]
+    features: Optional[mx.array]
+    compress: Optional[np.ndarray] = None
+    p0: Optional[np.ndarray] = None
+
+
 class InternVLChatModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,6 +70,11 @@ class InternVLChatModel(nn.Module):
         ratio = round(1 / config.downsample_ratio)
         self.mlp1 = Projector(config.vision_config.hidden_size * ratio * ratio, config.llm_config["hidden_size"])
         self.language_model = build_language_model(config.llm_config)
+        if config.is_flash:
+            c, d = config.vision_config.hidden_size, config.llm_config["hidden_size"]
+            self.pooling_before_gating = CrossAttentionPooling(c)
+            self.gating = Gating(c)
+            self.mlp2 = LowResProjector(c * ratio**4, d)
 
     @property
     def image_token_id(self) -> Optional[int]:
@@ -88,6 +108,44 @@ class InternVLChatModel(nn.Module):
         patch = self.config.vision_config.patch_size
         grid = (pixel_values.shape[1] // patch, pixel_values.shape[2] // patch)
         return self.project_features(self.vision_features(pixel_values), grid)
+
+    def flash_tiles(self, pixel_values: mx.array) -> FlashTiles:
+        """`[P, S, S, 3]` tiles -> both projections and the router's `p0` (upstream `extract_feature_flash`, which
+        takes the ViT's last layer)."""
+        h = self.vision_model(pixel_values, -1)[:, 1:]
+        p, n, c = h.shape
+        g = int(round(n**0.5))
+        grid = h.reshape(p, g, g, c)
+        r, version = self.config.downsample_ratio, self.config.ps_version
+        p0 = self.gating(self.pooling_before_gating(h))[:, 0]
+        low = self.mlp2(pixel_shuffle(grid, r * r, version))
+        full = self.mlp1(pixel_shuffle(grid, r, version))
+        mx.eval(p0, low, full)
+        return FlashTiles(np.array(p0, dtype=np.float32), low, full)
+
+    def use_flash(self, flash: Optional[bool] = None) -> bool:
+        """Whether the router runs: `flash` None follows the checkpoint's `flash_mode`; True needs a Flash model."""
+        if flash and not self.config.is_flash:
+            raise UserError("--flash / flash=True needs an InternVL3.5-Flash checkpoint (flash_mode in its "
+                            "config.json, with the gating and mlp2 weights); this model has no router")
+        return self.config.is_flash and bool(self.config.flash_mode if flash is None else flash)
+
+    def route_tiles(self, ids: Sequence[int], tiles: FlashTiles) -> EncodedRequest:
+        """Decide per tile over the whole request, and shorten `ids` (rendered with full tiles) to match."""
+        cfg = self.config
+        compress = route(tiles.p0, cfg.flash_relative_threshold, cfg.flash_absolute_threshold)
+        kept = tiles.low.shape[1]
+        new_ids = compress_ids(ids, self.image_token_id, compress, cfg.num_image_token, kept)
+        return EncodedRequest(new_ids, select_features(tiles, compress), compress, tiles.p0)
+
+    def encode_request(self, ids: Sequence[int], pixel_values: Optional[mx.array],
+                       flash: Optional[bool] = None) -> EncodedRequest:
+        """The ids and image features of one request (its prompt rendered with `num_image_token` per tile)."""
+        if pixel_values is None:
+            return EncodedRequest(list(ids), None)
+        if not self.use_flash(flash):
+            return EncodedRequest(list(ids), self.extract_feature(pixel_values))
+        return self.route_tiles(ids, self.flash_tiles(pixel_values))
 
     def embed_tokens(self, input_ids: mx.array) -> mx.array:
         return embedding_layer(self.language_model)(input_ids)

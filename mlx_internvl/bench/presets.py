@@ -46,6 +46,11 @@ PRESETS: Dict[str, dict] = {
                  rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=False),
         arch="Qwen3ForCausalLM", image_token_id=151671, note="ViT-300M + Qwen3-0.6B"),
 }
+# InternVL3.5-1B-Flash: InternVL3.5-1B plus the router and mlp2. The thresholds are benchmark settings (half of a
+# request's tiles above the median score compressed), not values read from a released config.
+PRESETS["internvl3_5-1b-flash"] = dict(copy.deepcopy(PRESETS["internvl3_5-1b"]), note="InternVL3.5-1B + ViR router",
+                                       flash=dict(flash_mode=True, flash_relative_threshold=0.5,
+                                                  flash_absolute_threshold=0.0))
 PRESETS["internvl3-1b"] = dict(copy.deepcopy(PRESETS["internvl2_5-1b"]), note="same shapes as InternVL2.5-1B")
 PRESETS["internvl3-1b"]["llm"]["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}
 
@@ -54,7 +59,7 @@ def preset_config(name: str) -> ModelConfig:
     p = PRESETS[name]
     return ModelConfig(vision_config=VisionConfig(**p.get("vision", VIT_300M)), llm_config=copy.deepcopy(p["llm"]),
                        template="internvl2_5", image_token_id=p["image_token_id"], ps_version="v2",
-                       source_format="original", source_llm_architecture=p["arch"])
+                       source_format="original", source_llm_architecture=p["arch"], **p.get("flash", {}))
 
 
 def random_model(name: str, dtype=mx.float32, seed: int = 0):

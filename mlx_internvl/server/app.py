@@ -90,6 +90,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # a connection's request line and headers, from its opening or its last reply
     body_timeout_s: float = 60.0  # a request's whole body, once its headers are in
     max_connections: Optional[int] = None  # open connections; None: the open-file limit less a margin
+    flash: Optional[bool] = None  # InternVL3.5-Flash router: None follows the checkpoint's flash_mode
     served_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -178,7 +179,8 @@ def start_engine(cfg: ServerConfig, group=None) -> Engine:
     engine = Engine(load_model, decode_concurrency=cfg.decode_concurrency, max_queue=cfg.max_queue,
                     prompt_cache_size=cfg.prompt_cache_size, vision_cache_size=cfg.vision_cache_size,
                     prefill_step_size=cfg.prefill_step_size, group=group,
-                    prompt_cache_bytes=cfg.prompt_cache_bytes, vision_cache_bytes=cfg.vision_cache_bytes)
+                    prompt_cache_bytes=cfg.prompt_cache_bytes, vision_cache_bytes=cfg.vision_cache_bytes,
+                    flash=cfg.flash)
     engine.start()
     return engine
 

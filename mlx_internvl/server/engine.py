@@ -32,6 +32,7 @@ from ..sampling import SamplingOptions
 from ..structured import constraint
 from ..thinking import budget_processors
 from . import caches, spmd
+from .flash_route import route_prompt
 from .protocol import APIError, usage
 from .render import Prompt
 
@@ -80,8 +81,10 @@ class Engine:
 
     def __init__(self, load: Callable[[], tuple], decode_concurrency: int = 8, max_queue: int = 32,
                  prompt_cache_size: int = 16, vision_cache_size: int = 32, prefill_step_size: int = 512,
-                 group=None, prompt_cache_bytes: Optional[int] = None, vision_cache_bytes: Optional[int] = None):
+                 group=None, prompt_cache_bytes: Optional[int] = None, vision_cache_bytes: Optional[int] = None,
+                 flash: Optional[bool] = None):
         self._load = load
+        self._flash_option = flash  # the Flash router: None follows the checkpoint's flash_mode
         self.group = group  # a `distributed.Group`: every rank runs this loop; rank 0's jobs are shared (spmd.py)
         self._jobs: dict = {}  # id -> job, from its arrival to its end
         self._ids = 0
@@ -150,6 +153,7 @@ class Engine:
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
             self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
             self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
+            self._flash = self.model.use_flash(self._flash_option)
             self._new_batch = lambda: BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                                                      prefill_batch_size=self.decode_concurrency,
                                                      stream=self._stream)
@@ -281,7 +285,11 @@ class Engine:
 
     def _start_prefill(self, job: Job):
         """(job, iterator of prefill chunks, join) for a job; `join()` puts it into the decode batch."""
-        p = job.prompt
+        p, flash_rows = job.prompt, None
+        if self._flash and p.images:
+            p, flash_rows, _ = route_prompt(self.model, self.processor.renderer, p, self._features,
+                                            self.vision_cache_size, self.stats)
+            job.prompt = p
         cache, rest = self._prompts.fetch_nearest_cache(MODEL_KEY, p.keyed)
         if cache is None:
             cache = self.model.make_cache()
@@ -299,8 +307,9 @@ class Engine:
         processors = processors + ([rule] if rule is not None else [])
         if len(suffix) > 1:
             n_image = sum(1 for t in suffix[:-1] if t == self.processor.image_token_id)
-            steps = stream_prefill(self.model, suffix[:-1], self._image_rows(p, n_image), cache,
-                                   self.prefill_step_size)
+            rows = self._image_rows(p, n_image) if flash_rows is None else (
+                flash_rows[flash_rows.shape[0] - n_image:] if n_image else None)
+            steps = stream_prefill(self.model, suffix[:-1], rows, cache, self.prefill_step_size)
         else:
             steps = iter(())
 

@@ -1,0 +1,47 @@
+"""The Flash router for the server: a request's prompt shortened by the router's decisions, with cache keys that
+carry those decisions.
+
+Each image's two projections and router score (`FlashTiles`) are cached by its content key, so a repeated image
+costs no ViT pass; the router then decides over all tiles of the request (the decision of one image depends on the
+others through the quantile). In the prompt-cache key each image's tokens take a pseudo id made of the image's key
+*and* its tiles' decisions: a cached prefix is reused only when the same images were compressed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from typing import Tuple
+
+import mlx.core as mx
+
+from ..flash import FlashTiles
+
+
+def decided_pseudo_id(key: Tuple, decisions: Tuple[bool, ...]) -> int:
+    return -1 - int(hashlib.sha256(repr((key, decisions)).encode()).hexdigest()[:12], 16)
+
+
+def route_prompt(model, renderer, prompt, tiles_cache: OrderedDict, cache_size: int, stats: dict):
+    """(the prompt with compressed ids and decision-keyed `keyed`, its image rows `[rows, D]`, router line)."""
+    parts = []
+    for spec in prompt.images:
+        tiles = tiles_cache.get(spec.key)
+        if tiles is None:
+            stats["vision_misses"] += 1
+            tiles = model.flash_tiles(mx.array(spec.pixel_values()))
+            tiles_cache[spec.key] = tiles
+            while len(tiles_cache) > cache_size:
+                tiles_cache.popitem(last=False)
+        else:
+            stats["vision_hits"] += 1
+            tiles_cache.move_to_end(spec.key)
+        parts.append(tiles)
+    enc = model.route_tiles(prompt.ids, FlashTiles.concat(parts))
+    keyed, tile = list(enc.ids), 0
+    for spec, (start, end) in zip(prompt.images, renderer.image_spans(enc.ids)):
+        decisions = tuple(bool(c) for c in enc.compress[tile: tile + spec.num_tiles])
+        tile += spec.num_tiles
+        keyed[start:end] = [decided_pseudo_id(spec.key, decisions)] * (end - start)
+    return dataclasses.replace(prompt, ids=enc.ids, keyed=keyed), enc.features, enc

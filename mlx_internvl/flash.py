@@ -121,6 +121,10 @@ class FlashTiles:
     low: mx.array
     full: mx.array
 
+    @property
+    def nbytes(self) -> int:  # what the server's feature cache counts against its byte budget
+        return self.p0.nbytes + self.low.nbytes + self.full.nbytes
+
     @staticmethod
     def concat(parts: Sequence[FlashTiles]) -> FlashTiles:
         return FlashTiles(np.concatenate([p.p0 for p in parts]), mx.concatenate([p.low for p in parts]),

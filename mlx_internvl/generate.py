@@ -266,21 +266,9 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     rules = [constraint(model, processor, f, eos) for f in formats]
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
     tic = time.perf_counter()
-    prompt_ids, caches, limits = [], [], []
-    for text, ims in zip(prompts, images):
-        ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
-        inputs = processor(text, images=ims, max_tiles=max_tiles, system_message=system_message, thinking=thinking)
-        # Each request is routed on its own tiles, as upstream's single-request Flash path does.
-        enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"], flash)
-        ids = enc.ids
-        limits.append(processor.clamp_max_tokens(len(ids), max_tokens))
-        cache = model.make_cache()
-        if len(ids) > 1:
-            # Prefill all but the last token; the batch's first decode step feeds the last one.
-            for _ in stream_prefill(model, ids[:-1], enc.features, cache, kv.prefill_step_size):
-                pass
-        prompt_ids.append(ids)
-        caches.append(cache)
+    prompt_ids, caches, limits = _prefill_rows(model, processor, prompts, images, max_tokens, kv, flash,
+                                               max_tiles=max_tiles, system_message=system_message,
+                                               thinking=thinking)
     prompt_time = time.perf_counter() - tic
     n_prompt = sum(len(p) for p in prompt_ids)
 
@@ -308,6 +296,26 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     return BatchResult(texts, out, n_prompt, n_gen, n_prompt / max(prompt_time, 1e-9),
                        n_gen / max(gen_time, 1e-9), mx.get_peak_memory() / 1e9, [finish.get(u, "length") for u in uids])
+
+
+def _prefill_rows(model, processor, prompts, images, max_tokens, kv, flash, **render):
+    """Each request rendered, routed on its own tiles (as upstream's single-request Flash path does) and prefilled
+    alone, all but its last token (the batch's first decode step feeds it): the rows' prompt ids, KV caches and
+    reply limits."""
+    prompt_ids, caches, limits = [], [], []
+    for text, ims in zip(prompts, images):
+        ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
+        inputs = processor(text, images=ims, **render)
+        enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"], flash)
+        ids = enc.ids
+        limits.append(processor.clamp_max_tokens(len(ids), max_tokens))
+        cache = model.make_cache()
+        if len(ids) > 1:
+            for _ in stream_prefill(model, ids[:-1], enc.features, cache, kv.prefill_step_size):
+                pass
+        prompt_ids.append(ids)
+        caches.append(cache)
+    return prompt_ids, caches, limits
 
 
 def stream_prefill(model, input_ids: List[int], image_features: Optional[mx.array], cache, step: int = 2048):

@@ -1,4 +1,5 @@
-"""InternVL3.5-Flash (the Visual Resolution Router) against the Flash repos' own modeling code (tests/upstream_flash).
+"""InternVL3.5-Flash (the Visual Resolution Router) against the Flash repos' own modeling code (loaded from
+$MLX_INTERNVL_UPSTREAM_FLASH: see tests/flash_oracle.py; skipped without it).
 
 A tiny case at 448 px (1024 patches and 256 tokens per tile, as upstream's compression hard-codes) gets seeded
 Flash modules from upstream's own classes; the thresholds make the router compress some tiles, keep others for the

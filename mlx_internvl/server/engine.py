@@ -287,8 +287,7 @@ class Engine:
         """(job, iterator of prefill chunks, join) for a job; `join()` puts it into the decode batch."""
         p, flash_rows = job.prompt, None
         if self._flash and p.images:
-            p, flash_rows, _ = route_prompt(self.model, self.processor.renderer, p, self._features,
-                                            self.vision_cache_size, self.stats)
+            p, flash_rows, _ = route_prompt(self.model, self.processor.renderer, p, self._features, self.stats)
             job.prompt = p
         cache, rest = self._prompts.fetch_nearest_cache(MODEL_KEY, p.keyed)
         if cache is None:

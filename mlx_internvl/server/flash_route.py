@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import OrderedDict
 from typing import Tuple
 
 import mlx.core as mx
@@ -23,20 +22,18 @@ def decided_pseudo_id(key: Tuple, decisions: Tuple[bool, ...]) -> int:
     return -1 - int(hashlib.sha256(repr((key, decisions)).encode()).hexdigest()[:12], 16)
 
 
-def route_prompt(model, renderer, prompt, tiles_cache: OrderedDict, cache_size: int, stats: dict):
-    """(the prompt with compressed ids and decision-keyed `keyed`, its image rows `[rows, D]`, router line)."""
+def route_prompt(model, renderer, prompt, tiles_cache, stats: dict):
+    """(the prompt with compressed ids and decision-keyed `keyed`, its image rows `[rows, D]`, router line).
+    `tiles_cache` is the server's `caches.FeatureCache` (bounded by count and bytes)."""
     parts = []
     for spec in prompt.images:
         tiles = tiles_cache.get(spec.key)
         if tiles is None:
             stats["vision_misses"] += 1
             tiles = model.flash_tiles(mx.array(spec.pixel_values()))
-            tiles_cache[spec.key] = tiles
-            while len(tiles_cache) > cache_size:
-                tiles_cache.popitem(last=False)
+            tiles_cache.put(spec.key, tiles)
         else:
             stats["vision_hits"] += 1
-            tiles_cache.move_to_end(spec.key)
         parts.append(tiles)
     enc = model.route_tiles(prompt.ids, FlashTiles.concat(parts))
     keyed, tile = list(enc.ids), 0

@@ -91,13 +91,14 @@ def val_batches(batcher: Optional[Batcher], limit: int) -> List[int]:
     return list(range(n))
 
 
-def encode_dataset(data: Dataset, processor, args):
+def encode_dataset(data: Dataset, processor, args, encode=encode_sample):
     """(encoded samples, problems, number truncated) with `args.max_tiles` / `args.max_length`; a bad sample becomes
-    a 'file:line: why' problem."""
+    a 'file:line: why' problem. `encode(sample, processor, max_tiles, max_length)`: SFT's `encode_sample` or the
+    preference pairs' `encode_pair`."""
     encoded, problems = [], list(data.problems)
     for s in data.samples:
         try:
-            encoded.append(encode_sample(s, processor, args.max_tiles, args.max_length))
+            encoded.append(encode(s, processor, args.max_tiles, args.max_length))
         except (BadLine, UserError) as e:
             problems.append(f"{s.where}: {e}")
     return encoded, problems, sum(e.truncated for e in encoded)

@@ -20,8 +20,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import UserError
-from .batching import Batcher, collate
+from .batching import Batcher, collate, encode_dataset
 from .data import BadLine, Dataset, Sample, parse_record
 from .render import Encoded, encode_sample
 
@@ -143,14 +142,8 @@ def encode_pair(pair: PairSample, processor, max_tiles=None, max_length=None) ->
 
 
 def encode_pairs(data: Dataset, processor, args):
-    """(encoded pairs, problems, number truncated), as `batching.encode_dataset` for SFT samples."""
-    encoded, problems = [], list(data.problems)
-    for p in data.samples:
-        try:
-            encoded.append(encode_pair(p, processor, args.max_tiles, args.max_length))
-        except (BadLine, UserError) as e:
-            problems.append(f"{p.where}: {e}")
-    return encoded, problems, sum(e.truncated for e in encoded)
+    """(encoded pairs, problems, number truncated), as `batching.encode_dataset` gives them for SFT samples."""
+    return encode_dataset(data, processor, args, encode=encode_pair)
 
 
 class PairBatcher(Batcher):

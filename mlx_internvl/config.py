@@ -171,6 +171,9 @@ class ModelConfig(_FromDict):
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["vision_config"] = self.vision_config.to_dict()
+        if not self.is_flash:  # other checkpoints' config.json stays as it was, without the Flash keys
+            for key in ("flash_mode", "flash_relative_threshold", "flash_absolute_threshold"):
+                del out[key]
         return out
 
 

@@ -49,6 +49,18 @@ def reference_logps(model, batch: dict, logits_fn: Callable, frozen: bool) -> mx
     return mx.stop_gradient(logps)
 
 
+def accumulate(model, optimizer, grad, prev_grad, do_update: bool, scale):
+    """One microbatch's gradient added to those of the step so far; on the step's last microbatch, scaled,
+    averaged over the data-parallel processes and applied (the SFT and preference steps share it). The gradient
+    still to carry, or None once applied."""
+    if prev_grad is not None:
+        grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+    if do_update:
+        optimizer.update(model, average_gradients(tree_map(lambda g: g * scale, grad)))
+        return None
+    return grad
+
+
 def make_preference_step(model, optimizer, cfg: PreferenceConfig, logits_fn: Callable, frozen: bool = True,
                          compile: bool = True, world: int = 1):
     """`(step, state)`: `step(batch, ref, prev_grad, do_update, scale) -> (loss x pairs, metric sums, grad)`."""
@@ -67,13 +79,7 @@ def make_preference_step(model, optimizer, cfg: PreferenceConfig, logits_fn: Cal
             held = optimizer.state[RUNNING_KEY]
             for key in held:
                 held[key] = running[key]
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        if do_update:
-            grad = average_gradients(tree_map(lambda g: g * scale, grad))
-            optimizer.update(model, grad)
-            grad = None
-        return loss, metrics, grad
+        return loss, metrics, accumulate(model, optimizer, grad, prev_grad, do_update, scale)
 
     return (mx.compile(step, inputs=state, outputs=state) if compile else step), state
 

@@ -27,8 +27,6 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.nn.utils import average_gradients
-from mlx.utils import tree_map
 from tqdm import tqdm
 
 from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
@@ -42,7 +40,13 @@ from .checkpointing import grad_checkpointing, layer_types
 from .curve import LossLog
 from .data import Dataset
 from .pairs import PairBatcher, encode_pairs
-from .pref_step import check_preference_setup, init_preference_state, make_preference_step, preference_optimizer_step
+from .pref_step import (
+    accumulate,
+    check_preference_setup,
+    init_preference_state,
+    make_preference_step,
+    preference_optimizer_step,
+)
 from .preference import METRICS, PreferenceConfig, metrics_dict
 from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged
 
@@ -121,13 +125,7 @@ def make_step(model, optimizer, frozen_features: bool = True, compile: bool = Tr
 
     def step(batch, prev_grad, do_update, scale):
         (ce, ntok), grad = value_and_grad(model, batch)
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        if do_update:
-            grad = average_gradients(tree_map(lambda g: g * scale, grad))
-            optimizer.update(model, grad)
-            grad = None
-        return ce, ntok, grad
+        return ce, ntok, accumulate(model, optimizer, grad, prev_grad, do_update, scale)
 
     return (mx.compile(step, inputs=state, outputs=state) if compile else step), state
 

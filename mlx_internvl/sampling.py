@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
 
 from .distributed import agree
 from .errors import UserError
@@ -125,6 +125,21 @@ class SamplingOptions:
             presence_context_size=self.presence_context_size, frequency_penalty=self.frequency_penalty,
             frequency_context_size=self.frequency_context_size)
         return sampler, processors
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int):
+    """mlx-lm's sampling (its top-p filter, then a categorical draw at `temperature`) from the request's own random
+    key, so a seeded reply does not depend on what else is in the batch."""
+    key = mx.random.key(seed)
+
+    def sample(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if 0.0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+
+    return sample
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ What a request must pass before its body is read (content type, origin, host) an
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import signal
@@ -23,7 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,21 +29,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
-from ..thinking import temperature_for, think_token_ids
-from . import caches
+from ..thinking import temperature_for
+from . import caches, responses
 from .budget import Limits
-from .engine import Engine, Job
-from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
+from .engine import Engine
+from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, loopback_names
 from .media import MediaPolicy
-from .protocol import APIError, json_format, new_id, parse_request
+from .protocol import APIError, new_id, parse_request
 from .render import Renderer
-from .replies import Events, collect, stream
+from .replies import collect, stream
+from .responses_protocol import ResponseStore
+from .start import Started, start
 
 
 @dataclass
@@ -79,6 +78,8 @@ class ServerConfig:
     prompt_cache_size: int = 16
     vision_cache_bytes: Optional[int] = None  # None: a share of the machine's memory (server/caches.py)
     prompt_cache_bytes: Optional[int] = None
+    response_store_size: int = 256  # Responses API responses kept for previous_response_id
+    response_store_bytes: int = 256 * 10**6
     decode_concurrency: int = 8
     max_queue: int = 32
     max_tokens: int = 1024
@@ -95,7 +96,7 @@ class ServerConfig:
 
     def __post_init__(self):
         self.model_name = self.model_name or str(self.model)
-        for name in ("prompt_cache_bytes", "vision_cache_bytes"):
+        for name in ("prompt_cache_bytes", "vision_cache_bytes", "response_store_bytes"):
             if getattr(self, name) is not None:
                 setattr(self, name, caches.parse_size(getattr(self, name), f"--{name.replace('_', '-')}"))
 
@@ -103,34 +104,6 @@ class ServerConfig:
 def _error(e: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, or a 413 past `limit`, or a 408 when it takes longer than `timeout_s`. A moderately oversized body
-    is read to its end (and dropped) before the answer, so that clients which send the whole body before reading
-    get the 413 instead of a broken pipe."""
-    too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
-                            "(--max-request-mb)", None, "request_too_large")
-    if int(request.headers.get("content-length") or 0) > 8 * limit:
-        raise too_big
-    body, total = bytearray(), 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for block in request.stream():
-                total += len(block)
-                if total > 8 * limit:
-                    break
-                if total <= limit:
-                    body += block
-    except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", None,
-                       "request_timeout") from None
-    except ClientDisconnect:  # nobody reads the answer; it only keeps the log free of a traceback
-        raise APIError(400, "the client closed the connection before the end of the body", None,
-                       "client_disconnected") from None
-    if total > limit:
-        raise too_big
-    return bytes(body)
 
 
 @dataclass
@@ -201,8 +174,8 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
                                engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
                                int(time.time()), loopback_names(cfg.host, cfg.allowed_origins))
     if cfg.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -211,6 +184,10 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
+    app.state.responses = ResponseStore(cfg.response_store_size, cfg.response_store_bytes)
+    app.add_api_route("/v1/responses", responses.create_response, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", responses.get_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", responses.delete_response, methods=["DELETE"])
     return app
 
 
@@ -253,44 +230,14 @@ async def _models(request: Request):
 
 async def _chat_completions(request: Request):
     st: _Server = request.app.state.server
-    st.check_key(request)
-    check_browser(request, st.cfg.allowed_origins, st.loopback_names)
-    # The slot is taken before the body is read: at most decode_concurrency + max_queue bodies are held at once.
-    if not st.engine.try_reserve():
-        raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
-                       None, "server_busy")
-    try:
-        req = parse_request(await _read_body(request, st.limit, st.cfg.body_timeout_s), st.vocab)
-        if req.model != st.cfg.model_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
-                                f"{st.cfg.model_name!r}", "model", "model_not_found")
-        thinking = req.thinking(st.cfg.thinking)
-        budget = st.cfg.thinking_budget if req.thinking_token_budget is None else req.thinking_token_budget
-        if budget is not None:
-            try:
-                think_token_ids(st.renderer.processor.tokenizer)
-            except UserError as e:
-                raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
-        sampling, fmt = st.sampling(req, thinking), json_format(req)
-        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
-    except BaseException:
-        st.engine.release()
-        raise
-    events = Events(request, st)
-    job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-              thinking_budget=budget, response_format=fmt)
-    events.job = job
-    st.engine.submit(job)
-    try:
-        first = await events.next()
-    except asyncio.TimeoutError:  # the client left
-        return JSONResponse({}, status_code=499)
-    if first[0] == "error":
-        raise first[1]
+    started = await start(request, st, lambda raw: parse_request(raw, st.vocab))
+    if not isinstance(started, Started):
+        return started
+    req, job = started.req, started.job
     if req.stream:
-        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+        return EventSourceResponse(stream(job, started.first, started.events.next, new_id(), st.cfg.model_name, req),
                                    headers={"Cache-Control": "no-cache"})
-    return await collect(first, events, st.cfg.model_name, req)
+    return await collect(started.first, started.events, st.cfg.model_name, req)
 
 
 def serve(model: str, group=None, **options) -> None:

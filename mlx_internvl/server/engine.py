@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -23,12 +24,11 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import trim_prompt_cache
-from mlx_lm.sample_utils import apply_top_p
 
 from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
-from ..sampling import SamplingOptions
+from ..sampling import SamplingOptions, seeded_sampler
 from ..structured import constraint
 from ..thinking import budget_processors
 from . import caches, spmd
@@ -50,6 +50,7 @@ class Job:
     thinking_budget: Optional[int] = None  # at most this many reasoning tokens, then </think> is forced
     response_format: Optional[object] = None  # a structured.ResponseFormat: the reply is constrained to JSON
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)  # when its request came in (for the time to first token)
     id: int = 0  # set by the generation thread; the same on every rank of a group
     dropped: bool = False  # cancellation as the generation loop sees it (on every rank at the same step)
     # filled in on the generation thread
@@ -59,21 +60,6 @@ class Job:
     sent: int = 0  # characters of `text` already emitted
     lead: Optional[int] = None  # where the reply starts after leading whitespace
     logprobs: list = field(default_factory=list)
-
-
-def seeded_sampler(temperature: float, top_p: float, seed: int):
-    """mlx-lm's sampling (its top-p filter, then a categorical draw at `temperature`) from the request's own random
-    key, so a seeded reply does not depend on what else is in the batch."""
-    key = mx.random.key(seed)
-
-    def sample(logprobs):
-        nonlocal key
-        key, sub = mx.random.split(key)
-        if 0.0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
-
-    return sample
 
 
 class Engine:
@@ -98,8 +84,10 @@ class Engine:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
-        self.stats = {"requests": 0, "cached_tokens": 0, "prompt_tokens": 0, "vision_hits": 0, "vision_misses": 0,
-                      "max_batch": 0}
+        self.stats = {"requests": 0, "cached_tokens": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                      "prompt_cache_hits": 0, "vision_hits": 0, "vision_misses": 0, "max_batch": 0}
+        self.on_first_token: Callable[[float], None] = lambda seconds: None  # a job's time to first token (metrics)
+        self._active: dict = {}  # uid -> (job, detokenizer): the decoding batch
         self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
 
     def start(self) -> None:
@@ -123,6 +111,11 @@ class Engine:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests handed to the generation thread and not yet decoding (queued or prefilling)."""
+        return self._inbox.qsize() + max(0, len(self._jobs) - len(self._active))
 
     def try_reserve(self) -> bool:
         """Take a slot (active or queued); False when the server is full."""
@@ -163,7 +156,7 @@ class Engine:
             self.ready.set()
             return
         self.ready.set()
-        active = {}  # uid -> (job, detokenizer)
+        active = self._active
         waiting: List[Job] = []
         prefilling = None  # (job, prefill chunks, join)
         while True:
@@ -298,6 +291,7 @@ class Engine:
         job.cached_tokens = len(p.ids) - len(rest)
         self.stats["requests"] += 1
         self.stats["cached_tokens"] += job.cached_tokens
+        self.stats["prompt_cache_hits"] += job.cached_tokens > 0
         self.stats["prompt_tokens"] += len(p.ids)
         suffix = p.ids[job.cached_tokens:]
         sampler, processors = self._make_sampling(job.sampling)
@@ -336,6 +330,9 @@ class Engine:
         for r in responses:
             job, detok = active[r.uid]
             job.generated += 1
+            self.stats["generated_tokens"] += 1
+            if job.generated == 1:
+                self.on_first_token(time.monotonic() - job.arrived)
             finish = r.finish_reason
             if finish != "stop":  # the end token itself is not part of the reply
                 if r.token not in self._skip:

@@ -61,10 +61,12 @@ def loopback_names(host: str, allowed_origins: Sequence[str]) -> Optional[set]:
     return _LOOPBACK_NAMES | {_hostname(urlsplit(o).netloc) for o in allowed_origins if o != "*"}
 
 
-def check_browser(request: Request, allowed_origins: Sequence[str], loopback: Optional[set]) -> None:
-    """Refuse what a web page could send on its own: a non-JSON POST, a foreign `Origin`, a rebound `Host`."""
+def check_browser(request: Request, allowed_origins: Sequence[str], loopback: Optional[set],
+                  json_body: bool = True) -> None:
+    """Refuse what a web page could send on its own: a non-JSON POST (`json_body`), a foreign `Origin`, a rebound
+    `Host`."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
+    if json_body and ctype != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}; send the body as "
                             "JSON with 'Content-Type: application/json'", None, "unsupported_media_type")
     host = request.headers.get("host", "")

@@ -155,10 +155,11 @@ def json_format(req: ChatRequest) -> Optional[JsonFormat]:
     return fmt
 
 
-def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
-    """A validated `ChatRequest` from the request body, or an `APIError(400)` naming the first bad field."""
+def parse_request(raw: Union[bytes, dict], vocab_size: int) -> ChatRequest:
+    """A validated `ChatRequest` from the request body (or its fields as a dict), or an `APIError(400)` naming the
+    first bad field."""
     try:
-        req = ChatRequest.model_validate_json(raw)
+        req = ChatRequest.model_validate(raw) if isinstance(raw, dict) else ChatRequest.model_validate_json(raw)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"])

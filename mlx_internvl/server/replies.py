@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -68,36 +69,45 @@ async def collect(ev, events: Events, model: str, req):
             return JSONResponse({}, status_code=499)
 
 
+async def deltas(first, next_event):
+    """The reply as it comes: ("text", reasoning, answer, logprobs) per engine event (the think block's text is
+    reasoning), then the last event: ("done", finish_reason, usage) or ("error", APIError)."""
+    parser, ev = ReasoningParser(), first
+    while True:
+        if ev[0] == "delta":
+            yield ("text", *parser.feed(ev[1]), ev[2])
+        elif ev[0] == "done":
+            yield ("text", *parser.finish(), None)
+        if ev[0] != "delta":
+            yield ev
+            return
+        ev = await next_event()
+
+
+def sse(obj, event: Optional[str] = None) -> bytes:
+    return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False), event=event)
+
+
 async def stream(job: Job, first, next_event, cid: str, model: str, req):
     """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
     chunk, the usage chunk if asked, then `[DONE]`."""
     created = int(time.time())
-    parser = ReasoningParser()
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def sse(obj) -> bytes:
-        return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
-
     try:
         yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
-        ev = first
-        while True:
-            if ev[0] == "delta" or ev[0] == "done":
-                reasoning, answer = parser.feed(ev[1]) if ev[0] == "delta" else parser.finish()
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
-                lp = ev[2] if req.logprobs and ev[0] == "delta" else None
+        async for piece in deltas(first, next_event):
+            if piece[0] == "text":
+                delta = {k: v for k, v in (("reasoning_content", piece[1]), ("content", piece[2])) if v}
+                lp = piece[3] if req.logprobs else None
                 if delta or lp:
                     yield sse(chunk(cid, model, created, delta or {"content": ""}, None, lp,
                                     include_usage=with_usage))
-            if ev[0] == "done":
-                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
+            elif piece[0] == "done":
+                yield sse(chunk(cid, model, created, {}, piece[1], include_usage=with_usage))
                 if with_usage:
-                    yield sse(usage_chunk(cid, model, created, ev[2]))
-                break
-            elif ev[0] == "error":  # an error after the stream started: OpenAI's streams carry it as an error object
-                yield sse(ev[1].body())
-                break
-            ev = await next_event()
+                    yield sse(usage_chunk(cid, model, created, piece[2]))
+            else:  # an error after the stream started: OpenAI's streams carry it as an error object
+                yield sse(piece[1].body())
         yield format_sse_event(data_str="[DONE]")
     finally:
         job.cancelled.set()  # no-op when finished; stops generation when the client went away

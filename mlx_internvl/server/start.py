@@ -1,0 +1,107 @@
+"""What every generating route (chat completions, responses) does before its reply, in one place: the key, the
+browser rules, a generation slot (taken before the body is read, so at most decode_concurrency + max_queue bodies
+are held at once), the body under its size and time limits, the request parsed into a `ChatRequest`, its thinking
+switch and budget, sampling and JSON constraint checked, the prompt rendered within its budget (off the event
+loop), and the job submitted to the engine. The route only shapes the reply from the job's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Tuple, Union
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from ..errors import UserError
+from ..thinking import think_token_ids
+from .engine import Job
+from .guard import check_browser
+from .protocol import APIError, ChatRequest, json_format
+from .replies import Events
+
+
+@dataclass
+class Started:
+    """A submitted request: what was asked, its job, its events and the first of them (not an error)."""
+
+    req: ChatRequest
+    job: Job
+    events: Events
+    first: tuple
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, or a 413 past `limit`, or a 408 when it takes longer than `timeout_s`. A moderately oversized body
+    is read to its end (and dropped) before the answer, so that clients which send the whole body before reading
+    get the 413 instead of a broken pipe."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit >> 20} MB "
+                            "(--max-request-mb)", None, "request_too_large")
+    if int(request.headers.get("content-length") or 0) > 8 * limit:
+        raise too_big
+    body, total = bytearray(), 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for block in request.stream():
+                total += len(block)
+                if total > 8 * limit:
+                    break
+                if total <= limit:
+                    body += block
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", None,
+                       "request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; it only keeps the log free of a traceback
+        raise APIError(400, "the client closed the connection before the end of the body", None,
+                       "client_disconnected") from None
+    if total > limit:
+        raise too_big
+    return bytes(body)
+
+
+async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> Tuple[ChatRequest, Job]:
+    arrived = time.monotonic()
+    req = parse(await read_body(request, st.limit, st.cfg.body_timeout_s))
+    if req.model != st.cfg.model_name:
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
+                       "model", "model_not_found")
+    thinking = req.thinking(st.cfg.thinking)
+    budget = st.cfg.thinking_budget if req.thinking_token_budget is None else req.thinking_token_budget
+    if budget is not None:
+        try:
+            think_token_ids(st.renderer.processor.tokenizer)
+        except UserError as e:
+            raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
+    sampling, fmt = st.sampling(req, thinking), json_format(req)
+    prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
+    return req, Job(prompt, sampling, None, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
+                    thinking_budget=budget, response_format=fmt, arrived=arrived)
+
+
+async def start(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> Union[Started, JSONResponse]:
+    """Admit, parse (`parse(body)`: a `ChatRequest` or an APIError), render and submit a request; an `APIError`
+    for what is refused, a 499 response when the client left before the first event."""
+    st.check_key(request)
+    check_browser(request, st.cfg.allowed_origins, st.loopback_names)
+    if not st.engine.try_reserve():
+        raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
+                       None, "server_busy")
+    try:
+        req, job = await _prepare(request, st, parse)
+    except BaseException:
+        st.engine.release()
+        raise
+    events = Events(request, st)
+    job.emit, events.job = events.emit, job
+    st.engine.submit(job)
+    try:
+        first = await events.next()
+    except asyncio.TimeoutError:  # the client left
+        return JSONResponse({}, status_code=499)
+    if first[0] == "error":
+        raise first[1]
+    return Started(req, job, events, first)

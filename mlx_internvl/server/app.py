@@ -40,6 +40,7 @@ from .budget import Limits
 from .engine import Engine
 from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, loopback_names
 from .media import MediaPolicy
+from .metrics import CountRequests, Metrics, metrics_route
 from .protocol import APIError, new_id, parse_request
 from .render import Renderer
 from .replies import collect, stream
@@ -176,12 +177,15 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     if cfg.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.state.metrics = Metrics(engine)
+    app.add_middleware(CountRequests, metrics=app.state.metrics)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal)
     app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
     app.state.responses = ResponseStore(cfg.response_store_size, cfg.response_store_bytes)

@@ -77,6 +77,11 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
 @click.option("--prompt-cache-bytes", metavar="SIZE", default=None,
               help="Most bytes of conversations' KV caches kept, running requests' included, e.g. 8G (default: 1/4 "
                    "of this machine's memory).")
+@click.option("--response-store-size", type=click.IntRange(0, COUNT_MAX), default=256, show_default=True,
+              help="Responses API replies kept for previous_response_id and GET /v1/responses/ID (oldest out first).")
+@click.option("--response-store-bytes", metavar="SIZE", default="256MB", show_default=True,
+              help="Most bytes those kept responses take, their conversations (images' data URLs included) counted "
+                   "as JSON.")
 @click.option("--decode-concurrency", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Requests decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(0, COUNT_MAX), default=32, show_default=True,
@@ -96,7 +101,8 @@ except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
                    "config's flash_mode.")
 @click.option("--verbose", "-v", is_flag=True, help="Log mlx-internvl's notes.")
 def command(model_path, verbose, **options):
-    """Serve a model over the OpenAI chat-completions API, with a web chat page at /.
+    """Serve a model over the OpenAI chat-completions and Responses APIs, with a web chat page at / and Prometheus
+    metrics at /metrics.
 
     Under mlx.launch the model is split over the ranks; rank 0 alone listens."""
     if serve is None:

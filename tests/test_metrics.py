@@ -2,7 +2,9 @@
 usage the `openai` client got back: prompt and generated tokens, cache hits), requests are counted by route and
 status, and every generation observed its time to first token."""
 
+import re
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,13 @@ def scrape(url) -> dict:
         text = r.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+
+def families(url) -> set:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        # (prometheus_client's `_created` timestamps aside)
+        return {f.name for f in parser.text_string_to_metric_families(r.read().decode())
+                if not f.name.endswith("_created")}
 
 
 def value(samples, name, **labels) -> float:
@@ -40,7 +49,7 @@ def test_counters_move_with_requests(build_case):
         r = client.responses.create(model="tiny", input="Hello")
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny", messages=[user("x")], temperature=5)
-        after = scrape(url)
+        after, served = scrape(url), families(url)
 
     def moved(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
@@ -61,3 +70,9 @@ def test_counters_move_with_requests(build_case):
     assert moved("time_to_first_token_seconds_count") == 5
     assert moved("time_to_first_token_seconds_sum") > 0
     assert value(after, "queue_depth") == 0 and value(after, "requests_inflight") == 0
+    # the serve page's table names what is served, no more, no less
+    docs = (Path(__file__).parents[1] / "docs" / "serve.md").read_text()
+    table = docs[docs.index("## Metrics"):docs.index("## Bad requests")]
+    named = {re.sub(r"_total$", "", n) for n in re.findall(r"`(mlx_internvl_\w+)", table)}
+    named |= {"mlx_internvl_vision_cache_misses"} if "`_misses_total`" in table else set()
+    assert named == served, (named ^ served)

@@ -141,6 +141,16 @@ def cases(local_dir: Path, slow_url: str):
         ("`response_format` with an invalid JSON Schema", dict(ok, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}), None, None),
         ("unknown route", ok, None, "/v1/embeddings"),
+        ("Responses: an `input_file` part", {"model": "tiny", "input": [{"role": "user", "content": [
+            {"type": "input_file", "file_id": "file-1"}]}]}, None, "/v1/responses"),
+        ("Responses: bad base64 in an `input_image`, after `instructions`", {
+            "model": "tiny", "instructions": "Be brief.", "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": "data:image/png;base64,!!not base64!!"}]}]}, None,
+         "/v1/responses"),
+        ("Responses: `previous_response_id` not kept", {"model": "tiny", "input": "Hi",
+                                                        "previous_response_id": "resp_gone"}, None, "/v1/responses"),
+        ("Responses: `tools`", {"model": "tiny", "input": "Hi", "tools": [{"type": "web_search"}]}, None,
+         "/v1/responses"),
     ]
 
 

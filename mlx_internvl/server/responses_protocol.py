@@ -143,8 +143,9 @@ def parse_responses(raw: bytes) -> ResponsesRequest:
             msg = "expected a string or a list of input items"
         else:
             msg = err["msg"]
-        raise APIError(400, f"{param}: {msg}" if param else msg, param or None,
-                       "invalid_type" if "type" in err["type"] else "invalid_value") from None
+        code = "unsupported_value" if err["type"] == "union_tag_invalid" else (
+            "invalid_type" if "type" in err["type"] else "invalid_value")
+        raise APIError(400, f"{param}: {msg}" if param else msg, param or None, code) from None
 
 
 def _refuse(body: ResponsesRequest) -> None:

@@ -47,6 +47,7 @@ def test_counters_move_with_requests(build_case):
                                                      stream_options={"include_usage": True}))
         usages.append(chunks[-1].usage)
         r = client.responses.create(model="tiny", input="Hello")
+        client.responses.retrieve(r.id)
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny", messages=[user("x")], temperature=5)
         after, served = scrape(url), families(url)
@@ -59,6 +60,8 @@ def test_counters_move_with_requests(build_case):
     assert moved("http_requests_total", endpoint=chat, status="400") == 1
     assert moved("http_requests_total", endpoint="/v1/responses", status="200") == 1
     assert moved("http_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    # by the route's template, not the raw path (one series, whatever the id)
+    assert moved("http_requests_total", endpoint="/v1/responses/{response_id}", status="200") == 1
     prompt = sum(u.prompt_tokens for u in usages) + r.usage.input_tokens
     generated = sum(u.completion_tokens for u in usages) + r.usage.output_tokens
     assert moved("prompt_tokens_total") == prompt and moved("generated_tokens_total") == generated

@@ -170,3 +170,27 @@ def test_bad_requests_name_the_field(client, body, param, words):
         client.post("/responses", body={"model": "tiny", **body}, cast_to=object)
     assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
     assert "messages" not in e.value.body["message"]
+
+
+def test_a_failure_after_the_stream_began_is_response_failed(client, monkeypatch):
+    import mlx.core as mx
+
+    from mlx_internvl.sampling import SamplingOptions
+
+    steps = [0]
+
+    def sampler(logprobs):  # greedy for a few tokens, then the decode step breaks
+        steps[0] += 1
+        if steps[0] > 6:
+            raise RuntimeError("broken decode step")
+        return mx.argmax(logprobs, axis=-1)
+
+    monkeypatch.setattr(SamplingOptions, "make", lambda self, special_tokens=(): (sampler, []))
+    with client.responses.stream(model="tiny", input="Tell me more.", max_output_tokens=20) as s:
+        events = list(s)
+    assert events[0].type == "response.created" and "response.output_text.delta" in [e.type for e in events]
+    last = events[-1]
+    assert last.type == "response.failed" and last.response.status == "failed"
+    assert "broken decode step" in last.response.error.message
+    monkeypatch.undo()
+    assert client.responses.create(model="tiny", input="Still there?", max_output_tokens=3).status == "incomplete"

@@ -16,7 +16,7 @@ from .options import int_range, thinking_options
 
 try:
     from mlx_internvl.server import serve
-except ImportError as e:  # FastAPI/uvicorn are the optional [server] extra
+except ImportError as e:  # FastAPI, uvicorn and prometheus-client are the optional [server] extra
     serve, MISSING = None, e
 
 
@@ -106,7 +106,8 @@ def command(model_path, verbose, **options):
 
     Under mlx.launch the model is split over the ranks; rank 0 alone listens."""
     if serve is None:
-        raise UserError(f"the server needs FastAPI and uvicorn ({MISSING}): pip install 'mlx-internvl[server]'")
+        raise UserError(f"the server needs FastAPI, uvicorn and prometheus-client ({MISSING}): pip install "
+                        "'mlx-internvl[server]'")
     if options["allow_private_image_hosts"] and not options["allow_remote_images"]:
         raise UserError("--allow-private-image-hosts only widens --allow-remote-images: pass both, or neither")
     setup_logging(verbose)

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, the web chat page, and the rules every request passes (key, size, slots).
+"""The FastAPI app: OpenAI routes (chat completions here, the Responses API in `responses.py`), the web chat page,
+`/metrics` (`metrics.py`), and the rules every request passes (key, size, slots: `start.py`).
 
 A request is parsed and rendered (counted against its budget first, then media fetched, decoded, tiled,
 tokenized) on a worker thread, then handed to the engine's generation thread; its results come back through an

@@ -129,7 +129,7 @@
   });
 
   // Markdown text -> a sanitized DocumentFragment.
-  function markdownFragment(text) { return purify.sanitize(md.parse(text), PURIFY); }
+  function markdownFragment(text) { return purify.sanitize(md.parse(text).trim(), PURIFY); }
 
   // Give each code block a Copy button (and its language); returns what now stands where `block` stood.
   function decorateCode(block) {

@@ -24,6 +24,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("websocket")
 from cdp import ASSISTANT, Browser, needs_chromium  # noqa: E402  (after the skips: cdp imports websocket)
 
+from mlx_internvl.server.app import PAGE_CSP  # noqa: E402
+
 pytestmark = needs_chromium
 
 CODE = "def area(r):\n    return 3.14159 * r ** 2"
@@ -123,14 +125,17 @@ def fresh(b: Browser):
 
 
 def turn(b: Browser, question: str, deltas, k: int = 1, finish: str = "stop") -> dict:
-    """Send `question` from the composer, answer the page's request with the canned `deltas`, wait for the k-th
-    reply to finish; returns the request the page sent."""
+    """Send `question` from the composer, answer the page's request with the canned `deltas` (None: let the server
+    answer), wait for the k-th reply to finish; returns the request the page sent."""
     b.js(f"document.getElementById('input').value = {json.dumps(question)}; document.getElementById('send').click();"
          " true")
     paused = b.event("Fetch.requestPaused")
-    body = base64.b64encode(chunks_sse(deltas, finish).encode()).decode()
-    b.call("Fetch.fulfillRequest", requestId=paused["requestId"], responseCode=200, body=body,
-           responseHeaders=[{"name": "Content-Type", "value": "text/event-stream"}])
+    if deltas is None:
+        b.call("Fetch.continueRequest", requestId=paused["requestId"])
+    else:
+        body = base64.b64encode(chunks_sse(deltas, finish).encode()).decode()
+        b.call("Fetch.fulfillRequest", requestId=paused["requestId"], responseCode=200, body=body,
+               responseHeaders=[{"name": "Content-Type", "value": "text/event-stream"}])
     b.wait(f"{ASSISTANT}.length >= {k} && {ASSISTANT}[{k - 1}].dataset.done === '1'")
     post = paused["request"].get("postData")  # left out when large (a photo attached)
     return json.loads(post) if post else {}
@@ -234,6 +239,8 @@ def test_csp_blocks_what_a_sanitizer_would_miss(page):
     fresh(b)
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         csp = {d.split()[0]: d.split()[1:] for d in r.headers["Content-Security-Policy"].split("; ")}
+    with urllib.request.urlopen(url + "/static/chat.html", timeout=10) as r:  # the same page by its file's path
+        assert r.headers["Content-Security-Policy"] == PAGE_CSP
     assert csp["default-src"] == ["'self'"] and csp["script-src"] == ["'self'"]
     assert csp["img-src"] == ["'self'", "data:", "blob:"] and csp["font-src"] == ["'self'"]
     b.js("document.getElementById('log').insertAdjacentHTML('beforeend', '<img src=\"x\" onerror=\"window.__pwned=1\">"
@@ -254,6 +261,15 @@ def test_csp_blocks_what_a_sanitizer_would_miss(page):
 
 def test_json_mode(page):
     b, _ = page
+    fresh(b)
+    b.js("document.getElementById('json').checked = true; true")
+    # the server itself: its constrained reply (random weights, whatever they prefer) is an object, shown indented
+    request = turn(b, "Describe the photo as JSON.", None)
+    assert request["response_format"] == {"type": "json_object"}
+    answer = b.js("window.mlxChat.state.history[1].content")
+    assert isinstance(json.loads(answer), dict), answer
+    assert b.js(f"{ASSISTANT}[0].querySelector('.body pre.json code').textContent") == json.dumps(
+        json.loads(answer), indent=2)
     fresh(b)
     b.js("document.getElementById('json').checked = true; true")
     reply = {"animal": "cat", "legs": 4, "colours": ["grey", "white"], "indoors": True}

@@ -209,7 +209,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal)
     app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
-    app.mount("/static", StaticFiles(packages=[("mlx_internvl.server", "static")]), name="static")
+    app.mount("/static", _StaticFiles(packages=[("mlx_internvl.server", "static")]), name="static")
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
@@ -242,10 +242,22 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-
             "frame-src 'none'; worker-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
+
+
 async def _page():
     page = resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8")
-    return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                       "Referrer-Policy": "no-referrer"})
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+class _StaticFiles(StaticFiles):
+    """The page's scripts, styles and fonts, with the page's headers (so /static/chat.html has its policy too)."""
+
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def _health(request: Request):

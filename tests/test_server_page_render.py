@@ -47,7 +47,7 @@ Three things stand out:
 {CODE}
 ```
 
-Einstein wrote ${TEX[0]}$, Pythagoras \\({TEX[1]}\\). A ticket costs $5 or $6.
+Einstein wrote ${TEX[0]}$, Pythagoras \\({TEX[1]}\\). A ticket costs $5 or $6. More in [the notes](https://example.org/n).
 
 $$
 {TEX[2]}
@@ -174,6 +174,8 @@ def test_markdown_and_math(page, tmp_path):
     assert b.js(f"{body}.querySelectorAll('.katex-display').length") == 2
     assert b.js(f"{body}.querySelector('.katex-display .katex-html').getBoundingClientRect().width") > 0
     assert "A ticket costs $5 or $6." in b.js(f"{body}.textContent")  # prices are not math
+    link = b.js(f"(a => [a.getAttribute('href'), a.target, a.rel])({body}.querySelector('a'))")
+    assert link == ["https://example.org/n", "_blank", "noopener noreferrer nofollow"]
     b.js("document.fonts.ready.then(() => true)")
     assert b.js("[...document.fonts].some(f => f.family === 'KaTeX_Main' && f.status === 'loaded')")
 

@@ -30,21 +30,31 @@
     return out + escapeHtml(text.slice(last));
   }
 
-  // KaTeX output of each formula, kept while a reply streams so that each frame typesets only the new ones.
-  const texCache = new Map();
+  // Each formula is typeset and sanitized once, then kept while a reply streams: the Markdown's HTML holds an empty
+  // slot for it (so the sanitizer's per-frame pass stays small), and each frame fills the slots with copies.
+  let formulas = [], slotOf = new Map();
   function tex(source, display) {
     const key = (display ? "D" : "I") + source;
-    let html = texCache.get(key);
-    if (html === undefined) {
+    let k = slotOf.get(key);
+    if (k === undefined) {
+      let html;
       try {
         // trust: false keeps \href, \url, \includegraphics and \htmlClass from making links, loads or markup
         html = katex.renderToString(source, { displayMode: display, throwOnError: false, trust: false,
                                               strict: "ignore", maxSize: 50, maxExpand: 1000 });
       } catch (e) { html = `<code class="tex-error">${escapeHtml(source)}</code>`; }
-      if (texCache.size > 2000) texCache.clear();
-      texCache.set(key, html);
+      k = formulas.push(purify.sanitize(html, PURIFY)) - 1;
+      slotOf.set(key, k);
     }
-    return html;
+    return `<span class="math-slot" data-k="${k}"></span>`;
+  }
+
+  function fillMath(node) {
+    const slots = node.matches && node.matches("span.math-slot") ? [node] : node.querySelectorAll("span.math-slot");
+    for (const slot of slots) {
+      const formula = formulas[+slot.dataset.k];
+      if (formula) slot.replaceWith(formula.cloneNode(true));
+    }
   }
 
   // Display math on lines of its own: $$ ... $$ or \[ ... \].
@@ -128,8 +138,11 @@
     if (style && /url\s*\(|@import|expression|\\/i.test(style)) node.removeAttribute("style");
   });
 
-  // Markdown text -> a sanitized DocumentFragment.
-  function markdownFragment(text) { return purify.sanitize(md.parse(text).trim(), PURIFY); }
+  // Markdown text -> a sanitized DocumentFragment, its formulas still empty slots (see tex).
+  function markdownFragment(text) {
+    if (formulas.length > 5000) { formulas = []; slotOf = new Map(); }
+    return purify.sanitize(md.parse(text).trim(), PURIFY);
+  }
 
   // Give each code block a Copy button (and its language); returns what now stands where `block` stood.
   function decorateCode(block) {
@@ -185,6 +198,7 @@
     for (const node of fresh.slice(same)) {
       const source = htmlOf(node);
       el.append(node);
+      if (node.nodeType === Node.ELEMENT_NODE) fillMath(node);
       (node.nodeType === Node.ELEMENT_NODE ? decorateCode(node) : node).__source = source;
     }
   }
@@ -283,6 +297,5 @@
     };
   }
 
-  window.mlxRender = { parseGrounding, renderMarkdown, renderJSON, renderToolCalls, mergeToolCalls, liveView,
-                       markdownFragment };
+  window.mlxRender = { parseGrounding, renderMarkdown, renderJSON, renderToolCalls, mergeToolCalls, liveView };
 })();

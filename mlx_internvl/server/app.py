@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import sharding
@@ -185,6 +186,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal)
     app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
+    app.mount("/static", _StaticFiles(packages=[("mlx_internvl.server", "static")]), name="static")
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
@@ -214,8 +216,30 @@ async def _internal(request: Request, e: Exception):
     return _error(APIError(500, f"internal error: {type(e).__name__}"))
 
 
+# The page's second line of defence behind its sanitizer: it may load only its own files, so nothing a model writes
+# can fetch a remote image, font or script or run inline script. Inline style attributes stay allowed (KaTeX sizes
+# its output with them; CSS cannot run script, and remote url()s in it are still blocked by img-src and font-src).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+            "img-src 'self' data: blob:; font-src 'self'; connect-src 'self'; media-src 'none'; object-src 'none'; "
+            "frame-src 'none'; worker-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
+
+
 async def _page():
-    return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+    page = resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8")
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+class _StaticFiles(StaticFiles):
+    """The page's scripts, styles and fonts, with the page's headers (so /static/chat.html has its policy too)."""
+
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def _health(request: Request):

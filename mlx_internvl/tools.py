@@ -243,14 +243,14 @@ class ToolCallParser:
                     False, 0, 0, False, False, False)
 
     def finish(self) -> list:
-        events = self._block(self.pending, closed=True) if self.inside else self._content(self.pending)
+        events = self._block(self.pending, closed=True, marked=False) if self.inside else self._content(self.pending)
         self.pending = ""
         return events
 
     def _dropped(self) -> bool:
         return self.max_calls is not None and len(self.calls) >= self.max_calls and not self._named
 
-    def _block(self, chunk: str, closed: bool) -> list:
+    def _block(self, chunk: str, closed: bool, marked: bool = True) -> list:
         self._body += chunk
         events = []
         if not self._named and not self._dropped():
@@ -264,7 +264,7 @@ class ToolCallParser:
         if closed:
             self.inside, self._after = False, True
             if not self._named and not self._dropped():
-                events += self._fallback()
+                events += self._fallback(self.fmt.end if marked else "")
             self._named = False
         return events
 
@@ -296,7 +296,7 @@ class ToolCallParser:
         self.calls[-1].arguments += new
         return [("arguments", len(self.calls) - 1, new)]
 
-    def _fallback(self) -> list:
+    def _fallback(self, end: str) -> list:
         """A closed block whose name did not come first: a call if mlx-lm's parser reads one, else content."""
         try:
             value = json_tools.parse_tool_call(self._body)
@@ -304,7 +304,7 @@ class ToolCallParser:
             if not isinstance(name, str) or not isinstance(args, dict):
                 raise ValueError
         except (ValueError, TypeError, KeyError, AttributeError):
-            return self._content(self.fmt.start + self._body + self.fmt.end)
+            return self._content(self.fmt.start + self._body + end)
         self.calls.append(ToolCall(name, dumps(args)))
         return [("call", len(self.calls) - 1, ToolCall(name, "", self.calls[-1].id)),
                 ("arguments", len(self.calls) - 1, self.calls[-1].arguments)]

@@ -122,6 +122,9 @@ def test_none_and_auto_give_no_bogus_calls(client):
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "'nope'"),
     (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice", "tool_choice"),
     (dict(tool_choice="required"), "tool_choice", "needs at least one tool"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "format": "weird"}}}}}], tool_choice="required"),
+     "tools", "Unknown format: weird"),
     (dict(tools=TOOLS, response_format={"type": "json_object"}), "response_format", "cannot be combined"),
 ])
 def test_bad_tools_are_400s_naming_the_field(client, kw, param, words):

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import List, Optional
 
+import llguidance
+
 from ..errors import UserError
 from ..structured import Grammar
 from ..templates import ASSISTANT, USER
@@ -51,7 +53,13 @@ class ToolSetup:
             return None
         tools = [t for t in self.tools if self.mode == "required" or t.name == self.name]
         parallel = self.parallel and self.mode == "required"
-        return Grammar(call_grammar(self.fmt, tools, parallel, marker_ids(processor, self.fmt)))
+        lark = call_grammar(self.fmt, tools, parallel, marker_ids(processor, self.fmt))
+        error = llguidance.LLMatcher.validate_grammar(lark, None)
+        if error:  # a keyword that cannot be enforced in a strict function, say
+            hint = "; set the function's strict to false to ignore what cannot be enforced"
+            raise APIError(400, f"tools: cannot constrain the call to the parameters: {error.splitlines()[0]}"
+                                f"{hint if any(t.strict for t in tools) else ''}", "tools", "invalid_value")
+        return Grammar(lark)
 
     def keep_tokens(self, processor) -> frozenset:
         """The marker tokens the reply text must keep (InternLM2's are special tokens, left out of text otherwise)."""

@@ -62,7 +62,10 @@ class ToolSetup:
         return Grammar(lark)
 
     def keep_tokens(self, processor) -> frozenset:
-        """The marker tokens the reply text must keep (InternLM2's are special tokens, left out of text otherwise)."""
+        """The marker tokens the reply text must keep for the parser (InternLM2's are special tokens, left out of
+        text otherwise, as upstream decodes)."""
+        if self.shown is None:
+            return frozenset()
         return frozenset(i for ids in marker_ids(processor, self.fmt) if len(ids) == 1 for i in ids)
 
     def parser(self) -> Optional[ToolCallParser]:

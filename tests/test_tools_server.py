@@ -141,3 +141,17 @@ def test_bad_history_call_arguments_are_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, history)
     assert e.value.body["param"] == "messages.1.tool_calls.0.function.arguments"
+
+
+
+def test_two_calls_in_one_turn_only_where_the_format_has_them(client, request):
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "local_time", "arguments": '{"zone": "UTC"}'}}
+             for i in range(2)]
+    history = [user("x"), {"role": "assistant", "tool_calls": calls}] + [
+        {"role": "tool", "tool_call_id": f"c{i}", "content": "12:00"} for i in range(2)]
+    if request.node.callspec.params["client"] == "bpe":  # Qwen's format: both calls, both results in one turn
+        assert ask(client, history, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        return
+    with pytest.raises(openai.BadRequestError) as e:  # InternLM2's plugin format: one call per assistant turn
+        ask(client, history, max_tokens=2)
+    assert e.value.body["param"] == "messages.1.tool_calls" and "one call per assistant turn" in e.value.body["message"]

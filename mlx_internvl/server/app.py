@@ -47,6 +47,7 @@ from .media import MediaPolicy
 from .protocol import APIError, json_format, new_id, parse_request
 from .render import Renderer
 from .replies import Events, collect, stream
+from .tools import request_tools
 
 
 @dataclass
@@ -295,14 +296,17 @@ async def _chat_completions(request: Request):
                 think_token_ids(st.renderer.processor.tokenizer)
             except UserError as e:
                 raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
-        sampling, fmt = st.sampling(req, thinking), json_format(req)
-        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
+        sampling, fmt, tools = st.sampling(req, thinking), json_format(req), request_tools(req, st.renderer.processor)
+        if tools is not None and tools.forced:
+            fmt = tools.grammar(st.renderer.processor)
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools)
     except BaseException:
         st.engine.release()
         raise
     events = Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-              thinking_budget=budget, response_format=fmt)
+              thinking_budget=budget, response_format=fmt,
+              keep_tokens=tools.keep_tokens(st.renderer.processor) if tools else frozenset())
     events.job = job
     st.engine.submit(job)
     try:
@@ -312,9 +316,9 @@ async def _chat_completions(request: Request):
     if first[0] == "error":
         raise first[1]
     if req.stream:
-        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req, tools),
                                    headers={"Cache-Control": "no-cache"})
-    return await collect(first, events, st.cfg.model_name, req)
+    return await collect(first, events, st.cfg.model_name, req, tools)
 
 
 def serve(model: str, group=None, **options) -> None:

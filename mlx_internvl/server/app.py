@@ -262,11 +262,11 @@ async def _chat_completions(request: Request):
     started = await start(request, st, lambda raw: parse_request(raw, st.vocab))
     if not isinstance(started, Started):
         return started
-    req, job = started.req, started.job
+    req, job, tools = started.req, started.job, started.tools
     if req.stream:
-        return EventSourceResponse(stream(job, started.first, started.events.next, new_id(), st.cfg.model_name, req),
-                                   headers={"Cache-Control": "no-cache"})
-    return await collect(started.first, started.events, st.cfg.model_name, req)
+        return EventSourceResponse(stream(job, started.first, started.events.next, new_id(), st.cfg.model_name, req,
+                                          tools), headers={"Cache-Control": "no-cache"})
+    return await collect(started.first, started.events, st.cfg.model_name, req, tools)
 
 
 def serve(model: str, group=None, **options) -> None:

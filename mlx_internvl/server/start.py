@@ -1,7 +1,7 @@
 """What every generating route (chat completions, responses) does before its reply, in one place: the key, the
 browser rules, a generation slot (taken before the body is read, so at most decode_concurrency + max_queue bodies
 are held at once), the body under its size and time limits, the request parsed into a `ChatRequest`, its thinking
-switch and budget, sampling and JSON constraint checked, the prompt rendered within its budget (off the event
+switch and budget, sampling, JSON constraint and tools checked, the prompt rendered within its budget (off the event
 loop), and the job submitted to the engine. The route only shapes the reply from the job's events.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import anyio
 from fastapi import Request
@@ -23,6 +23,7 @@ from .engine import Job
 from .guard import check_browser
 from .protocol import APIError, ChatRequest, json_format
 from .replies import Events
+from .tools import ToolSetup, request_tools
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Started:
     job: Job
     events: Events
     first: tuple
+    tools: Optional[ToolSetup] = None
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -63,7 +65,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return bytes(body)
 
 
-async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> Tuple[ChatRequest, Job]:
+async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]
+                   ) -> Tuple[ChatRequest, Optional[ToolSetup], Job]:
     arrived = time.monotonic()
     req = parse(await read_body(request, st.limit, st.cfg.body_timeout_s))
     if req.model != st.cfg.model_name:
@@ -76,10 +79,14 @@ async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]) 
             think_token_ids(st.renderer.processor.tokenizer)
         except UserError as e:
             raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
-    sampling, fmt = st.sampling(req, thinking), json_format(req)
-    prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
-    return req, Job(prompt, sampling, None, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-                    thinking_budget=budget, response_format=fmt, arrived=arrived)
+    processor = st.renderer.processor
+    sampling, fmt, tools = st.sampling(req, thinking), json_format(req), request_tools(req, processor)
+    if tools is not None and tools.forced:
+        fmt = tools.grammar(processor)
+    prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools)
+    return req, tools, Job(prompt, sampling, None, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
+                           thinking_budget=budget, response_format=fmt, arrived=arrived,
+                           keep_tokens=tools.keep_tokens(processor) if tools else frozenset())
 
 
 async def start(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> Union[Started, JSONResponse]:
@@ -91,7 +98,7 @@ async def start(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> 
         raise APIError(503, "the server is busy (all generation slots and the queue are full); retry shortly",
                        None, "server_busy")
     try:
-        req, job = await _prepare(request, st, parse)
+        req, tools, job = await _prepare(request, st, parse)
     except BaseException:
         st.engine.release()
         raise
@@ -104,4 +111,4 @@ async def start(request: Request, st, parse: Callable[[bytes], ChatRequest]) -> 
         return JSONResponse({}, status_code=499)
     if first[0] == "error":
         raise first[1]
-    return Started(req, job, events, first)
+    return Started(req, job, events, first, tools)

@@ -153,7 +153,7 @@ def cases(local_dir: Path, slow_url: str):
          "/v1/responses"),
         ("Responses: `previous_response_id` not kept", {"model": "tiny", "input": "Hi",
                                                         "previous_response_id": "resp_gone"}, None, "/v1/responses"),
-        ("Responses: `tools`", {"model": "tiny", "input": "Hi", "tools": [{"type": "web_search"}]}, None,
+        ("Responses: a `web_search` tool", {"model": "tiny", "input": "Hi", "tools": [{"type": "web_search"}]}, None,
          "/v1/responses"),
     ]
 

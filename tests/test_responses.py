@@ -156,7 +156,7 @@ def test_the_store_counts_bytes():
      "'input_text', 'input_image'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
      "input.0.content.0.image_url", "file store"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "accepted"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0", "accepts 'function'"),
     ({"input": "x", "background": True}, "background", "within the request"),
     ({"input": 5}, "input", "a string or a list"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than"),

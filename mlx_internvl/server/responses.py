@@ -41,7 +41,16 @@ class Reply:
         self.id, self.message_id, self.reasoning_id = _id("resp"), _id("msg"), _id("rs")
         self.created = int(time.time())
         self.reasoning = self.answer = ""
+        self.calls: List[dict] = []  # function_call items, as OpenAI's
         self.status, self.usage, self.error = "in_progress", None, None
+
+    def call(self, tool_call: dict) -> dict:
+        """A function_call item from a chat tool call (`tools.call_objects`)."""
+        fn = tool_call["function"]
+        item = {"id": _id("fc"), "type": "function_call", "call_id": tool_call["id"], "name": fn["name"],
+                "arguments": fn["arguments"], "status": "completed"}
+        self.calls.append(item)
+        return item
 
     def reasoning_item(self, status: str, full: bool = True) -> dict:
         content = [{"type": "reasoning_text", "text": self.reasoning}] if full else []
@@ -58,7 +67,8 @@ class Reply:
         if self.status == "in_progress":
             return []
         items = [self.reasoning_item(self.status)] if self.reasoning else []
-        return items + [self.message_item(self.status)]
+        message = [self.message_item(self.status)] if self.answer or not self.calls else []
+        return items + message + [dict(c) for c in self.calls]
 
     def finish(self, reason: str, use: dict) -> None:
         self.status = "incomplete" if reason == "length" else "completed"
@@ -84,45 +94,60 @@ class Reply:
                 "reasoning": {"effort": b.reasoning.effort if b.reasoning else None, "summary": None},
                 "store": b.store, "temperature": self.t.chat.temperature, "top_p": self.t.chat.top_p,
                 "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
-                "tool_choice": "auto", "tools": [], "truncation": "disabled", "usage": self.usage,
+                "tool_choice": b.tool_choice.model_dump() if hasattr(b.tool_choice, "model_dump")
+                else b.tool_choice or "auto", "tools": [t.model_dump() for t in b.tools or []],
+                "truncation": "disabled", "usage": self.usage,
                 "metadata": b.metadata or {}, "background": False}
 
 
 class _Events:
     """A reply's SSE events, numbered; each item opened when its first text comes, closed when the next opens."""
 
-    def __init__(self, reply: Reply):
+    def __init__(self, reply: Reply, calls=None):
         self.reply, self.seq, self.open, self.index = reply, itertools.count(), None, -1
+        self.calls, self.said = calls, False  # the tool-call parser (None without tools); a message was opened
 
     def event(self, kind: str, **fields) -> bytes:
         return sse({"type": kind, "sequence_number": next(self.seq), **fields}, event=kind)
 
     def _where(self) -> dict:
         r = self.reply
-        return {"item_id": r.reasoning_id if self.open == "reasoning" else r.message_id,
-                "output_index": self.index}
+        ids = {"reasoning": r.reasoning_id, "message": r.message_id}
+        return {"item_id": ids.get(self.open) or (r.calls[-1]["id"] if r.calls else None), "output_index": self.index}
 
     def start(self, kind: str) -> List[bytes]:
         out = self.close()
-        self.open, self.index = kind, self.index + 1
+        self.open, self.index, self.said = kind, self.index + 1, self.said or kind == "message"
         r = self.reply
         item = r.reasoning_item("in_progress", False) if kind == "reasoning" else r.message_item("in_progress", False)
         part = {"type": "reasoning_text", "text": ""} if kind == "reasoning" else r.text_part(False)
         return out + [self.event("response.output_item.added", output_index=self.index, item=item),
                       self.event("response.content_part.added", content_index=0, part=part, **self._where())]
 
-    def text(self, reasoning: str, answer: str) -> List[bytes]:
+    def text(self, reasoning: str, answer: str, final: bool = False) -> List[bytes]:
         out, r = [], self.reply
         if reasoning:
             out += self.start("reasoning") if self.open != "reasoning" else []
             r.reasoning += reasoning
             out.append(self.event("response.reasoning_text.delta", content_index=0, delta=reasoning,
                                   **self._where()))
-        if answer:
-            out += self.start("message") if self.open != "message" else []
-            r.answer += answer
-            out.append(self.event("response.output_text.delta", content_index=0, delta=answer, logprobs=[],
-                                  **self._where()))
+        pieces = [("content", answer)] if self.calls is None else self.calls.feed(answer) + (
+            self.calls.finish() if final else [])
+        for piece in pieces:
+            if piece[0] == "content" and piece[1]:
+                out += self.start("message") if self.open != "message" else []
+                r.answer += piece[1]
+                out.append(self.event("response.output_text.delta", content_index=0, delta=piece[1], logprobs=[],
+                                      **self._where()))
+            elif piece[0] == "call":
+                out += self.close()
+                self.open, self.index = "call", self.index + 1
+                item = dict(r.call({"id": piece[2].id, "function": {"name": piece[2].name, "arguments": ""}}),
+                            status="in_progress")
+                out.append(self.event("response.output_item.added", output_index=self.index, item=item))
+            elif piece[0] == "arguments":
+                r.calls[-1]["arguments"] += piece[2]
+                out.append(self.event("response.function_call_arguments.delta", delta=piece[2], **self._where()))
         return out
 
     def close(self, status: Optional[str] = None) -> List[bytes]:
@@ -135,6 +160,11 @@ class _Events:
             part = r.text_part()
             out = [self.event("response.output_text.done", content_index=0, text=r.answer, logprobs=[], **where)]
             item = r.message_item(status or "completed")
+        elif self.open == "call":
+            item, self.open = r.calls[-1], None
+            return [self.event("response.function_call_arguments.done", arguments=item["arguments"],
+                               name=item["name"], **where),
+                    self.event("response.output_item.done", output_index=where["output_index"], item=item)]
         else:
             return []
         self.open = None
@@ -143,7 +173,8 @@ class _Events:
 
     def done(self, reason: str, use: dict) -> List[bytes]:
         r = self.reply
-        out = self.start("message") if self.open != "message" else []  # a reply with no answer: an empty message
+        # a reply with neither an answer nor a call: an empty message
+        out = self.start("message") if not self.said and not r.calls else []
         r.finish(reason, use)
         out += self.close(r.status)
         kind = "response.incomplete" if r.status == "incomplete" else "response.completed"
@@ -156,13 +187,13 @@ class _Events:
 
 
 async def _stream(started: Started, reply: Reply, keep):
-    events = _Events(reply)
+    events = _Events(reply, started.tools.parser() if started.tools else None)
     try:
         yield events.event("response.created", response=reply.body())
         yield events.event("response.in_progress", response=reply.body())
         async for piece in deltas(started.first, started.events.next):
             if piece[0] == "text":
-                out = events.text(piece[1], piece[2])
+                out = events.text(piece[1], piece[2], final=piece[3] is None)
             elif piece[0] == "done":
                 out = events.done(piece[1], piece[2])
                 keep()
@@ -194,19 +225,31 @@ async def create_response(request: Request):
 
     def keep() -> None:
         if t.body.store:
-            store.put(reply.id, t.conversation + [{"role": "assistant", "content": reply.answer}], reply.body())
+            store.put(reply.id, t.conversation + [_assistant(reply)], reply.body())
 
     if t.chat.stream:
         return EventSourceResponse(_stream(started, reply, keep), headers={"Cache-Control": "no-cache"})
-    done = await collect(started.first, started.events, st.cfg.model_name, t.chat)
+    done = await collect(started.first, started.events, st.cfg.model_name, t.chat, started.tools)
     if isinstance(done, JSONResponse):  # the client left
         return done
     choice = done["choices"][0]
     reply.reasoning = choice["message"].get("reasoning_content", "")
-    reply.answer = choice["message"]["content"]
+    reply.answer = choice["message"]["content"] or ""
+    for call in choice["message"].get("tool_calls") or []:
+        reply.call(call)
     reply.finish(choice["finish_reason"], done["usage"])
     keep()
     return reply.body()
+
+
+def _assistant(reply: Reply) -> dict:
+    """The reply as the next turn's history sees it: the answer and the calls (the reasoning is not fed back)."""
+    message = {"role": "assistant", "content": reply.answer}
+    if reply.calls:
+        message["content"] = reply.answer or None
+        message["tool_calls"] = [{"id": c["call_id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in reply.calls]
+    return message
 
 
 def _stored(request: Request, response_id: str):

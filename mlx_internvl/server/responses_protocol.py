@@ -65,12 +65,39 @@ class ReasoningItem(_Strict):  # an earlier reply's reasoning: not fed back, as 
     type: Literal["reasoning"]
 
 
+class FunctionCallItem(_Strict):  # an earlier reply's call, as `response.output` comes back
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class NamedFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
 def _item_type(value) -> Optional[str]:
     return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
 
 
-Item = Annotated[Union[Annotated[MessageItem, Tag("message")], Annotated[ReasoningItem, Tag("reasoning")]],
-                 Discriminator(_item_type)]
+Item = Annotated[Union[Annotated[MessageItem, Tag("message")], Annotated[ReasoningItem, Tag("reasoning")],
+                       Annotated[FunctionCallItem, Tag("function_call")],
+                       Annotated[FunctionOutputItem, Tag("function_call_output")]], Discriminator(_item_type)]
 
 
 class TextFormat(_Strict):
@@ -102,8 +129,8 @@ class ResponsesRequest(_Strict):
     previous_response_id: Optional[str] = None
     reasoning: Optional[Reasoning] = None
     metadata: Optional[Dict[str, str]] = None
-    tools: Optional[list] = None
-    tool_choice: Union[str, dict, None] = None
+    tools: Optional[List[FunctionTool]] = None
+    tool_choice: Union[Literal["auto", "none", "required"], NamedFunction, None] = None
     parallel_tool_calls: Optional[bool] = None
     background: Optional[bool] = None
     conversation: Union[str, dict, None] = None
@@ -114,7 +141,8 @@ class ResponsesRequest(_Strict):
 
 
 _FIELDS = {name for m in (InputText, InputImage, OutputText, Refusal, MessageItem, TextFormat, TextConfig,
-                          Reasoning, ResponsesRequest) for name in m.model_fields} | {"schema"}
+                          Reasoning, ResponsesRequest, FunctionCallItem, FunctionOutputItem, FunctionTool,
+                          NamedFunction) for name in m.model_fields} | {"schema"}
 
 
 def _path(loc) -> str:
@@ -134,16 +162,20 @@ def parse_responses(raw: bytes) -> ResponsesRequest:
         if errs[0]["type"] == "model_type" and not errs[0]["loc"]:
             raise APIError(400, "the request body must be a JSON object", None, "invalid_json") from None
         # of the branches of a union, the one that got furthest says what is wrong
-        err = max(errs, key=lambda x: (len(_path(x["loc"]).split(".")), x["type"] == "union_tag_invalid"))
+        err = max(errs, key=lambda x: (len(_path(x["loc"]).split(".")), x["type"] == "union_tag_invalid",
+                                       x["loc"][-1] == "type"))
         param = _path(err["loc"])
         if err["type"] == "union_tag_invalid":
             msg = (f"type {err['ctx']['tag']!r} is not accepted here; this server accepts "
                    f"{err['ctx']['expected_tags']}")
+        elif err["type"] == "literal_error" and param.endswith(".type"):
+            param = param.removesuffix(".type")
+            msg = f"type {err['input']!r} is not accepted here; this server accepts {err['ctx']['expected']}"
         elif param == "input" and len(errs) > 1:
             msg = "expected a string or a list of input items"
         else:
             msg = err["msg"]
-        code = "unsupported_value" if err["type"] == "union_tag_invalid" else (
+        code = "unsupported_value" if "type {" in msg or "type '" in msg else (
             "invalid_type" if "type" in err["type"] else "invalid_value")
         raise APIError(400, f"{param}: {msg}" if param else msg, param or None, code) from None
 
@@ -156,12 +188,6 @@ def _refuse(body: ResponsesRequest) -> None:
     if body.conversation is not None:
         raise APIError(400, "conversation: this server keeps no conversation objects; chain responses with "
                             "previous_response_id instead", "conversation", "unsupported_value")
-    if body.tools:
-        raise APIError(400, "tools: this server takes no tools in the Responses API (accepted: an empty list or "
-                            "none); send the request without tools", "tools", "unsupported_value")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, f"tool_choice: {body.tool_choice!r} needs tools, and this server takes none in the "
-                            "Responses API; send 'auto', 'none' or leave it out", "tool_choice", "unsupported_value")
 
 
 def _message(item: MessageItem, where: str) -> dict:
@@ -192,6 +218,28 @@ def _response_format(fmt: Optional[TextFormat]) -> Optional[dict]:
                                                    "strict": fmt.strict}}
 
 
+def _items(items) -> tuple:
+    """(chat messages, the input path of each) of input items: a function call joins the assistant message before
+    it (or makes one), its output is a tool message."""
+    out, origins = [], []
+    for k, it in enumerate(items):
+        if isinstance(it, ReasoningItem):
+            continue
+        if isinstance(it, FunctionCallItem):
+            call = {"id": it.call_id, "type": "function", "function": {"name": it.name, "arguments": it.arguments}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+                continue
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        elif isinstance(it, FunctionOutputItem):
+            message = {"role": "tool", "tool_call_id": it.call_id, "content": it.output}
+        else:
+            message = _message(it, f"input.{k}")
+        out.append(message)
+        origins.append(f"input.{k}")
+    return out, origins
+
+
 @dataclass
 class Translated:
     """A Responses request as the chat path runs it."""
@@ -212,9 +260,7 @@ def translate(raw: bytes, store: ResponseStore, vocab_size: int) -> Translated:
     if isinstance(body.input, str):
         new, new_origins = [{"role": "user", "content": body.input}], ["input"]
     else:
-        pairs = [(_message(it, f"input.{k}"), f"input.{k}") for k, it in enumerate(body.input)
-                 if isinstance(it, MessageItem)]
-        new, new_origins = [m for m, _ in pairs], [o for _, o in pairs]
+        new, new_origins = _items(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     origins = ["instructions"] * len(system) + ["previous_response_id"] * len(history) + new_origins
     effort = body.reasoning.effort if body.reasoning else None
@@ -222,7 +268,11 @@ def translate(raw: bytes, store: ResponseStore, vocab_size: int) -> Translated:
               "max_completion_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
               "response_format": _response_format(body.text.format if body.text else None),
               "reasoning_effort": "high" if effort == "xhigh" else effort, "max_tiles": body.max_tiles,
-              "num_frames": body.num_frames, "seed": body.seed}
+              "num_frames": body.num_frames, "seed": body.seed, "parallel_tool_calls": body.parallel_tool_calls,
+              "tools": [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                        for t in body.tools] if body.tools else None,
+              "tool_choice": {"type": "function", "function": {"name": body.tool_choice.name}}
+              if isinstance(body.tool_choice, NamedFunction) else body.tool_choice}
     try:
         chat = parse_request({k: v for k, v in fields.items() if v is not None}, vocab_size)
     except APIError as e:

@@ -158,6 +158,7 @@ def test_the_store_counts_bytes():
      "input.0.content.0.image_url", "file store"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0", "accepts 'function'"),
     ({"input": "x", "background": True}, "background", "within the request"),
+    ({"input": "x", "tool_choice": {"type": "web_search"}}, "tool_choice", '"required" or {"type": "function"'),
     ({"input": 5}, "input", "a string or a list"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {

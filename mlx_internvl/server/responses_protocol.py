@@ -168,6 +168,8 @@ def parse_responses(raw: bytes) -> ResponsesRequest:
         if err["type"] == "union_tag_invalid":
             msg = (f"type {err['ctx']['tag']!r} is not accepted here; this server accepts "
                    f"{err['ctx']['expected_tags']}")
+        elif param.startswith("tool_choice"):
+            param, msg = "tool_choice", 'expected "auto", "none", "required" or {"type": "function", "name": ...}'
         elif err["type"] == "literal_error" and param.endswith(".type"):
             param = param.removesuffix(".type")
             msg = f"type {err['input']!r} is not accepted here; this server accepts {err['ctx']['expected']}"

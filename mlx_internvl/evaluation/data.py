@@ -111,15 +111,24 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def decode_image(value) -> Image.Image:
-    """A benchmark image cell (base64 text, raw bytes, `{'bytes': ...}` or a file path) as an RGB image."""
+def image_bytes(value) -> bytes:
+    """The encoded picture of a benchmark image cell (base64 text, raw bytes, `{'bytes': ...}` or a file path)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str) and _is_file(value):
-        return Image.open(value).convert("RGB")
-    data = base64.b64decode(value) if isinstance(value, str) else value
+        return Path(value).read_bytes()
     try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+    except Exception as e:
+        raise UserError(f"an image cell is neither a picture, base64 of one nor a file path ({e})") from e
+
+
+def decode_image(value) -> Image.Image:
+    """A benchmark image cell as an RGB image."""
+    try:
+        return Image.open(io.BytesIO(image_bytes(value))).convert("RGB")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"an image cell is neither a picture, base64 of one nor a file path ({e})") from e
 

@@ -9,6 +9,7 @@ around it is the model's own (`Processor`). tests/fixtures/eval/prompts.json hol
 
 from __future__ import annotations
 
+import io
 import re
 from typing import List
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from mlx_internvl.evaluation.benchmarks import Benchmark
 from mlx_internvl.evaluation.choice import is_missing, options
-from mlx_internvl.evaluation.data import decode_image
+from mlx_internvl.evaluation.data import decode_image, image_bytes
 
 _CHINESE = re.compile('[\u4e00-\u9fff]')
 SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'
@@ -57,10 +58,24 @@ def question_text(bench: Benchmark, row: dict, n_images: int) -> str:
     return ''.join(f'Image-{i + 1}: <image>\n' for i in range(n_images)) + text
 
 
+def _upscaled(image: Image.Image) -> Image.Image:
+    return image.resize((image.width * 2, image.height * 2), Image.BILINEAR)
+
+
 def row_images(bench: Benchmark, row: dict) -> List[Image.Image]:
     """The row's images, decoded; MMMU's first one doubled in size (bilinear) as the wrapper does."""
     images = [decode_image(v) for v in row.get('image') or []]
     if images and bench.upscale_first_image:
-        first = images[0]
-        images[0] = first.resize((first.width * 2, first.height * 2), Image.BILINEAR)
+        images[0] = _upscaled(images[0])
     return images
+
+
+def row_image_files(bench: Benchmark, row: dict) -> List[bytes]:
+    """The row's images as files to send to a server: each cell's own bytes, except MMMU's upscaled first image,
+    sent as PNG (lossless, so the server decodes the very pixels `row_images` gives)."""
+    files = [image_bytes(v) for v in row.get('image') or []]
+    if files and bench.upscale_first_image:
+        buf = io.BytesIO()
+        _upscaled(decode_image(files[0])).save(buf, format='PNG')
+        files[0] = buf.getvalue()
+    return files

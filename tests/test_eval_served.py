@@ -37,7 +37,14 @@ def mmmu_rows(n: int = 3):
                  :1 + i % 2])} for i in range(n)]
 
 
-@pytest.mark.parametrize("bench, rows", [("MMStar", mmstar_rows()), ("MMMU_DEV_VAL", mmmu_rows())])
+def coco_rows(n: int = 3):
+    # No question column: the captioning recipe asks VLMEvalKit's default question.
+    return [{"index": 20 + i, "answer": str([f"a {COLORS[i]} square", f"{COLORS[i]} paint"]),
+             "image": png_b64(COLORS[i], (90, 60 + 20 * i))} for i in range(n)]
+
+
+@pytest.mark.parametrize("bench, rows", [("MMStar", mmstar_rows()), ("MMMU_DEV_VAL", mmmu_rows()),
+                                         ("COCO_VAL", coco_rows())])
 def test_server_predictions_equal_the_local_run(tiny, tmp_path, bench, rows):
     tsv = write_tsv(tmp_path / f"{bench}.tsv", rows)
     local, _ = runner.run(tiny.original_dir, bench, tsv, tmp_path / "local", batch_size=2, max_tokens=MAX_TOKENS,
@@ -51,6 +58,7 @@ def test_server_predictions_equal_the_local_run(tiny, tmp_path, bench, rows):
     assert info.answered_now == len(rows) - 2 and info.predictions.endswith(f"tiny_{bench}.tsv")
     assert open(info.predictions, "rb").read() == open(local.predictions, "rb").read()
     assert set(scores.items) == {str(r["index"]) for r in rows}
+    assert "question" in open(info.predictions).readline()  # the asked question is in the predictions file
 
 
 def test_cli_server_mode_and_its_errors(tiny, tmp_path, capsys):

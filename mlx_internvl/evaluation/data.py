@@ -17,7 +17,7 @@ import csv
 import io
 import string
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
@@ -86,12 +86,16 @@ def _parquet_rows(path: Path) -> List[dict]:
     return rows
 
 
-def read_benchmark(path) -> List[dict]:
-    """The questions of a benchmark file, in file order, each a dict of its columns with `image` a list."""
+def read_benchmark(path, default_question: Optional[str] = None) -> List[dict]:
+    """The questions of a benchmark file, in file order, each a dict of its columns with `image` a list; a file
+    without a `question` column gets `default_question` in one (as VLMEvalKit's captioning datasets do)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--data {path}: no such file or folder")
     rows = _parquet_rows(path) if path.is_dir() or path.suffix == ".parquet" else _tsv_rows(path)
+    if rows and default_question is not None and "question" not in rows[0]:
+        for r in rows:
+            r["question"] = default_question
     for c in ("index", "question"):
         if rows and c not in rows[0]:
             raise UserError(f"{path}: no {c!r} column; columns are {sorted(rows[0])}")

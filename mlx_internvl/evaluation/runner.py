@@ -97,7 +97,7 @@ def evaluate_with(replies: Replies, bench_name: str, data_path, out_dir, *, mode
     """`evaluate` with the replies from `replies` (a loaded model's, or a server's: `served.server_replies`)."""
     bench = benchmarks.resolve(bench_name)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
-    rows = data.read_benchmark(data_path)
+    rows = data.read_benchmark(data_path, prompts.default_question(bench))
     if limit is not None:
         rows = rows[:integer("limit", limit, minimum=1)]
     if not rows:

@@ -203,6 +203,9 @@ REGIONS: Dict[str, Region] = {
         results("speculative-drafts-linux-cpu.json")["drafts"]),
         data=f"`{R}speculative-drafts-linux-cpu.json` (`speculative.py --json`)"),
     "speculative-cache": Region(_speculative_cache, data=f"`{R}speculative-cache*-linux-cpu.json`, a row per file"),
+    "eval-throughput": Region(lambda: script("benchmarks/eval_throughput.py").markdown(
+        [json.loads(f.read_text()) for f in sorted(RESULTS.glob("eval-throughput-*-linux-cpu.json"))]),
+        data=f"`{R}eval-throughput-*-linux-cpu.json`, a run per file (`eval_throughput.py --json`)"),
     "regions": Region(lambda: _index(), data="this list: `REGIONS` in `benchmarks/docs_tables.py`"),
 }
 

@@ -6,6 +6,8 @@ the real Qwen2.5 tokenizer of the test fixtures with InternVL's tokens added. Ra
 token, so every answer runs to `--tokens` new tokens: each batch size does the same work. The benchmark is a
 synthetic MMStar-style TSV of `--questions` one-tile pictures.
 
+    MLX_INTERNVL_BLAS=openblas python benchmarks/eval_throughput.py --questions 4 --batch 1 4 --tokens 32 \
+        --repeats 1 --json benchmarks/results/eval-throughput-internvl2_5-1b-linux-cpu.json
     python benchmarks/eval_throughput.py --preset small --questions 8 --batch 1 8 --tokens 64 \
         --json benchmarks/results/eval-throughput-small-linux-cpu.json
 """
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from mlx_internvl import _blas
 from mlx_internvl.bench.presets import PRESETS, preset_config, random_model
 from mlx_internvl.evaluation import runner
 from mlx_internvl.processing import Processor
@@ -99,16 +102,25 @@ def main(argv=None):
                 print(f"batch {b}: {runs[b][-1]:.2f} questions/min", flush=True)
         results = [dict(batch_size=b, questions=args.questions, runs=v, questions_per_minute=statistics.median(v))
                    for b, v in runs.items()]
-    base = results[0]["questions_per_minute"]
-    print(f"\n{args.preset} ({args.dtype}, random weights), {args.questions} one-tile questions, "
-          f"{args.tokens} new tokens each, median of {args.repeats}, {platform.machine()} {platform.system()}\n")
-    print("| batch | questions/min | vs batch " + str(results[0]["batch_size"]) + " |\n|---|---|---|")
-    for r in results:
-        print(f"| {r['batch_size']} | {r['questions_per_minute']:.2f} | {r['questions_per_minute'] / base:.2f}x |")
+    data = dict(preset=args.preset, dtype=args.dtype, tokens=args.tokens, repeats=args.repeats,
+                machine=f"{platform.machine()} {platform.system()}", blas=_blas.LOADED or "mlx's own",
+                results=results)
+    print("\n" + markdown([data]))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(preset=args.preset, dtype=args.dtype, tokens=args.tokens,
-                                                   machine=f"{platform.machine()} {platform.system()}",
-                                                   results=results), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def markdown(runs) -> str:
+    """One row per batch size of each results file (`--json`), the speed-up against batch 1 of the same run."""
+    out = ["| preset | BLAS | questions | new tokens each | batch | questions/min | vs batch 1 |",
+           "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        base = next((r for r in run["results"] if r["batch_size"] == 1), run["results"][0])["questions_per_minute"]
+        for r in run["results"]:
+            out.append(f"| {run['preset']} ({run['dtype']}) | {run.get('blas', 'not recorded')} | {r['questions']} "
+                       f"| {run['tokens']} | {r['batch_size']} "
+                       f"| {r['questions_per_minute']:.2f} | {r['questions_per_minute'] / base:.2f}x |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import click
 
 from mlx_internvl.errors import UserError
 from mlx_internvl.evaluation import compare as comparing
-from mlx_internvl.evaluation import report, runner
+from mlx_internvl.evaluation import report, runner, served
 
 from .options import adapter_option
 
@@ -29,7 +29,9 @@ def _compare(run_a, run_b, resamples: int, seed: int, out) -> None:
 
 
 @click.command("eval")
-@click.option("--model", "model_path", default=None, help="The model to evaluate (any form `generate` accepts).")
+@click.option("--model", "model_path", default=None,
+              help="The model to evaluate (any form `generate` accepts); with --server, the served model's id "
+                   "(default: the server's first).")
 @click.option("--bench", default=None, help="VLMEvalKit dataset name, e.g. MMBench_DEV_EN, MMStar, AI2D_TEST, "
                                             "SEEDBench_IMG, MMMU_DEV_VAL, TextVQA_VAL, DocVQA_VAL, InfoVQA_VAL, "
                                             "ChartQA_TEST, OCRBench.")
@@ -50,9 +52,15 @@ def _compare(run_a, run_b, resamples: int, seed: int, out) -> None:
 @click.option("--bootstrap", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Paired bootstrap resamples for --compare.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed for --compare.")
+@click.option("--server", default=None, metavar="URL",
+              help="Evaluate through a running `mlx-internvl serve` (e.g. http://127.0.0.1:8080) instead of loading "
+                   "the model here; same prompts, tiles and greedy decoding.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=served.DEFAULT_CONCURRENCY, show_default=True,
+              help="With --server: requests in flight at once.")
+@click.option("--api-key", default=None, envvar="MLX_INTERNVL_API_KEY", help="With --server: the server's --api-key.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(model_path, bench, data_path, out, limit, batch_size, max_tokens, adapter_path, dtype, score_only,
-            runs, bootstrap, seed, no_progress):
+            runs, bootstrap, seed, server, concurrency, api_key, no_progress):
     """Evaluate on a benchmark as VLMEvalKit evaluates InternVL (prompts, tiles, greedy decoding, metrics).
 
     Predictions are appended as they come; run the same command again to resume.
@@ -64,12 +72,20 @@ def command(model_path, bench, data_path, out, limit, batch_size, max_tokens, ad
             raise UserError("--score-only needs --bench (which metric to apply)")
         scores = runner.score_file(bench, score_only)
         return click.echo(report.scores_markdown(scores))
-    missing = [f"--{n}" for n, v in (("model", model_path), ("bench", bench), ("data", data_path)) if not v]
+    needed = (() if server else (("model", model_path),)) + (("bench", bench), ("data", data_path))
+    missing = [f"--{n}" for n, v in needed if not v]
     if missing:
         raise UserError(f"eval needs {', '.join(missing)} (or --compare RUN_A RUN_B)")
-    info, scores = runner.run(model_path, bench, data_path, out or "eval-results", adapter_path=adapter_path,
-                              dtype=dtype, limit=limit, batch_size=batch_size, max_tokens=max_tokens,
-                              progress=not no_progress)
+    options = dict(limit=limit, max_tokens=max_tokens, progress=not no_progress)
+    if server:
+        if adapter_path or dtype:
+            raise UserError("--adapter-path and --dtype belong to the server with --server (start `mlx-internvl "
+                            "serve` with them)")
+        info, scores = served.evaluate_served(server, bench, data_path, out or "eval-results", model=model_path,
+                                              api_key=api_key, concurrency=concurrency, **options)
+    else:
+        info, scores = runner.run(model_path, bench, data_path, out or "eval-results", adapter_path=adapter_path,
+                                  dtype=dtype, batch_size=batch_size, **options)
     click.echo(report.scores_markdown(scores))
     click.echo(f"predictions: {info.predictions} ({info.answered_now} answered now, "
                f"{info.questions_per_minute:.1f} questions/min)")

@@ -35,6 +35,20 @@ def test_prompt_fixture_covers_each_kind():
     assert any(q.endswith(prompts.SHORT_ANSWER) for q in questions)
 
 
+def test_caption_file_without_questions_gets_vlmevalkits_question(tmp_path):
+    """COCO_VAL's TSV has no question column; VLMEvalKit's caption dataset supplies one (the fixture's rows that
+    went through its `load_data`), and the wrapper passes it through as is."""
+    cases = [c for c in PROMPTS if c["dataset"] == "COCO_VAL"]
+    asked = [c for c in cases if c["row"]["question"] == prompts.CAPTION_QUESTION]
+    assert asked and len(asked) < len(cases)  # some rows went through load_data, some had their own question
+    bench = benchmarks.resolve("COCO_VAL")
+    tsv = write_tsv(tmp_path / "coco.tsv", [{"index": 1, "answer": "['a cat']", "image": png_b64("red")}])
+    (row,) = data.read_benchmark(tsv, prompts.default_question(bench))
+    assert prompts.question_text(bench, row, 1) == asked[0]["question"]
+    with pytest.raises(UserError, match="no 'question' column"):
+        data.read_benchmark(tsv)
+
+
 def png_b64(color, size=(40, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")

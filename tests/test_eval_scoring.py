@@ -72,6 +72,20 @@ def test_ocrbench_equals_vlmevalkit():
         assert got.table[key] == case["report"][key], key
 
 
+@pytest.mark.parametrize("case", FIXTURES["caption"], ids=lambda c: f"{len(c['rows'])}-captions")
+def test_caption_scores_equal_vlmevalkit(case):
+    """COCO captions: VLMEvalKit's ImageCaptionDataset.evaluate (BLEU-1..4, ROUGE-L, CIDEr, times 100)."""
+    got = scoring.score(benchmarks.resolve(case["dataset"]), case["rows"])
+    report = case["report"]
+    want = {f"Bleu_{n + 1}": b for n, b in enumerate(report["Bleu"])}
+    want.update(ROUGE_L=report["ROUGE_L"], CIDEr=report["CIDEr"], Overall=report["CIDEr"])
+    assert got.table.keys() == want.keys()
+    for key, value in want.items():
+        assert _close(got.table[key], value), (key, got.table[key], value)
+    # the per-question scores (what --compare pairs) average to the corpus CIDEr
+    assert _close(100 * sum(got.items.values()) / len(got.items), report["CIDEr"])
+
+
 def test_tile_limits_and_kinds_follow_the_wrapper():
     assert benchmarks.resolve("DocVQA_VAL").max_tiles == 18
     assert benchmarks.resolve("InfoVQA_TEST").max_tiles == 24
@@ -87,7 +101,8 @@ def test_unknown_benchmark_and_bad_predictions_are_clear_errors():
         scoring.score(benchmarks.resolve("TextVQA_VAL"), [{"index": 1, "answer": "x"}])
 
 
-@pytest.mark.parametrize("case", FIXTURES["vqa"] + FIXTURES["mcq"] + [FIXTURES["circular"], FIXTURES["ocrbench"]],
+@pytest.mark.parametrize("case", FIXTURES["vqa"] + FIXTURES["mcq"] + [FIXTURES["circular"], FIXTURES["ocrbench"]]
+                         + FIXTURES["caption"][:1],
                          ids=lambda c: c.get("dataset", "OCRBench"))
 def test_scores_survive_the_predictions_file(case, tmp_path):
     """Written by our PredictionWriter and read back as a predictions file, the rows score as VLMEvalKit scored

@@ -17,7 +17,7 @@ from mlx_internvl.errors import UserError
 @dataclass(frozen=True)
 class Family:
     pattern: str  # a substring of the dataset name, as VLMEvalKit's `listinstr` matches
-    kind: str  # 'MCQ' (options A..) or 'VQA' (open answer)
+    kind: str  # 'MCQ' (options A..), 'VQA' (open answer) or 'Caption' (the question as is)
     metric: str  # a key of scoring.METRICS
 
 
@@ -27,7 +27,7 @@ FAMILIES: List[Family] = [
     Family("ScienceQA", "MCQ", "choice"), Family("MMMU", "MCQ", "mmmu"),
     Family("TextVQA", "VQA", "vqa_accuracy"), Family("DocVQA", "VQA", "anls"), Family("InfoVQA", "VQA", "anls"),
     Family("ChartQA", "VQA", "relaxed"), Family("OCRVQA", "VQA", "exact"), Family("GQA", "VQA", "exact"),
-    Family("OCRBench", "VQA", "ocrbench"),
+    Family("OCRBench", "VQA", "ocrbench"), Family("COCO", "Caption", "caption"),
 ]
 
 # VLMEvalKit InternVLChat.set_max_num: tiles per image by dataset (substring match), else 6.

@@ -17,7 +17,7 @@ import csv
 import io
 import string
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
@@ -86,12 +86,16 @@ def _parquet_rows(path: Path) -> List[dict]:
     return rows
 
 
-def read_benchmark(path) -> List[dict]:
-    """The questions of a benchmark file, in file order, each a dict of its columns with `image` a list."""
+def read_benchmark(path, default_question: Optional[str] = None) -> List[dict]:
+    """The questions of a benchmark file, in file order, each a dict of its columns with `image` a list; a file
+    without a `question` column gets `default_question` in one (as VLMEvalKit's captioning datasets do)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--data {path}: no such file or folder")
     rows = _parquet_rows(path) if path.is_dir() or path.suffix == ".parquet" else _tsv_rows(path)
+    if rows and default_question is not None and "question" not in rows[0]:
+        for r in rows:
+            r["question"] = default_question
     for c in ("index", "question"):
         if rows and c not in rows[0]:
             raise UserError(f"{path}: no {c!r} column; columns are {sorted(rows[0])}")
@@ -111,15 +115,24 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def decode_image(value) -> Image.Image:
-    """A benchmark image cell (base64 text, raw bytes, `{'bytes': ...}` or a file path) as an RGB image."""
+def image_bytes(value) -> bytes:
+    """The encoded picture of a benchmark image cell (base64 text, raw bytes, `{'bytes': ...}` or a file path)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str) and _is_file(value):
-        return Image.open(value).convert("RGB")
-    data = base64.b64decode(value) if isinstance(value, str) else value
+        return Path(value).read_bytes()
     try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        return base64.b64decode(value) if isinstance(value, str) else bytes(value)
+    except Exception as e:
+        raise UserError(f"an image cell is neither a picture, base64 of one nor a file path ({e})") from e
+
+
+def decode_image(value) -> Image.Image:
+    """A benchmark image cell as an RGB image."""
+    try:
+        return Image.open(io.BytesIO(image_bytes(value))).convert("RGB")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"an image cell is neither a picture, base64 of one nor a file path ({e})") from e
 

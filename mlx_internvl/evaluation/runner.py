@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Container, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -37,6 +37,7 @@ class RunInfo:
     batch_size: int
     max_tokens: int
     limit: Optional[int]
+    server: Optional[str] = None  # the server's URL in server mode (batch_size: requests in flight)
 
     @property
     def questions_per_minute(self) -> float:
@@ -63,34 +64,55 @@ def _answer(model, processor, bench, rows: List[dict], tiles: int, max_tokens: i
     return batch_generate(model, processor, questions, images, max_tokens=max_tokens, max_tiles=tiles).texts
 
 
+# (benchmark, every row, the indices already answered, max_tokens) -> (row, reply) for each row not yet answered,
+# in file order.
+Replies = Callable[[benchmarks.Benchmark, List[dict], Container[str], int], Iterator[Tuple[dict, str]]]
+
+
+def local_replies(model, processor, batch_size: int) -> Replies:
+    """Replies of a loaded model, `batch_size` questions decoded together."""
+    batch_size = integer("batch_size", batch_size, minimum=1)
+
+    def replies(bench, rows, done, max_tokens):
+        for tiles, group in batches(bench, rows, batch_size):
+            group = [r for r in group if str(r["index"]) not in done]
+            if group:
+                yield from zip(group, _answer(model, processor, bench, group, tiles, max_tokens))
+    return replies
+
+
 def evaluate(model, processor, bench_name: str, data_path, out_dir, *, model_name: str = "model",
              limit: Optional[int] = None, batch_size: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS,
              progress: bool = True) -> Tuple[RunInfo, scoring.Scores]:
     """Answer every question of `data_path` (the first `limit`) with a loaded model, append the predictions to
     `out_dir/{model_name}_{bench}.tsv` (skipping those already there) and score them."""
+    return evaluate_with(local_replies(model, processor, batch_size), bench_name, data_path, out_dir,
+                         model_name=model_name, limit=limit, max_tokens=max_tokens, progress=progress,
+                         batch_size=batch_size)
+
+
+def evaluate_with(replies: Replies, bench_name: str, data_path, out_dir, *, model_name: str,
+                  limit: Optional[int] = None, max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = True,
+                  batch_size: int = 8, server: Optional[str] = None) -> Tuple[RunInfo, scoring.Scores]:
+    """`evaluate` with the replies from `replies` (a loaded model's, or a server's: `served.server_replies`)."""
     bench = benchmarks.resolve(bench_name)
-    batch_size = integer("batch_size", batch_size, minimum=1)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
-    rows = data.read_benchmark(data_path)
+    rows = data.read_benchmark(data_path, prompts.default_question(bench))
     if limit is not None:
         rows = rows[:integer("limit", limit, minimum=1)]
     if not rows:
         raise UserError(f"--data {data_path}: the file has no questions")
     stem = Path(out_dir) / f"{model_name}_{bench.name}"
     writer = data.PredictionWriter(stem.with_suffix(".tsv"), data.output_columns(rows))
-    todo = [r for r in rows if str(r["index"]) not in writer.done]
+    answered = len(writer.done.keys() & {str(r["index"]) for r in rows})
     tic = time.perf_counter()
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), unit="q", desc=bench.name, disable=not progress,
+    with tqdm(total=len(rows), initial=answered, unit="q", desc=bench.name, disable=not progress,
               dynamic_ncols=True) as bar:
-        for tiles, group in batches(bench, rows, batch_size):
-            group = [r for r in group if str(r["index"]) not in writer.done]
-            if not group:
-                continue
-            for row, text in zip(group, _answer(model, processor, bench, group, tiles, max_tokens)):
-                writer.write(row, text)
-            bar.update(len(group))
-    info = RunInfo(bench.name, model_name, str(data_path), str(stem.with_suffix(".tsv")), len(rows), len(todo),
-                   time.perf_counter() - tic, batch_size, max_tokens, limit)
+        for row, text in replies(bench, rows, set(writer.done), max_tokens):
+            writer.write(row, text)
+            bar.update(1)
+    info = RunInfo(bench.name, model_name, str(data_path), str(stem.with_suffix(".tsv")), len(rows),
+                   len(rows) - answered, time.perf_counter() - tic, batch_size, max_tokens, limit, server)
     stem.with_suffix(".json").write_text(json.dumps(asdict(info), indent=1) + "\n")
     return info, score_file(bench.name, stem.with_suffix(".tsv"))
 

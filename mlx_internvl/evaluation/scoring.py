@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
 from mlx_internvl.errors import UserError
-from mlx_internvl.evaluation import choice, vqa
+from mlx_internvl.evaluation import caption, choice, vqa
 from mlx_internvl.evaluation.benchmarks import Benchmark
 
 # VLMEvalKit's short names for MMBench's abilities.
@@ -24,7 +24,7 @@ MMB_ABBRS = {'coarse_perception': 'CP', 'finegrained_perception (instance-level)
 class Scores:
     benchmark: str
     metric: str
-    items: Dict[str, float]  # question (or circular group) index -> score in [0, 1]
+    items: Dict[str, float]  # question (or circular group) index -> score in [0, 1] (CIDEr: 0 to 10)
     table: Dict[str, float] = field(default_factory=dict)  # 'Overall' first, then splits / categories
 
     @property
@@ -107,9 +107,13 @@ def score(bench: Benchmark, rows: List[dict]) -> Scores:
         items = [float(choice.circular_hit(g)) for g in groups.values()]
         return Scores(bench.name, bench.metric, {str(k): s for k, s in zip(groups, items)},
                       _table(bench, mains, items))
+    if bench.metric == "caption":
+        items, table = caption.caption_scores([str(r['prediction']) for r in rows],
+                                              [parse_answers(r['answer']) for r in rows])
+        return Scores(bench.name, bench.metric, {str(r['index']): s for r, s in zip(rows, items)}, table)
     fn = METRICS.get(bench.metric)
     if fn is None:
-        raise UserError(f"{bench.name}: no metric {bench.metric!r}; known: {', '.join(METRICS)}, circular")
+        raise UserError(f"{bench.name}: no metric {bench.metric!r}; known: {', '.join(METRICS)}, circular, caption")
     items = [fn(r) for r in rows]
     table = _ocrbench_table(rows, items) if bench.metric == "ocrbench" else _table(bench, rows, items)
     return Scores(bench.name, bench.metric, {str(r['index']): s for r, s in zip(rows, items)}, table)

@@ -62,7 +62,7 @@ def make_server(preset, dtype, **cfg):
 
     cfg = ServerConfig(model=preset, model_name="bench", **cfg)
     engine = Engine(load, decode_concurrency=cfg.decode_concurrency, prompt_cache_size=cfg.prompt_cache_size,
-                    vision_cache_size=cfg.vision_cache_size)
+                    vision_cache_size=cfg.vision_cache_size, flash=cfg.flash)
     engine.start()
     return create_app(cfg, engine)
 

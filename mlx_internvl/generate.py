@@ -25,7 +25,7 @@ from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wi
 from .errors import UserError
 from .flash import describe
 from .images import ImageInput
-from .prompt_cache import prepare_request
+from .prompt_cache import prepare_request, prepare_routed_request
 from .sampling import KVOptions, SamplingOptions, split_options
 from .structured import constraint
 from .thinking import budget_processors, thinking_options
@@ -155,12 +155,15 @@ def _encode(model, processor, ids: List[int], inputs: dict, flash: Optional[bool
     """(ids, features, draft features, cache, router line) of one request: the Flash router when it is on,
     else the prompt-cache file / draft preparation."""
     if model.use_flash(flash) and inputs["pixel_values"] is not None:
+        if draft is not None and (prompt_cache_file is not None or not draft.shares_vision):
+            raise UserError("with the Flash router on, a draft model must share the target's vision tower and "
+                            "cannot be combined with a prompt-cache file (compressed tiles have no features of the "
+                            "draft's own, and the file holds no features); pass --no-flash")
         if prompt_cache_file is not None:
-            raise UserError("a prompt-cache file cannot be combined with the Flash router yet: its decisions "
-                            "depend on every tile of the request; pass --no-flash (flash=False)")
-        if draft is not None and not draft.shares_vision:
-            raise UserError("with the Flash router on, the draft model must share the target's vision tower "
-                            "(compressed tiles have no features of the draft's own); pass --no-flash")
+            rest, features, cache, compress, p0 = prepare_routed_request(
+                model, ids, inputs["pixel_values"], inputs["num_tiles"], prompt_cache_file)
+            processor.check_length(len(rest) + cache[0].offset)
+            return rest, features, None, cache, describe(compress, p0)
         enc = model.encode_request(ids, inputs["pixel_values"], flash)
         processor.check_length(len(enc.ids))
         return enc.ids, enc.features, enc.features if draft is not None else None, None, _router_line(enc)

@@ -207,13 +207,13 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
-                           exif_transpose=exif_transpose, thinking=thinking)
-    ids = inputs["input_ids"][0].tolist()
-    max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
+                           exif_transpose=exif_transpose, thinking=thinking, routed=model.use_flash(flash))
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
     processors = processors + budget + ([rule] if rule is not None else [])
-    ids, features, draft_features, cache, router = _encode(model, processor, ids, inputs, flash, draft,
-                                                           prompt_cache_file, kv.prefill_step_size)
+    ids, features, draft_features, cache, router = _encode(model, processor, inputs["input_ids"][0].tolist(),
+                                                           inputs, flash, draft, prompt_cache_file,
+                                                           kv.prefill_step_size)
+    max_tokens = processor.clamp_max_tokens(len(ids) + (cache[0].offset if cache else 0), max_tokens)
     for r in stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
                            logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
                            draft=draft, draft_features=draft_features, stop_on_eos=stop_on_eos,
@@ -308,7 +308,7 @@ def _prefill_rows(model, processor, prompts, images, max_tokens, kv, flash, **re
     prompt_ids, caches, limits = [], [], []
     for text, ims in zip(prompts, images):
         ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
-        inputs = processor(text, images=ims, **render)
+        inputs = processor(text, images=ims, routed=model.use_flash(flash), **render)
         enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"], flash)
         ids = enc.ids
         limits.append(processor.clamp_max_tokens(len(ids), max_tokens))

@@ -111,3 +111,31 @@ def test_cached_tiles_must_be_decided_as_the_file_says(flash, build_case, tmp_pa
     assert route(np.array(pcf.router["p0"], np.float32), 0.0, 0.0).tolist() != pcf.router["compress"]
     with pytest.raises(UserError, match=r"decides the cached tiles as \[(low|full)"):
         tokens(other, processor, "Describe it.", [IMG1], prompt_cache_file=f)
+
+
+def test_context_check_counts_the_routed_prompt(flash, build_case):
+    """A prompt too long at full resolution but not once routed runs with the router on (its reply limit counted
+    from the routed length) and is refused at full resolution; one too long even routed is refused after routing."""
+    from mlx_internvl.processing import Processor
+
+    model, processor = flash
+    q = "What is it?"
+    full = len(processor(q, images=[IMG1], max_tiles=4)["input_ids"][0])
+    routed = next(stream_generate(model, processor, q, [IMG1], max_tokens=1, max_tiles=4)).prompt_tokens
+    assert routed < full - 300
+
+    def with_context(n):
+        llm = dict(model.config.llm_config, max_position_embeddings=n)
+        return Processor.from_pretrained(build_case(CASE).original_dir, dataclasses.replace(model.config,
+                                                                                            llm_config=llm))
+
+    short = with_context(routed + 3)
+    pieces = list(stream_generate(model, short, q, [IMG1], max_tokens=50, max_tiles=4))
+    assert pieces[-1].prompt_tokens == routed and len(pieces) == 3 and pieces[-1].finish_reason == "length"
+    with pytest.raises(UserError, match=f"the prompt is {full} tokens but the model's context is {routed + 3}"):
+        next(stream_generate(model, short, q, [IMG1], max_tiles=4, flash=False))
+    with pytest.raises(UserError, match=f"the prompt is {routed} tokens but the model's context is {routed}"):
+        next(stream_generate(model, with_context(routed), q, [IMG1], max_tiles=4))
+    least = full - 4 * 192  # five tiles: all but the lowest-scored one could be compressed
+    with pytest.raises(UserError, match=f"at least {least} even if the Flash router compresses"):
+        with_context(least)(q, images=[IMG1], max_tiles=4, routed=True)

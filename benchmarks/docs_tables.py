@@ -203,6 +203,8 @@ REGIONS: Dict[str, Region] = {
         results("speculative-drafts-linux-cpu.json")["drafts"]),
         data=f"`{R}speculative-drafts-linux-cpu.json` (`speculative.py --json`)"),
     "speculative-cache": Region(_speculative_cache, data=f"`{R}speculative-cache*-linux-cpu.json`, a row per file"),
+    "flash-speed": Region(lambda: script("benchmarks/flash.py").markdown(results("flash-linux-cpu.json")),
+                          data=f"`{R}flash-linux-cpu.json` (`flash.py --json`)"),
     "regions": Region(lambda: _index(), data="this list: `REGIONS` in `benchmarks/docs_tables.py`"),
 }
 

@@ -17,7 +17,12 @@ history with a second question, through the HTTP API and the `openai` client, wi
 prompt extends turn 1's, so the prompt cache keeps the image's tokens and the vision cache its tiles; turn 2 runs
 the router again over the cached tiles (the same decisions, so the same cache keys).
 
-    python benchmarks/flash.py --tiles 1,7,13 --server-tiles 13 --json benchmarks/results/flash-linux-cpu.json
+    python benchmarks/flash.py --tiles 1,7,13 --server-tiles 13                  # the full-size preset
+    python benchmarks/flash.py --tiles 1,7,13 --server-tiles 13 --layers 4 \
+        --json benchmarks/results/flash-linux-cpu.json   # 4 ViT and 4 LLM layers at full width: the docs' figures
+
+With `--layers` the router's share of the time to first token is larger than on the full-size model (its cost does
+not shrink with the layers), and the ViT's share keeps its proportion to the LLM's.
 """
 
 import argparse
@@ -42,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 import openai  # noqa: E402
-from server_bench import make_server, ttft  # noqa: E402
+from server_bench import make_server, shallow, ttft  # noqa: E402
 
 from server_util import IMG1, user  # noqa: E402
 
@@ -103,10 +108,10 @@ def measure(model, h1: mx.array, n_tiles: int, vit_per_tile: float) -> dict:
                 ttft_off=off, ttft_on=on, router=t_router, kv_off=off_kv, kv_on=on_kv)
 
 
-def server_turn2(n_tiles: int, dtype: str, flash: bool, answer_tokens: int, repeats: int) -> dict:
+def server_turn2(preset: str, n_tiles: int, dtype: str, flash: bool, answer_tokens: int, repeats: int) -> dict:
     """Turn-1 and turn-2 time to first token (median of `repeats` chats) of a one-image chat on a server with its
     caches on, the Flash router on or off."""
-    app = make_server(PRESET, dtype, max_tiles=MAX_TILES[n_tiles], max_tokens=answer_tokens, flash=flash)
+    app = make_server(preset, dtype, max_tiles=MAX_TILES[n_tiles], max_tokens=answer_tokens, flash=flash)
     runs = []
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=3600)
@@ -145,14 +150,14 @@ def markdown(data: dict) -> str:
     return "\n".join(out)
 
 
-def prefill_rows(tiles: str, dtype: str, rows: list, save) -> float:
+def prefill_rows(preset: str, tiles: str, dtype: str, rows: list, save) -> float:
     """Appends `measure`'s row per tile count to `rows`; returns the ViT's seconds per tile. The model is freed
     on return (the servers load their own)."""
-    model = random_model(PRESET, getattr(mx, dtype))
+    model = random_model(preset, getattr(mx, dtype))
     one = mx.random.normal((1, 448, 448, 3))
     mx.eval(model.vision_features(one))  # warm-up
     h1, vit_per_tile = timed(lambda: model.vision_features(one))
-    print(f"{PRESET}, random weights, {dtype}; ViT {vit_per_tile:.2f} s/tile", flush=True)
+    print(f"{preset}, random weights, {dtype}; ViT {vit_per_tile:.2f} s/tile", flush=True)
     for n in filter(None, tiles.split(",")):
         rows.append(measure(model, h1, int(n), vit_per_tile))
         print(rows[-1], flush=True)
@@ -168,17 +173,20 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="server chats per variant (median)")
     p.add_argument("--answer-tokens", type=int, default=4)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here (the docs render from it)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="Keep only this many ViT and LLM layers (same widths): a preset sized for a CPU run.")
     a = p.parse_args()
-    data = dict(preset=PRESET, dtype=a.dtype, prefill=[], server=[],
+    preset = shallow(PRESET, a.layers) if a.layers else PRESET
+    data = dict(preset=preset, dtype=a.dtype, prefill=[], server=[],
                 command="python benchmarks/flash.py " + " ".join(sys.argv[1:]))
 
     def save():  # after every row: a long run that is stopped keeps what it measured
         if a.json:
             a.json.write_text(json.dumps(data, indent=1) + "\n")
 
-    data["vit_per_tile_s"] = prefill_rows(a.tiles, a.dtype, data["prefill"], save)
+    data["vit_per_tile_s"] = prefill_rows(preset, a.tiles, a.dtype, data["prefill"], save)
     for n in filter(None, a.server_tiles.split(",")):
-        runs = {k: server_turn2(int(n), a.dtype, k == "on", a.answer_tokens, a.repeats) for k in ("off", "on")}
+        runs = {k: server_turn2(preset, int(n), a.dtype, k == "on", a.answer_tokens, a.repeats) for k in ("off", "on")}
         data["server"].append(dict(tiles=int(n), **runs))
         print(data["server"][-1], flush=True)
         save()

@@ -139,3 +139,37 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
     least = full - 4 * 192  # five tiles: all but the lowest-scored one could be compressed
     with pytest.raises(UserError, match=f"at least {least} even if the Flash router compresses"):
         with_context(least)(q, images=[IMG1], max_tiles=4, routed=True)
+
+
+def test_lora_trains_at_full_resolution_with_the_router_frozen(build_case):
+    """As upstream's Flash `forward`: the training loss sees every tile through mlp1 (256 tokens each), and a step
+    that trains the LLM adapters and mlp1 leaves the router and mlp2 as they were."""
+    import mlx.nn as nn
+
+    from mlx_internvl.adapters import LoraConfig, apply_lora, trainable_weights
+    from mlx_internvl.lora.batching import collate
+    from mlx_internvl.lora.render import Encoded
+    from mlx_internvl.lora.trainer import TrainingArgs, make_optimizer, make_step
+
+    base, processor = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    model = flash_model(base, 0.5, 0.0)
+    apply_lora(model, LoraConfig(rank=4, train_projector="full"))
+    assert not [k for k in trainable_weights(model) if k.startswith(FLASH_PREFIXES)]
+    inputs = processor("What is it?", images=[IMG1], max_tiles=4)
+    ids = np.array(inputs["input_ids"][0].tolist() + processor.tokenizer.encode("A photo."), dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[-3:] = True
+    batch, _ = collate([Encoded(ids, mask, [str(IMG1)], inputs["num_tiles"], 4, "t")], model.config, 0,
+                       processor.image_token_id)
+    assert int(batch["image_mask"].sum()) == model.config.num_image_token * sum(inputs["num_tiles"])
+
+    logits = model(batch["ids"], image_features=model.extract_feature(batch["pixel_values"]))[:, :-1]
+    expected = (nn.losses.cross_entropy(logits, batch["ids"][:, 1:]) * batch["mask"][:, 1:]).sum()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if k.startswith(FLASH_PREFIXES + ("mlp1.",))}
+    step, state = make_step(model, make_optimizer(TrainingArgs(lr=1e-2), 2), frozen_features=False, compile=False)
+    ce, n, _ = step(batch, None, True, mx.array(1.0))
+    mx.eval(state, ce)
+    assert abs(float(ce) - float(expected)) < 1e-3 * max(1.0, abs(float(expected)))
+    after = dict(tree_flatten(model.parameters()))
+    assert all(np.array_equal(before[k], np.array(after[k])) for k in before if k.startswith(FLASH_PREFIXES))
+    assert any(not np.array_equal(before[k], np.array(after[k])) for k in before if k.startswith("mlp1."))

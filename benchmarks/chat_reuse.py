@@ -32,7 +32,8 @@ INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<re
 def processor_for(model) -> Processor:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ROOT / "tests/fixtures/tokenizers/qwen2_5")
+    base = "qwen3" if model.config.llm_config.get("model_type") == "qwen3" else "qwen2_5"  # InternVL3.5: Qwen3's
+    tok = AutoTokenizer.from_pretrained(ROOT / "tests/fixtures/tokenizers" / base)
     tok.add_tokens(INTERNVL_TOKENS, special_tokens=True)
     tmp = tempfile.mkdtemp(prefix="mlx-internvl-chat-bench-")
     tok.save_pretrained(tmp)

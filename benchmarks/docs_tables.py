@@ -206,6 +206,8 @@ REGIONS: Dict[str, Region] = {
     "eval-throughput": Region(lambda: script("benchmarks/eval_throughput.py").markdown(
         [json.loads(f.read_text()) for f in sorted(RESULTS.glob("eval-throughput-*-linux-cpu.json"))]),
         data=f"`{R}eval-throughput-*-linux-cpu.json`, a run per file (`eval_throughput.py --json`)"),
+    "flash-speed": Region(lambda: script("benchmarks/flash.py").markdown(results("flash-linux-cpu.json")),
+                          data=f"`{R}flash-linux-cpu.json` (`flash.py --json`)"),
     "regions": Region(lambda: _index(), data="this list: `REGIONS` in `benchmarks/docs_tables.py`"),
 }
 

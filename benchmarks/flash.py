@@ -10,10 +10,28 @@ prefill of its prompt (`<IMG_CONTEXT>` x 256 per tile, or 64 per compressed tile
 random weights the scores are close together; the preset's thresholds (relative 0.5, absolute 0) compress the
 tiles above the request's median, so none at 1 tile (a lone tile is its own quantile, as upstream decides).
 Ratios are on/off.
+
+`--server-tiles` adds the server's turn-2 time to first token with its caches on (the defaults): a one-image chat
+(the test photo at `--max-tiles` 1, 6 or 12 gives 1, 7 or 13 tiles) whose turn 1 is answered and then resent as
+history with a second question, through the HTTP API and the `openai` client, with `flash` on and off. The turn-2
+prompt extends turn 1's, so the prompt cache keeps the image's tokens and the vision cache its tiles; turn 2 runs
+the router again over the cached tiles (the same decisions, so the same cache keys).
+
+    python benchmarks/flash.py --tiles 1,7,13 --server-tiles 13                  # the full-size preset
+    python benchmarks/flash.py --tiles 1,7,13 --server-tiles 7 --layers 1 --clock cpu \
+        --json benchmarks/results/flash-linux-cpu.json   # one ViT and one LLM layer at full width: the docs' figures
+
+With `--layers` the router's share of the time to first token is larger than on the full-size model (its cost,
+about that of one ViT layer per tile, does not shrink with the layers), and the ViT's share keeps its proportion to
+the LLM's. `--clock cpu` times this process's CPU seconds instead of wall seconds, steadier on a shared machine.
 """
 
 import argparse
+import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import mlx_internvl  # noqa: F401  (BLAS opt-in must precede mlx)
 
@@ -24,15 +42,29 @@ import numpy as np
 from mlx_internvl.bench.presets import random_model
 from mlx_internvl.flash import FlashTiles, compress_ids, route, select_features
 from mlx_internvl.projector import pixel_shuffle
+from mlx_internvl.server import running
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+import openai  # noqa: E402
+from server_bench import make_server, shallow, ttft  # noqa: E402
+
+from server_util import IMG1, user  # noqa: E402
 
 PRESET = "internvl3_5-1b-flash"
+MAX_TILES = {1: 1, 7: 6, 13: 12}  # the test photo (1000x747) at these --max-tiles gives 1, 7 and 13 tiles
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU seconds, all threads
+CLOCK = [time.perf_counter]
 
 
 def timed(fn):
-    t = time.perf_counter()
+    t = CLOCK[0]()
     out = fn()
     mx.eval(out)
-    return out, time.perf_counter() - t
+    return out, CLOCK[0]() - t
 
 
 def prompt_ids(model, n_tiles: int):
@@ -81,26 +113,93 @@ def measure(model, h1: mx.array, n_tiles: int, vit_per_tile: float) -> dict:
                 ttft_off=off, ttft_on=on, router=t_router, kv_off=off_kv, kv_on=on_kv)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tiles", default="1,7,13")
-    p.add_argument("--dtype", default="float32")
-    a = p.parse_args()
-    model = random_model(PRESET, getattr(mx, a.dtype))
+def server_turn2(preset: str, n_tiles: int, dtype: str, flash: bool, answer_tokens: int, repeats: int) -> dict:
+    """Turn-1 and turn-2 time to first token (median of `repeats` chats) of a one-image chat on a server with its
+    caches on, the Flash router on or off."""
+    app = make_server(preset, dtype, max_tiles=MAX_TILES[n_tiles], max_tokens=answer_tokens, flash=flash)
+    runs = []
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=3600)
+        for r in range(repeats):
+            msgs = [user(f"Describe this photo ({r}).", IMG1)]
+            t1, use1 = ttft(client, msgs, CLOCK[0], max_tokens=answer_tokens)
+            reply = client.chat.completions.create(model="bench", messages=msgs, max_tokens=answer_tokens)
+            msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     user("What else is in it?")]
+            t2, use2 = ttft(client, msgs, CLOCK[0], max_tokens=2)
+            runs.append(dict(turn1_s=t1, turn2_s=t2, turn1_tokens=use1.prompt_tokens,
+                             turn2_tokens=use2.prompt_tokens, turn2_cached=use2.prompt_tokens_details.cached_tokens))
+    out = {k: statistics.median(r[k] for r in runs) for k in ("turn1_s", "turn2_s")}
+    return dict(runs[-1], **out)
+
+
+def markdown(data: dict) -> str:
+    """The docs' tables from what `main` measured (or the committed results file)."""
+    s = "CPU s" if data.get("clock") == "cpu" else "s"
+    out = [f"| tiles | compressed | prompt tokens off / on | TTFT off {s} | TTFT on {s} | TTFT on/off | router {s} | "
+           "router / TTFT on | KV off MB | KV on MB | KV on/off |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["prefill"]:
+        out.append(f"| {r['tiles']} | {r['compressed']} | {r['tokens_off']} / {r['tokens_on']} | "
+                   f"{r['ttft_off']:.2f} | {r['ttft_on']:.2f} | **{r['ttft_on'] / r['ttft_off']:.2f}** | "
+                   f"{r['router']:.3f} | {r['router'] / r['ttft_on']:.3f} | {r['kv_off'] / 1e6:.1f} | "
+                   f"{r['kv_on'] / 1e6:.1f} | **{r['kv_on'] / r['kv_off']:.2f}** |")
+    if data.get("server"):
+        out += ["", "| server, caches on | tiles | prompt tokens off / on | cached on turn 2 off / on | "
+                f"turn-1 TTFT off / on {s} | on/off | turn-2 TTFT off / on {s} | on/off |",
+                "|---|---|---|---|---|---|---|---|"]
+        for s in data["server"]:
+            off, on = s["off"], s["on"]
+            out.append(f"| one image, history resent | {s['tiles']} | {off['turn2_tokens']} / {on['turn2_tokens']} | "
+                       f"{off['turn2_cached']} / {on['turn2_cached']} | {off['turn1_s']:.2f} / {on['turn1_s']:.2f} | "
+                       f"{on['turn1_s'] / off['turn1_s']:.2f} | {off['turn2_s']:.2f} / {on['turn2_s']:.2f} | "
+                       f"**{on['turn2_s'] / off['turn2_s']:.2f}** |")
+    return "\n".join(out)
+
+
+def prefill_rows(preset: str, tiles: str, dtype: str, rows: list, save) -> float:
+    """Appends `measure`'s row per tile count to `rows`; returns the ViT's seconds per tile. The model is freed
+    on return (the servers load their own)."""
+    model = random_model(preset, getattr(mx, dtype))
     one = mx.random.normal((1, 448, 448, 3))
     mx.eval(model.vision_features(one))  # warm-up
     h1, vit_per_tile = timed(lambda: model.vision_features(one))
-    print(f"`python benchmarks/flash.py --tiles {a.tiles} --dtype {a.dtype}` ({PRESET}, random weights; "
-          f"ViT {vit_per_tile:.2f} s/tile)\n")
-    print("| tiles | compressed | prompt tokens off / on | TTFT off s | TTFT on s | TTFT on/off | router s | "
-          "router / TTFT on | KV off MB | KV on MB | KV on/off |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in a.tiles.split(","):
-        r = measure(model, h1, int(n), vit_per_tile)
-        print(f"| {r['tiles']} | {r['compressed']} | {r['tokens_off']} / {r['tokens_on']} | {r['ttft_off']:.2f} | "
-              f"{r['ttft_on']:.2f} | {r['ttft_on'] / r['ttft_off']:.2f} | {r['router']:.3f} | "
-              f"{r['router'] / r['ttft_on']:.3f} | {r['kv_off'] / 1e6:.1f} | {r['kv_on'] / 1e6:.1f} | "
-              f"{r['kv_on'] / r['kv_off']:.2f} |", flush=True)
+    print(f"{preset}, random weights, {dtype}; ViT {vit_per_tile:.2f} s/tile", flush=True)
+    for n in filter(None, tiles.split(",")):
+        rows.append(measure(model, h1, int(n), vit_per_tile))
+        print(rows[-1], flush=True)
+        save()
+    return vit_per_tile
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiles", default="1,7,13")
+    p.add_argument("--server-tiles", default="", help="also the server's turn 2 at these tile counts (1, 7, 13)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=1, help="server chats per variant (median)")
+    p.add_argument("--answer-tokens", type=int, default=4)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here (the docs render from it)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="Keep only this many ViT and LLM layers (same widths): a preset sized for a CPU run.")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall seconds, or this process's CPU seconds (steadier on a shared machine)")
+    a = p.parse_args()
+    CLOCK[0] = CLOCKS[a.clock]
+    preset = shallow(PRESET, a.layers) if a.layers else PRESET
+    data = dict(preset=preset, dtype=a.dtype, clock=a.clock, prefill=[], server=[],
+                command="python benchmarks/flash.py " + " ".join(sys.argv[1:]))
+
+    def save():  # after every row: a long run that is stopped keeps what it measured
+        if a.json:
+            a.json.write_text(json.dumps(data, indent=1) + "\n")
+
+    data["vit_per_tile_s"] = prefill_rows(preset, a.tiles, a.dtype, data["prefill"], save)
+    for n in filter(None, a.server_tiles.split(",")):
+        runs = {k: server_turn2(preset, int(n), a.dtype, k == "on", a.answer_tokens, a.repeats) for k in ("off", "on")}
+        data["server"].append(dict(tiles=int(n), **runs))
+        print(data["server"][-1], flush=True)
+        save()
+    print(markdown(data))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 import click
 
 from mlx_internvl.errors import UserError
+from mlx_internvl.flash import describe
 from mlx_internvl.hub import DEFAULT_MODEL
 from mlx_internvl.prompt_cache import save_prompt_cache_file
 
@@ -39,9 +40,12 @@ from .options import int_range
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="The .safetensors file to write (atomically).")
 @click.option("--prefill-step-size", type=int_range("prefill_step_size"), default=2048, show_default=True)
+@click.option("--flash/--no-flash", "flash", default=None,
+              help="InternVL3.5-Flash checkpoints: cache the prompt as the resolution router shortens it, or at full "
+                   "resolution; requests must use the file in the same mode. Default: the config's flash_mode.")
 @click.option("--verbose", "-v", is_flag=True)
 def command(model_path, revision, adapter_path, dtype, template, system_message, images, video, num_frames,
-            max_tiles, exif_transpose, prompt, out, prefill_step_size, verbose):
+            max_tiles, exif_transpose, prompt, out, prefill_step_size, flash, verbose):
     """Cache the KV state of an image/video prompt in a file, for later requests that extend it."""
     setup_logging(verbose)
     if prompt == "-":
@@ -52,7 +56,9 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     t = time.perf_counter()
     pcf = save_prompt_cache_file(model, processor, out, prompt, list(images), video=video, num_frames=num_frames,
                                  max_tiles=max_tiles, system_message=system_message, exif_transpose=exif_transpose,
-                                 prefill_step_size=prefill_step_size)
+                                 prefill_step_size=prefill_step_size, flash=flash)
     n_img = sum(pcf.num_tiles)
+    if pcf.router and verbose:
+        click.echo(describe(pcf.router["compress"], pcf.router["p0"]), err=True)
     click.echo(f"Cached {len(pcf.token_ids)} tokens ({n_img} tiles) in {time.perf_counter() - t:.1f} s -> {out}",
                err=True)

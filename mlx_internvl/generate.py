@@ -25,7 +25,7 @@ from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wi
 from .errors import UserError
 from .flash import describe
 from .images import ImageInput
-from .prompt_cache import prepare_request
+from .prompt_cache import prepare_request, prepare_routed_request
 from .sampling import KVOptions, SamplingOptions, split_options
 from .structured import constraint
 from .thinking import budget_processors, thinking_options
@@ -155,12 +155,15 @@ def _encode(model, processor, ids: List[int], inputs: dict, flash: Optional[bool
     """(ids, features, draft features, cache, router line) of one request: the Flash router when it is on,
     else the prompt-cache file / draft preparation."""
     if model.use_flash(flash) and inputs["pixel_values"] is not None:
+        if draft is not None and (prompt_cache_file is not None or not draft.shares_vision):
+            raise UserError("with the Flash router on, a draft model must share the target's vision tower and "
+                            "cannot be combined with a prompt-cache file (compressed tiles have no features of the "
+                            "draft's own, and the file holds no features); pass --no-flash")
         if prompt_cache_file is not None:
-            raise UserError("a prompt-cache file cannot be combined with the Flash router yet: its decisions "
-                            "depend on every tile of the request; pass --no-flash (flash=False)")
-        if draft is not None and not draft.shares_vision:
-            raise UserError("with the Flash router on, the draft model must share the target's vision tower "
-                            "(compressed tiles have no features of the draft's own); pass --no-flash")
+            rest, features, cache, compress, p0 = prepare_routed_request(
+                model, ids, inputs["pixel_values"], inputs["num_tiles"], prompt_cache_file)
+            processor.check_length(len(rest) + cache[0].offset)
+            return rest, features, None, cache, describe(compress, p0)
         enc = model.encode_request(ids, inputs["pixel_values"], flash)
         processor.check_length(len(enc.ids))
         return enc.ids, enc.features, enc.features if draft is not None else None, None, _router_line(enc)
@@ -204,13 +207,13 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,
-                           exif_transpose=exif_transpose, thinking=thinking)
-    ids = inputs["input_ids"][0].tolist()
-    max_tokens = processor.clamp_max_tokens(len(ids), max_tokens)
+                           exif_transpose=exif_transpose, thinking=thinking, routed=model.use_flash(flash))
     sampler, processors = sampling.make(processor.tokenizer.eos_token_ids)
     processors = processors + budget + ([rule] if rule is not None else [])
-    ids, features, draft_features, cache, router = _encode(model, processor, ids, inputs, flash, draft,
-                                                           prompt_cache_file, kv.prefill_step_size)
+    ids, features, draft_features, cache, router = _encode(model, processor, inputs["input_ids"][0].tolist(),
+                                                           inputs, flash, draft, prompt_cache_file,
+                                                           kv.prefill_step_size)
+    max_tokens = processor.clamp_max_tokens(len(ids) + (cache[0].offset if cache else 0), max_tokens)
     for r in stream_tokens(model, processor, ids, features, max_tokens=max_tokens, sampler=sampler,
                            logits_processors=processors, prompt_cache=cache, kv=kv, num_tiles=inputs["num_tiles"],
                            draft=draft, draft_features=draft_features, stop_on_eos=stop_on_eos,
@@ -305,7 +308,7 @@ def _prefill_rows(model, processor, prompts, images, max_tokens, kv, flash, **re
     prompt_ids, caches, limits = [], [], []
     for text, ims in zip(prompts, images):
         ims = [] if ims is None else ([ims] if not isinstance(ims, (list, tuple)) else list(ims))
-        inputs = processor(text, images=ims, **render)
+        inputs = processor(text, images=ims, routed=model.use_flash(flash), **render)
         enc = model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"], flash)
         ids = enc.ids
         limits.append(processor.clamp_max_tokens(len(ids), max_tokens))

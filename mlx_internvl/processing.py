@@ -331,11 +331,14 @@ class Processor:
         frame_label: str = FRAME_LABEL,
         exif_transpose: bool = False,
         thinking: Optional[bool] = None,
+        routed: bool = False,
     ) -> dict:
         """`{'input_ids': mx.int32 [1, L], 'pixel_values': mx.float32 [T, S, S, 3] or None, 'num_tiles': [...],
         'prompt': str, 'image_spans': [(start, end), ...]}`. `video` is a file path (decoded with PyAV,
         `num_frames` frames sampled as upstream) or a
-        list of PIL frames; its frames follow the images. `thinking`: InternVL3.5's thinking switch (`thinking.py`)."""
+        list of PIL frames; its frames follow the images. `thinking`: InternVL3.5's thinking switch (`thinking.py`).
+        `routed`: the Flash router will shorten the prompt, so only what cannot fit even then is refused here (the
+        caller checks the routed prompt)."""
         validate.conversation(text, history, system_message)
         num_frames = validate.num_frames(num_frames)
         tiles = self.image_tiles(as_image_list(images), max_tiles, exif_transpose)
@@ -348,7 +351,7 @@ class Processor:
             n_frames = len(frames)
         num_tiles = [t.shape[0] for t in tiles]
         rendered = self.render(text, num_tiles, history, system_message, n_frames, frame_label, thinking)
-        self.check_length(len(rendered.ids), sum(num_tiles))
+        self.check_length(len(rendered.ids), sum(num_tiles), routed)
         pixel_values = mx.array(np.concatenate(tiles)) if tiles else None
         return {
             "input_ids": mx.array([rendered.ids], dtype=mx.int32),
@@ -365,11 +368,22 @@ class Processor:
         ctx = self.context_length
         return min(max_tokens, ctx - n_prompt) if ctx else max_tokens
 
-    def check_length(self, n_tokens: int, n_tiles: int = 0) -> None:
-        """A clear error when a prompt does not fit in the language model's context."""
+    def router_saving(self, n_tiles: int) -> int:
+        """The most image tokens the Flash router can drop from a prompt of `n_tiles` tiles: every tile but the
+        lowest-scored one (never above the request's quantile) cut from `num_image_token` to mlp2's share."""
+        per_tile = self.config.num_image_token
+        kept = int(round(per_tile * self.config.downsample_ratio**2))
+        return (per_tile - kept) * max(n_tiles - 1, 0) if self.config.is_flash else 0
+
+    def check_length(self, n_tokens: int, n_tiles: int = 0, routed: bool = False) -> None:
+        """A clear error when a prompt does not fit in the language model's context. `routed`: `n_tokens` is the
+        full-resolution length of a prompt the Flash router will shorten; refuse only what cannot fit even so."""
         ctx = self.context_length
-        if ctx and n_tokens >= ctx:
+        least = n_tokens - (self.router_saving(n_tiles) if routed else 0)
+        if ctx and least >= ctx:
             tiles = (f", of which {n_tiles * self.config.num_image_token} are image tokens for {n_tiles} tiles; "
                      "use fewer images, frames or tiles (--max-tiles)") if n_tiles else ""
-            raise UserError(f"the prompt is {n_tokens} tokens but the model's context is {ctx} tokens "
+            also = (f" (at least {least} even if the Flash router compresses every tile it can)"
+                    if least != n_tokens else "")
+            raise UserError(f"the prompt is {n_tokens} tokens{also} but the model's context is {ctx} tokens "
                             f"(max_position_embeddings){tiles}")

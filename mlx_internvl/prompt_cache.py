@@ -21,6 +21,12 @@ refused with an error that says which.
 
 The file does not store image features: every cached image token is already in the KV cache, and a request that
 extends the prefix never needs the features of a cached image again.
+
+With an InternVL3.5-Flash router on, the file caches the prompt as the router shortened it: the token ids are the
+compressed ids, and the metadata records the router's decision and score `p0` per cached tile. A request reuses it
+only with the router on too (a full-resolution request, `--no-flash`, is refused, and so is a router-on request on
+a file made at full resolution), and only when the router, deciding over all the request's tiles (the cached
+tiles' scores come from the file, so their ViT is not run again), decides the cached tiles as the file did.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .adapters import adapter_modules
 from .digests import checkpoint_digest
 from .errors import UserError
 from .files import atomic_write
+from .flash import compress_ids, route, select_features
 
 FORMAT = "mlx-internvl-prompt-cache"
 VERSION = 2  # 2: the weights fingerprint covers every byte of the checkpoint
@@ -138,6 +145,7 @@ class PromptCacheFile:
     num_tiles: List[int]
     identity: dict
     cache: list  # mlx-lm KV caches, never handed out directly (see `fresh_cache`)
+    router: Optional[dict] = None  # Flash router on: {"compress": [bool per cached tile], "p0": [float ...]}
 
     @classmethod
     def load(cls, path: Union[str, Path], model) -> PromptCacheFile:
@@ -161,7 +169,7 @@ class PromptCacheFile:
         if len(cache) != len(model.layers):
             raise UserError(f"{path}: holds {len(cache)} layers, the model has {len(model.layers)}")
         return cls(str(path), json.loads(meta["token_ids"]), json.loads(meta["image_hashes"]),
-                   json.loads(meta["num_tiles"]), ident, cache)
+                   json.loads(meta["num_tiles"]), ident, cache, json.loads(meta.get("router", "null")))
 
     def fresh_cache(self) -> list:
         """New KV caches holding the cached prompt; generating into them leaves this object unchanged."""
@@ -185,12 +193,27 @@ class PromptCacheFile:
             raise UserError(f"{self.path}: this request does not extend the cached prompt ({why}). A request can "
                             "reuse the file only if it has the same template, system message, images and tiles, and "
                             "its question starts with the cached text")
+        self.check_images(hashes)
+        return n
+
+    def check_images(self, hashes: Sequence[str]) -> None:
+        """The request's first images (their `hashes`) must be the cached ones, pixel for pixel."""
         cached = len(self.image_hashes)
         if list(hashes[:cached]) != self.image_hashes:
-            bad = next(i for i, (a, b) in enumerate(zip(hashes, self.image_hashes)) if a != b) + 1
-            raise UserError(f"{self.path}: image/frame {bad} of this request differs from the one cached (same tile "
-                            "count, different pixels); give the cached image(s), or make a new cache file")
-        return n
+            bad = next((i for i, (a, b) in enumerate(zip(hashes, self.image_hashes)) if a != b), len(hashes)) + 1
+            raise UserError(f"{self.path}: image/frame {bad} of this request differs from the one cached (or is "
+                            "missing); give the cached image(s), or make a new cache file")
+
+    def check_router(self, on: bool) -> None:
+        """Refuse a file whose image tokens were made with the Flash router in the other state than `on`."""
+        if not self.image_hashes or on == (self.router is not None):
+            return
+        made = ("with the Flash router on (its compressed tiles hold 64 tokens)" if self.router
+                else "at full resolution (Flash router off)")
+        fix = "--flash (flash=True)" if self.router else "--no-flash (flash=False)"
+        raise UserError(f"{self.path}: made {made}, but this request runs "
+                        f"{'with the router on' if on else 'at full resolution'}; pass {fix}, or make the cache "
+                        "again with cache-prompt in the same mode")
 
 
 def check_identity(cached: dict, current: dict, where: str) -> None:
@@ -230,9 +253,11 @@ def cached_prefix(processor, prompt: str, num_tiles: Sequence[int], system_messa
 
 def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str = "", images=None, *, video=None,
                            num_frames: int = 8, max_tiles=None, system_message: Optional[str] = None,
-                           exif_transpose: bool = False, prefill_step_size: int = 2048) -> PromptCacheFile:
+                           exif_transpose: bool = False, prefill_step_size: int = 2048,
+                           flash: Optional[bool] = None) -> PromptCacheFile:
     """Compute and write the KV cache of the opening of a request (`prompt` with `images`/`video`, as
-    `stream_generate` would render it) to `out` (`.safetensors`, written atomically). Returns the file, loaded."""
+    `stream_generate` would render it) to `out` (`.safetensors`, written atomically). Returns the file, loaded.
+    `flash`: the Flash router (None: the checkpoint's `flash_mode`); requests must use the file in the same mode."""
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: a prompt-cache file must end in .safetensors")
@@ -246,8 +271,13 @@ def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str 
     if full[: len(ids)] != ids:
         raise UserError("the opening of this prompt tokenizes differently on its own than inside the whole prompt; "
                         "end --prompt with a space or a newline")
+    features, router = None, None
+    if inputs["pixel_values"] is not None:  # the cached opening holds every image token of the request
+        enc = model.encode_request(ids, inputs["pixel_values"], flash)
+        ids, features = enc.ids, enc.features
+        if enc.compress is not None:
+            router = {"compress": [bool(c) for c in enc.compress], "p0": [float(p) for p in enc.p0]}
     processor.check_length(len(ids) + 1)
-    features = None if inputs["pixel_values"] is None else model.extract_feature(inputs["pixel_values"])
     cache = model.make_cache()
     for _ in model.prefill(ids, features, cache, prefill_step_size):
         pass
@@ -258,6 +288,7 @@ def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str 
         "token_ids": json.dumps(ids),
         "image_hashes": json.dumps(image_hashes(inputs["pixel_values"], inputs["num_tiles"])),
         "num_tiles": json.dumps(list(inputs["num_tiles"])),
+        "router": json.dumps(router),
         "prompt": prompt,
     }
     compact = PromptCacheFile(str(out), ids, [], [], {}, cache).fresh_cache()
@@ -291,6 +322,7 @@ def prepare_request(model, processor, ids: List[int], pixel_values, num_tiles: S
     start, cache = 0, None
     if prompt_cache_file is not None:
         pcf = as_prompt_cache(prompt_cache_file, model)
+        pcf.check_router(False)
         start = pcf.prefix_length(ids, image_hashes(pixel_values, num_tiles))
         cache = pcf.fresh_cache()
     before = sum(1 for t in ids[:start] if t == image_id)
@@ -309,3 +341,29 @@ def prepare_request(model, processor, ids: List[int], pixel_values, num_tiles: S
                                 d_cache, prefill_step_size)
             cache = cache + d_cache
     return ids[start:], feats, draft_feats, cache
+
+
+def prepare_routed_request(model, ids: List[int], pixel_values, num_tiles: Sequence[int], prompt_cache_file):
+    """(ids to run, image rows for them, prompt cache, per-tile decisions, per-tile p0) for a request with the Flash
+    router on that extends a prompt-cache file made with it on (`ids` rendered with full tiles). The router decides
+    over all the request's tiles, the cached ones by their scores in the file, and must decide those as the file
+    did (otherwise the cached KV is not this request's)."""
+    pcf = as_prompt_cache(prompt_cache_file, model)
+    pcf.check_router(True)
+    pcf.check_images(image_hashes(pixel_values, num_tiles))
+    cfg, n_cached = model.config, sum(pcf.num_tiles)
+    new = model.flash_tiles(pixel_values[n_cached:]) if pixel_values.shape[0] > n_cached else None
+    p0 = np.concatenate([np.array(pcf.router["p0"], dtype=np.float32)] + ([new.p0] if new else []))
+    compress = route(p0, cfg.flash_relative_threshold, cfg.flash_absolute_threshold)
+    if [bool(c) for c in compress[:n_cached]] != pcf.router["compress"]:
+        def marks(cs):
+            return " ".join("low" if c else "full" for c in cs)
+        raise UserError(f"{pcf.path}: next to this request's other images the Flash router decides the cached "
+                        f"tiles as [{marks(compress[:n_cached])}], the file holds [{marks(pcf.router['compress'])}] "
+                        "(the router decides over all the tiles of a request); make a cache file with all these "
+                        "images, or pass --no-flash with a cache made with --no-flash")
+    kept = int(round(cfg.num_image_token * cfg.downsample_ratio**2))  # mlp2's tokens per tile
+    short = compress_ids(ids, model.image_token_id, compress, cfg.num_image_token, kept)
+    start = pcf.prefix_length(short, image_hashes(pixel_values, num_tiles))
+    feats = None if new is None else select_features(new, compress[n_cached:])
+    return short[start:], feats, pcf.fresh_cache(), compress, p0

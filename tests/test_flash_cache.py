@@ -1,0 +1,175 @@
+"""The Flash router with prompt-cache files and the context-length check, on a tiny Flash model built in memory
+(the test suite's 448 px Qwen2 case plus seeded router and mlp2 weights; no upstream code needed).
+
+A file made with the router on caches the compressed prompt and the router's decisions; it serves router-on requests
+with the tokens of a run without the file, and is refused for a full-resolution request (and the other way round),
+although the image and the full-resolution text are the same: the KV cache of the compressed prompt is not the
+full-resolution one, so a key blind to the router would reuse it wrongly.
+"""
+
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ASSETS
+from mlx.utils import tree_flatten, tree_unflatten
+
+import mlx_internvl
+from builders import Case
+from mlx_internvl.errors import UserError
+from mlx_internvl.flash import route
+from mlx_internvl.generate import stream_generate
+from mlx_internvl.prompt_cache import PromptCacheFile, cached_prefix, image_hashes, save_prompt_cache_file
+from mlx_internvl.weights import build_model
+
+CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
+IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
+FLASH_PREFIXES = ("mlp2.", "gating.", "pooling_before_gating.")
+
+
+def flash_model(model, relative: float, absolute: float, seed: int = 3):
+    """`model` (a non-Flash MLX model) with a seeded router and mlp2 and the given thresholds, in memory."""
+    cfg = dataclasses.replace(model.config, flash_mode=True, flash_relative_threshold=relative,
+                              flash_absolute_threshold=absolute, source_path=None)
+    out = build_model(cfg)
+    out.update(model.parameters(), strict=False)
+    mx.random.seed(seed)
+    noise = []
+    for k, v in tree_flatten(out.parameters()):
+        if k.startswith(FLASH_PREFIXES):
+            if v.ndim == 1:
+                v = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.1 * mx.random.normal(v.shape)
+            else:
+                v = mx.random.normal(v.shape) * (1.5 / v.shape[-1] ** 0.5)
+            noise.append((k, v))
+    out.update(tree_unflatten(noise))
+    mx.eval(out.parameters())
+    return out
+
+
+@pytest.fixture(scope="module")
+def flash(build_case):
+    base, processor = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    return flash_model(base, 0.5, 0.0), processor  # the tiles above the request's median score are compressed
+
+
+def tokens(model, processor, prompt, images, **kw):
+    pieces = list(stream_generate(model, processor, prompt, images, max_tokens=6, max_tiles=4, **kw))
+    return [p.token for p in pieces], pieces[-1]
+
+
+def test_file_made_with_the_router_serves_router_requests_only(flash, tmp_path):
+    model, processor = flash
+    f = tmp_path / "routed.safetensors"
+    pcf = save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=4)
+    assert pcf.router and any(pcf.router["compress"]) and not all(pcf.router["compress"])
+    full_opening = cached_prefix(processor, "", pcf.num_tiles)
+    image = processor.image_token_id
+    assert pcf.token_ids.count(image) == full_opening.count(image) - 192 * sum(pcf.router["compress"])
+
+    q = "What is in the picture?"
+    plain, last_plain = tokens(model, processor, q, [IMG1])
+    cached, last = tokens(model, processor, q, [IMG1], prompt_cache_file=f)
+    assert cached == plain and last.router == last_plain.router
+    assert last.prompt_tokens == last_plain.prompt_tokens - len(pcf.token_ids)  # only the text after the file ran
+
+    # The same image and the same full-resolution text: only the router tells the two apart, and the file's KV
+    # (the compressed opening) is not the full-resolution one, so reusing it would be wrong.
+    inputs = processor(q, images=[IMG1], max_tiles=4)
+    ids = inputs["input_ids"][0].tolist()
+    assert image_hashes(inputs["pixel_values"], inputs["num_tiles"]) == pcf.image_hashes
+    assert ids[:len(full_opening)] == full_opening
+    full_kv = model.make_cache()
+    for _ in model.prefill(full_opening, model.extract_feature(inputs["pixel_values"]), full_kv):
+        pass
+    assert full_kv[0].offset != pcf.fresh_cache()[0].offset
+    with pytest.raises(UserError, match="made with the Flash router on.*--flash"):
+        tokens(model, processor, q, [IMG1], prompt_cache_file=f, flash=False)
+
+
+def test_file_made_at_full_resolution_is_refused_with_the_router_on(flash, tmp_path):
+    model, processor = flash
+    f = tmp_path / "full.safetensors"
+    pcf = save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=4, flash=False)
+    assert pcf.router is None and PromptCacheFile.load(f, model).router is None
+    q = "Describe it."
+    assert tokens(model, processor, q, [IMG1], prompt_cache_file=f, flash=False)[0] == tokens(
+        model, processor, q, [IMG1], flash=False)[0]
+    with pytest.raises(UserError, match="made at full resolution.*--no-flash"):
+        tokens(model, processor, q, [IMG1], prompt_cache_file=f)
+
+
+def test_cached_tiles_must_be_decided_as_the_file_says(flash, build_case, tmp_path):
+    """The same weights with other thresholds (an edited config.json) route the cached tiles otherwise: the file's
+    KV holds the other decisions, so it is refused, though the weights identity matches."""
+    model, processor = flash
+    f = tmp_path / "one.safetensors"
+    pcf = save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=4)
+    base, _ = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    other = flash_model(base, 0.0, 0.0)  # every tile above the lowest score compressed
+    assert route(np.array(pcf.router["p0"], np.float32), 0.0, 0.0).tolist() != pcf.router["compress"]
+    with pytest.raises(UserError, match=r"decides the cached tiles as \[(low|full)"):
+        tokens(other, processor, "Describe it.", [IMG1], prompt_cache_file=f)
+
+
+def test_context_check_counts_the_routed_prompt(flash, build_case):
+    """A prompt too long at full resolution but not once routed runs with the router on (its reply limit counted
+    from the routed length) and is refused at full resolution; one too long even routed is refused after routing."""
+    from mlx_internvl.processing import Processor
+
+    model, processor = flash
+    q = "What is it?"
+    full = len(processor(q, images=[IMG1], max_tiles=4)["input_ids"][0])
+    routed = next(stream_generate(model, processor, q, [IMG1], max_tokens=1, max_tiles=4)).prompt_tokens
+    assert routed < full - 300
+
+    def with_context(n):
+        llm = dict(model.config.llm_config, max_position_embeddings=n)
+        return Processor.from_pretrained(build_case(CASE).original_dir, dataclasses.replace(model.config,
+                                                                                            llm_config=llm))
+
+    short = with_context(routed + 3)
+    pieces = list(stream_generate(model, short, q, [IMG1], max_tokens=50, max_tiles=4))
+    assert pieces[-1].prompt_tokens == routed and len(pieces) == 3 and pieces[-1].finish_reason == "length"
+    with pytest.raises(UserError, match=f"the prompt is {full} tokens but the model's context is {routed + 3}"):
+        next(stream_generate(model, short, q, [IMG1], max_tiles=4, flash=False))
+    with pytest.raises(UserError, match=f"the prompt is {routed} tokens but the model's context is {routed}"):
+        next(stream_generate(model, with_context(routed), q, [IMG1], max_tiles=4))
+    least = full - 4 * 192  # five tiles: all but the lowest-scored one could be compressed
+    with pytest.raises(UserError, match=f"at least {least} even if the Flash router compresses"):
+        with_context(least)(q, images=[IMG1], max_tiles=4, routed=True)
+
+
+def test_lora_trains_at_full_resolution_with_the_router_frozen(build_case):
+    """As upstream's Flash `forward`: the training loss sees every tile through mlp1 (256 tokens each), and a step
+    that trains the LLM adapters and mlp1 leaves the router and mlp2 as they were."""
+    import mlx.nn as nn
+
+    from mlx_internvl.adapters import LoraConfig, apply_lora, trainable_weights
+    from mlx_internvl.lora.batching import collate
+    from mlx_internvl.lora.render import Encoded
+    from mlx_internvl.lora.trainer import TrainingArgs, make_optimizer, make_step
+
+    base, processor = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    model = flash_model(base, 0.5, 0.0)
+    apply_lora(model, LoraConfig(rank=4, train_projector="full"))
+    assert not [k for k in trainable_weights(model) if k.startswith(FLASH_PREFIXES)]
+    inputs = processor("What is it?", images=[IMG1], max_tiles=4)
+    ids = np.array(inputs["input_ids"][0].tolist() + processor.tokenizer.encode("A photo."), dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[-3:] = True
+    batch, _ = collate([Encoded(ids, mask, [str(IMG1)], inputs["num_tiles"], 4, "t")], model.config, 0,
+                       processor.image_token_id)
+    assert int(batch["image_mask"].sum()) == model.config.num_image_token * sum(inputs["num_tiles"])
+
+    logits = model(batch["ids"], image_features=model.extract_feature(batch["pixel_values"]))[:, :-1]
+    expected = (nn.losses.cross_entropy(logits, batch["ids"][:, 1:]) * batch["mask"][:, 1:]).sum()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if k.startswith(FLASH_PREFIXES + ("mlp1.",))}
+    step, state = make_step(model, make_optimizer(TrainingArgs(lr=1e-2), 2), frozen_features=False, compile=False)
+    ce, n, _ = step(batch, None, True, mx.array(1.0))
+    mx.eval(state, ce)
+    assert abs(float(ce) - float(expected)) < 1e-3 * max(1.0, abs(float(expected)))
+    after = dict(tree_flatten(model.parameters()))
+    assert all(np.array_equal(before[k], np.array(after[k])) for k in before if k.startswith(FLASH_PREFIXES))
+    assert any(not np.array_equal(before[k], np.array(after[k])) for k in before if k.startswith("mlp1."))

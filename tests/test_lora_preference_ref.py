@@ -19,7 +19,7 @@ import pytest
 
 import mlx_internvl
 from builders import Case
-from lora_fixtures import COLORS, color_task
+from lora_fixtures import color_pairs, color_task
 from mlx_internvl.errors import UserError
 from mlx_internvl.lora import LoraConfig, PreferenceConfig, TrainingArgs, finetune
 from mlx_internvl.lora.batching import collate
@@ -30,23 +30,12 @@ TESTS = Path(__file__).parent
 BETA = 0.5
 
 
-def _rows(lines, flip: bool = False):
-    """Pairs from the colour task: the right colour is chosen (or, with `flip`, rejected)."""
-    names, out = list(COLORS), []
-    for i, x in enumerate(lines):
-        right = x["conversations"][-1]["value"]
-        wrong = names[(names.index(right) + 1 + i % 3) % 4]
-        chosen, rejected = (wrong, right) if flip else (right, wrong)
-        out.append({"image": x["image"], "question": "<image>\nColor?", "chosen": chosen, "rejected": rejected})
-    return out
-
-
 @pytest.fixture(scope="module")
 def task(build_case, tmp_path_factory):
     built = build_case(Case("lora_train"))
     root = tmp_path_factory.mktemp("pref_ref")
-    train = _rows(color_task(root, 8, "train", seed=0))
-    val = _rows(color_task(root, 4, "val", seed=1), flip=True)  # held out, and preferring the other way
+    train = color_pairs(color_task(root, 8, "train", seed=0))
+    val = color_pairs(color_task(root, 4, "val", seed=1), flip=True)  # held out, and preferring the other way
     for name, rows in (("pairs", train), ("valpairs", val)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return built, root, val

@@ -188,6 +188,12 @@ REGIONS: Dict[str, Region] = {
                            data=f"`{R}server-linux-cpu.json` (`server_bench.py --json`)"),
     "lora-memory": Region(lambda: script("benchmarks/lora_memory.py").markdown(
         results("lora-memory-linux-cpu.json")), data=f"`{R}lora-memory-linux-cpu.json` (`lora_memory.py --json`)"),
+    "preference-task": Region(lambda: script("benchmarks/preference_task.py").markdown(
+        results("preference-task-linux-cpu.json")),
+        data=f"`{R}preference-task-linux-cpu.json` (`preference_task.py --json`)"),
+    "preference-memory": Region(lambda: script("benchmarks/preference_memory.py").markdown(
+        results("preference-memory-linux-cpu.json")),
+        data=f"`{R}preference-memory-linux-cpu.json` (`preference_memory.py --json`)"),
     "reliability": Region(lambda: script("benchmarks/reliability_table.py").markdown(results("reliability.json")),
                           measure=_measure_reliability,
                           data=f"`{R}reliability.json` (`reliability_table.py --json`; re-measured by `--write`)"),

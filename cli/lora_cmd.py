@@ -165,6 +165,12 @@ def _targets(ctx, param, value):
                    "[default: sigmoid; mpo: sigmoid:0.8,bco_pair:0.2]")
 @click.option("--rpo-alpha", type=float, default=None,
               help="Add this times the chosen answers' cross-entropy to the DPO loss.  [default: none; mpo: 1.0]")
+@click.option("--reference-model", default=None,
+              help="dpo / mpo: another checkpoint as the reference (same tokenizer and image-token layout). "
+                   "[default: the model itself with its adapters off]")
+@click.option("--precompute-ref-logps", is_flag=True,
+              help="dpo / mpo: compute the reference log-probs of every pair once up front and store them with the "
+                   "run (reused by --resume), instead of a reference forward pass per step.")
 @click.option("--train", "train_flag", is_flag=True, hidden=True, help="Accepted for mlx-lm compatibility.")
 @click.option("--lora-scale", "lora_scale", type=float, default=None, hidden=True,
               help="mlx-lm's lora_parameters.scale (= alpha / rank).")
@@ -172,15 +178,18 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
             fine_tune_type, train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr,
             min_lr, warmup, weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every,
             report_every, report_to, project_name, keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad,
-            train_flag, lora_scale, bias_correction, train_mode, beta, loss_type, rpo_alpha):
+            train_flag, lora_scale, bias_correction, train_mode, beta, loss_type, rpo_alpha, reference_model,
+            precompute_ref_logps):
     """Fine-tune an InternVL model with LoRA / QLoRA / DoRA. Run it under `mlx.launch` for data-parallel training
     on several processes or Macs."""
     data, val = _data_dirs(list(data), list(val))
     preference = None
     if train_mode != "sft":
-        preference = PreferenceConfig.make(train_mode, beta, loss_type, rpo_alpha)
-    elif beta is not None or loss_type or rpo_alpha is not None:
-        raise UserError("--beta, --loss-type and --rpo-alpha need a preference --train-mode (dpo, orpo or mpo)")
+        preference = PreferenceConfig.make(train_mode, beta, loss_type, rpo_alpha, reference_model,
+                                           precompute_ref_logps)
+    elif beta is not None or loss_type or rpo_alpha is not None or reference_model or precompute_ref_logps:
+        raise UserError("--beta, --loss-type, --rpo-alpha, --reference-model and --precompute-ref-logps need a "
+                        "preference --train-mode (dpo, orpo or mpo)")
     if alpha is None:
         alpha = lora_scale * rank if lora_scale is not None else 2.0 * rank
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,

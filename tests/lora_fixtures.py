@@ -35,6 +35,19 @@ def color_task(root: Path, n: int, tag: str, seed: int, size: int = 56) -> List[
     return lines
 
 
+def color_pairs(lines: List[dict], flip: bool = False) -> List[dict]:
+    """Preference pairs of the colour task as TRL conversational rows (with the same empty system message): the
+    right colour chosen and another one rejected (or, with `flip`, the other way round)."""
+    names, out = list(COLORS), []
+    for i, x in enumerate(lines):
+        right = x["conversations"][-1]["value"]
+        wrong = names[(names.index(right) + 1 + i % 3) % 4]
+        chosen, rejected = (wrong, right) if flip else (right, wrong)
+        out.append({"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": f"<image>\n{QUESTION}"}],
+                    "chosen": chosen, "rejected": rejected, "images": [x["image"]]})
+    return out
+
+
 def greedy_answer(model, processor, image, question: str = QUESTION, max_tokens: int = 8) -> str:
     """Greedy decoding with the model's KV cache, from the prompt the Processor builds for inference."""
     import mlx.core as mx

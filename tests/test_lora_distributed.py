@@ -1,6 +1,8 @@
 """Data-parallel LoRA: two processes (mlx.launch, ring backend over localhost) equal one process with twice the
 gradient accumulation."""
 
+import csv
+import json
 import os
 import shutil
 import socket
@@ -12,7 +14,7 @@ import mlx.core as mx
 import pytest
 
 from builders import Case
-from lora_fixtures import color_task
+from lora_fixtures import color_pairs, color_task
 
 BIN = Path(sys.executable).parent
 
@@ -67,3 +69,34 @@ def test_two_processes_equal_one_process_with_double_accumulation(build_case, tm
     losses = [[float(r.split(",")[2]) for r in (tmp_path / d / "loss.csv").read_text().splitlines()[1:]]
               for d in ("one", "two")]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_two_processes_equal_one_process_for_dpo_pairs(build_case, tmp_path):
+    """DPO (sigmoid + the chosen answers' cross-entropy) over pairs: the reference forward, the per-pair
+    normalisation and the TRL metrics agree between 2 processes and 1 process with twice the accumulation. (MPO's
+    BCO running mean is not: across processes it takes each microbatch's rewards together, as TRL's RunningMoments
+    gathers them, so the shift a microbatch sees depends on the split.)"""
+    launch = shutil.which("mlx.launch", path=str(BIN))
+    if launch is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    built = build_case(Case("lora_dist"))
+    rows = color_pairs(color_task(tmp_path, 16, "train", seed=5))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pref = ["--train-mode", "dpo", "--beta", "0.5", "--rpo-alpha", "1", "--lr", "1e-2"]
+    run(lora_cli(built.hf_dir, data, tmp_path / "one", "--grad-accum", "2", *pref))
+    run([launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()),
+         *lora_cli(built.hf_dir, data, tmp_path / "two", *pref)])
+    run(lora_cli(built.hf_dir, data, tmp_path / "small", "--grad-accum", "1", *pref))
+    one, two, small = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two", "small"))
+    same = max(float(mx.abs(one[k] - two[k]).max()) for k in one)
+    other = max(float(mx.abs(one[k] - small[k]).max()) for k in one)
+    assert same < 1e-5 and other > 100 * max(same, 1e-7), (same, other)
+    logs = []
+    for d in ("one", "two"):
+        with open(tmp_path / d / "loss.csv", newline="") as f:
+            logs.append(list(csv.DictReader(f)))
+    assert len(logs[0]) == 4
+    for a, b in zip(*logs):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), (key, a, b)

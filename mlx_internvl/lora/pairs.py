@@ -153,6 +153,10 @@ class PairBatcher(Batcher):
         return len(self.indices(k))
 
     def batch(self, k: int):
-        pairs: List[EncodedPair] = [self.samples[i] for i in self.indices(k)]
+        return self.rows(self.indices(k))
+
+    def rows(self, indices: List[int]):
+        """The microbatch of the pairs `indices` (as `batch(k)` makes it for the k-th microbatch)."""
+        pairs: List[EncodedPair] = [self.samples[i] for i in indices]
         rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         return collate(rows, self.config, self.pad_id, self.image_token_id)

@@ -1,10 +1,11 @@
 """The preference training step and optimizer step, the counterparts of `trainer.make_step` / `_optimizer_step`.
 
-Per microbatch: the reference log-probs of its 2P rows are computed first, by the same model with its adapters
-taken out (`preference.adapters_off`, not compiled, no gradient); then one compiled step takes the policy forward,
-the objective (`preference.pair_objective`) and its gradient, adds it to the running gradient and, on the last
-microbatch, scales by `world / pairs of the whole step`, averages over processes and applies AdamW. BCO's running
-moments are part of the optimizer state, so the compiled step reads and writes them with the rest.
+Per microbatch: the reference log-probs of its 2P rows come first (`run.reference`, see reference.py: by default
+the same model with its adapters taken out, `preference.adapters_off`, not compiled, no gradient); then one
+compiled step takes the policy forward, the objective (`preference.pair_objective`) and its gradient, adds it to
+the running gradient and, on the last microbatch, scales by `world / pairs of the whole step`, averages over
+processes and applies AdamW. BCO's running moments are part of the optimizer state, so the compiled step reads and
+writes them with the rest.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from .preference import (
 )
 
 
-def check_preference_setup(cfg: PreferenceConfig, lora, val_data=None) -> None:
-    if val_data is not None:
-        raise UserError("--val is not supported with a preference --train-mode yet; leave it out")
-    if cfg.mode != "orpo" and lora.train_projector == "full":
+def check_preference_setup(cfg: PreferenceConfig, lora) -> None:
+    if cfg.mode != "orpo" and lora.train_projector == "full" and not cfg.reference_model:
         raise UserError("--train-projector full trains the base projector itself, so the model with its adapters "
-                        f"switched off is no longer the reference {cfg.mode} needs; use --train-projector lora")
+                        f"switched off is no longer the reference {cfg.mode} needs; use --train-projector lora, or "
+                        "give the reference as --reference-model")
 
 
 def init_preference_state(cfg: PreferenceConfig, optimizer) -> None:
@@ -84,10 +84,10 @@ def make_preference_step(model, optimizer, cfg: PreferenceConfig, logits_fn: Cal
     return (mx.compile(step, inputs=state, outputs=state) if compile else step), state
 
 
-def preference_optimizer_step(run, step_fn, state, logits_fn: Callable):
+def preference_optimizer_step(run, step_fn, state):
     """One optimizer step over this process's microbatches of pairs. Returns (summed loss x pairs, pairs), both
     over all processes, and adds the metric sums to `run.metric_window`."""
-    args, world, cfg = run.args, run.world, run.preference
+    args, world = run.args, run.world
     first, per_step = run.consumed, args.grad_accum * world
     pairs = sum(run.batcher.loss_tokens(first + j) for j in range(per_step))
     scale = mx.array(world / pairs, dtype=mx.float32)
@@ -95,7 +95,7 @@ def preference_optimizer_step(run, step_fn, state, logits_fn: Callable):
     for j in range(args.grad_accum):
         k = first + j * world + run.rank
         batch, n_inputs = run.batcher.batch(k)
-        ref = None if cfg.mode == "orpo" else reference_logps(run.model, batch, logits_fn, run.frozen)
+        ref = None if run.reference is None else run.reference.logps("train", k, batch)
         mx.random.seed(args.seed * 1_000_003 + k + 1)  # dropout masks depend on the microbatch only
         loss, metrics, grad = step_fn(batch, ref, grad, j == args.grad_accum - 1, scale)
         loss_sum, metric_sum = loss_sum + loss, metric_sum + metrics

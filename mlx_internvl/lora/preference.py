@@ -43,23 +43,30 @@ class PreferenceConfig:
     beta: float = 0.1  # DPO's beta; ORPO's lambda
     losses: Dict[str, float] = field(default_factory=lambda: {"sigmoid": 1.0})  # loss type -> weight
     rpo_alpha: Optional[float] = None  # weight of the chosen answers' cross-entropy (None: no such term)
+    reference_model: Optional[str] = None  # another checkpoint as the reference (None: adapters off)
+    precompute_ref_logps: bool = False  # reference log-probs computed once, stored with the run
 
     @classmethod
     def make(cls, mode: str, beta: Optional[float] = None, loss_type: Optional[str] = None,
-             rpo_alpha: Optional[float] = None) -> PreferenceConfig:
+             rpo_alpha: Optional[float] = None, reference_model: Optional[str] = None,
+             precompute_ref_logps: bool = False) -> PreferenceConfig:
         if mode not in MODES or mode == "sft":
             raise UserError(f"--train-mode {mode!r}: a preference mode is one of dpo, orpo, mpo")
         beta = 0.1 if beta is None else float(beta)
         if not beta > 0:
             raise UserError(f"--beta must be positive, got {beta}")
+        ref = (str(reference_model) if reference_model else None, bool(precompute_ref_logps))
         if mode == "orpo":
             if loss_type or rpo_alpha is not None:
                 raise UserError("--loss-type and --rpo-alpha are DPO/MPO options; ORPO has only --beta (lambda)")
+            if ref != (None, False):
+                raise UserError("--reference-model and --precompute-ref-logps are DPO/MPO options; ORPO uses no "
+                                "reference model")
             return cls("orpo", beta, {}, None)
         if mode == "mpo":
             losses = dict(MPO_LOSSES) if not loss_type else parse_loss_types(loss_type)
-            return cls("mpo", beta, losses, 1.0 if rpo_alpha is None else float(rpo_alpha))
-        return cls("dpo", beta, parse_loss_types(loss_type or "sigmoid"), rpo_alpha)
+            return cls("mpo", beta, losses, 1.0 if rpo_alpha is None else float(rpo_alpha), *ref)
+        return cls("dpo", beta, parse_loss_types(loss_type or "sigmoid"), rpo_alpha, *ref)
 
     def to_json(self) -> dict:
         return asdict(self)

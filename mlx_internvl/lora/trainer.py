@@ -30,15 +30,14 @@ import mlx.optimizers as optim
 from tqdm import tqdm
 
 from ..adapters import CONFIG_FILE, LoraConfig, apply_lora, read_adapter_config, trainable_weights
-from ..backbones import forward_embeddings
 from ..errors import UserError
 from ..files import check_writable_dir, output_errors, save_json, sweep_stale
-from ..model import scatter_image_features
 from ..validate import check_training_args
-from .batching import Batcher, encode_dataset, pad_id, report_problems, val_batches
+from .batching import Batcher, encode_dataset, pad_id, report_problems
 from .checkpointing import grad_checkpointing, layer_types
 from .curve import LossLog
 from .data import Dataset
+from .forward import loss_sum, training_logits
 from .pairs import PairBatcher, encode_pairs
 from .pref_step import (
     accumulate,
@@ -48,7 +47,9 @@ from .pref_step import (
     preference_optimizer_step,
 )
 from .preference import METRICS, PreferenceConfig, metrics_dict
+from .reference import make_reference
 from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged
+from .validation import validate
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
 STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum", "preference")
@@ -93,26 +94,6 @@ class TrainResult:
     truncated: int = 0
 
 
-def training_logits(model, batch: dict, frozen_features: bool) -> mx.array:
-    """Logits `[B, L, V]` with image features merged by the batch's gather index (no host sync)."""
-    embeds = model.embed_tokens(batch["ids"])
-    if "pixel_values" in batch:
-        feats = model.extract_feature(batch["pixel_values"].astype(embeds.dtype))
-        if frozen_features:
-            feats = mx.stop_gradient(feats)
-        # The merge of inference, with the positions computed when the batch was made (no host read-back).
-        embeds = scatter_image_features(embeds, feats, batch["image_index"], batch["image_mask"])
-    return forward_embeddings(model.language_model, embeds)
-
-
-def loss_sum(model, batch: dict, frozen_features: bool = True):
-    """(summed cross-entropy over answer tokens, number of answer tokens); token t is predicted from tokens < t."""
-    logits = training_logits(model, batch, frozen_features)[:, :-1]
-    weights = batch["mask"][:, 1:]
-    ce = nn.losses.cross_entropy(logits, batch["ids"][:, 1:]) * weights
-    return ce.astype(mx.float32).sum(), weights.sum()
-
-
 def make_step(model, optimizer, frozen_features: bool = True, compile: bool = True):
     """`(step, state)`: `step(batch, prev_grad, do_update, scale) -> (ce_sum, n_answer_tokens, grad or None)`.
 
@@ -149,21 +130,6 @@ def total_steps(args: TrainingArgs, n_batches: int, world: int) -> int:
     return max(1, math.ceil(epochs * n_batches / (args.grad_accum * world)))
 
 
-def evaluate(model, batcher: Optional[Batcher], limit: int, group, frozen: bool) -> Optional[float]:
-    """Mean cross-entropy per answer token over the validation batches (split across processes)."""
-    if batcher is None:
-        return None
-    total, count = mx.array(0.0), mx.array(0.0)
-    for k in val_batches(batcher, limit)[group.rank():: group.size()]:
-        batch, _ = batcher.batch(k)
-        ce, n = loss_sum(model, batch, frozen)
-        total, count = total + ce, count + n
-        mx.eval(total, count)
-    if group.size() > 1:
-        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
-    return (total / mx.maximum(count, 1)).item()
-
-
 @dataclass
 class Run:
     """What a training run carries from one optimizer step to the next."""
@@ -187,6 +153,7 @@ class Run:
     last_report: int = 0  # the step of the last loss report
     preference: Optional[PreferenceConfig] = None
     metric_window: List[float] = field(default_factory=lambda: [0.0] * len(METRICS))  # preference metric sums
+    reference: Optional[object] = None  # where DPO/MPO's reference log-probs come from (reference.py)
 
     @property
     def rank(self) -> int:
@@ -200,16 +167,18 @@ class Run:
 def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig, args: TrainingArgs = None,
           val_data: Optional[Dataset] = None, resume: bool = False, base_model: Optional[str] = None,
           on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
-          training_callback=None, preference: Optional[PreferenceConfig] = None) -> TrainResult:
+          training_callback=None, preference: Optional[PreferenceConfig] = None,
+          reference_loader: Optional[Callable[[], nn.Module]] = None) -> TrainResult:
     """Fine-tune `model` (loaded with `mlx_internvl.load`) and write adapters and checkpoints to `adapter_path`.
     `training_callback` (an mlx-lm `TrainingCallback`, e.g. from `mlx_lm.tuner.callbacks.get_reporting_callbacks`)
     gets every loss report and validation with mlx-lm's keys, on process 0. With `preference`, `train_data` holds
-    preference pairs (`load_dataset(..., parse=pairs.parse_pair)`) and the objective is DPO/MPO/ORPO."""
+    preference pairs (`load_dataset(..., parse=pairs.parse_pair)`, `val_data` too) and the objective is DPO/MPO/ORPO;
+    `reference_loader` returns the `--reference-model` (default: the model with its adapters off)."""
     args = args or TrainingArgs()
     check_training_args(args)
     lora.validate()
     if preference is not None:
-        check_preference_setup(preference, lora, val_data)
+        check_preference_setup(preference, lora)
     run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log, preference)
     lora = _start(run, processor, lora, resume, base_model)
     run.callback = training_callback if run.rank == 0 else None
@@ -218,12 +187,13 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
         step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
     else:
         init_preference_state(preference, run.optimizer)
+        run.reference = make_reference(run, reference_loader)
         step_fn, state = make_preference_step(model, run.optimizer, preference, training_logits, run.frozen,
                                               args.compile, run.world)
     mx.reset_peak_memory()
     model.train()
     if run.val_batcher is not None and run.result.start_step == 0:
-        _validate(run, 0)
+        validate(run, 0)
     bar = tqdm(total=run.steps, initial=run.result.start_step, disable=run.rank != 0, dynamic_ncols=True,
                desc="lora")
     try:
@@ -231,7 +201,7 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
             for s in range(run.result.start_step + 1, run.steps + 1):
                 tic = time.perf_counter()
                 ce_sum, answer_tokens = (_optimizer_step(run, step_fn, state) if preference is None else
-                                         preference_optimizer_step(run, step_fn, state, training_logits))
+                                         preference_optimizer_step(run, step_fn, state))
                 step_ce = ce_sum.item()
                 if not math.isfinite(step_ce):
                     stop_diverged(s, f"the training loss is {step_ce / answer_tokens}", run.out)
@@ -260,9 +230,9 @@ def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingAr
         say(f"{truncated} training sample(s) were cut to --max-length {args.max_length} (after their images).")
     val_batcher = None
     if val_data is not None:
-        val_enc, val_problems, _ = encode_dataset(val_data, processor, args)
+        val_enc, val_problems, _ = encode(val_data, processor, args)
         report_problems("validation data", val_problems, val_enc, args.skip_bad, say)
-        val_batcher = Batcher(val_enc, args.batch_size, processor.config, pad_id(processor),
+        val_batcher = batcher_cls(val_enc, args.batch_size, processor.config, pad_id(processor),
                               processor.image_token_id, shuffle=False)
     batcher = batcher_cls(encoded, args.batch_size, processor.config, pad_id(processor), processor.image_token_id,
                           seed=args.seed)
@@ -366,7 +336,7 @@ def _after_step(run: Run, s: int, bar) -> None:
         run.last_report = s
         run.window = [0.0, 0.0, 0, 0.0]
     if run.val_batcher is not None and ((args.val_every and s % args.val_every == 0) or s == run.steps):
-        _validate(run, s, bar)
+        validate(run, s, bar)
     if s % args.save_every == 0 or s == run.steps:
         if not adapters_finite(run.model):
             stop_diverged(s, "the update made an adapter weight NaN or infinite", run.out)
@@ -375,20 +345,6 @@ def _after_step(run: Run, s: int, bar) -> None:
             run.log_file.plot()
         if run.world > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
-
-
-def _validate(run: Run, step: int, bar=None) -> None:
-    run.model.eval()
-    tic = time.perf_counter()
-    val = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen)
-    run.model.train()
-    if run.callback is not None:
-        run.callback.on_val_loss_report({"iteration": step, "val_loss": val, "val_time": time.perf_counter() - tic})
-    run.result.val_losses.append((step, val))
-    lr = float(run.optimizer.learning_rate.item())
-    run.log_file.add(step=step, split="val", loss=f"{val:.6f}", learning_rate=f"{lr:.3e}",
-                     peak_memory_gb=f"{mx.get_peak_memory() / 1e9:.3f}")
-    (bar.write if bar is not None and not bar.disable else run.say)(f"step {step}: validation loss {val:.4f}")
 
 
 def _check_same_stream(saved: dict, now: dict, where: Path) -> None:

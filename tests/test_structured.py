@@ -127,6 +127,17 @@ def test_bad_schema_is_a_clear_error(tiny, schema, strict, needle):
         reply(model, processor, max_tokens=5, response_format=as_format(schema, strict))
 
 
+def test_oversized_schema_is_a_clear_error(tiny):
+    """Caps checked before the schema is: 100 nested objects would exhaust `jsonschema`'s recursion."""
+    from test_structured_server import nested
+
+    _, model, processor = tiny
+    big = {"type": "object", "properties": {f"k{i}": {"enum": list(range(i, i + 40))} for i in range(500)}}
+    for schema, needle in [(nested(100), "nested more than 64 levels deep"), (big, "more than the limit of 64 KB")]:
+        with pytest.raises(UserError, match=needle):
+            reply(model, processor, max_tokens=5, response_format=as_format(schema))
+
+
 def test_bad_response_format_is_a_clear_error(tiny):
     _, model, processor = tiny
     for fmt, needle in [({"type": "xml"}, "response_format.type"), ({"type": "json_schema"}, "json_schema.schema"),

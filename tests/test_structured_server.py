@@ -1,26 +1,36 @@
-"""`response_format` through the server, driven by the real `openai` client: json_object and json_schema replies
-(streamed and not, one with an image) parse and validate with `jsonschema`, `chat.completions.parse` fills a
-pydantic model, and a bad schema is a 400 naming what is wrong."""
+"""`response_format` through the server, driven by the real `openai` client on tiny random-weight checkpoints of
+both tokenizer kinds (byte-level BPE and InternLM2's sentencepiece): json_object and json_schema replies (streamed
+and not, with an image) parse and validate with `jsonschema`, `chat.completions.parse` fills a pydantic model, a bad
+or oversized schema is a 400 naming what is wrong, and a schema compiling on the server stalls no other request."""
 
 import json
+import threading
 from typing import List, Literal
 
 import jsonschema
 import pytest
-from test_structured import FLAGS, PERSON, as_format
+from test_structured import CASES, FLAGS, PERSON, as_format
 
-from builders import Case
 from server_util import IMG1, serving, user
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
 
 
-@pytest.fixture(scope="module")
-def client(build_case):
-    built = build_case(Case("smoke_qwen2"))
+@pytest.fixture(scope="module", params=list(CASES))
+def served(request, build_case):
+    """(client, the served checkpoint's tokenizer) for each tokenizer kind."""
+    from mlx_internvl.tokenizer import load_tokenizer
+
+    built = build_case(CASES[request.param])
     with serving(built.original_dir, max_tokens=300) as (url, _):
-        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield (openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120),
+               load_tokenizer(built.original_dir))
+
+
+@pytest.fixture
+def client(served):
+    return served[0]
 
 
 def test_json_schema_plain_and_streamed(client):
@@ -35,10 +45,8 @@ def test_json_schema_plain_and_streamed(client):
     jsonschema.validate(json.loads(text), FLAGS)
 
 
-def test_json_object_and_length(client, build_case):
-    from mlx_internvl.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(build_case(Case("smoke_qwen2")).original_dir)
+def test_json_object_and_length(served):
+    client, tok = served
     # A bias towards '"' and "}" so that the random model closes the object within max_tokens (see test_structured).
     bias = {str(tok.convert_tokens_to_ids(t)): 30.0 for t in ('"', "}")}
     r = client.chat.completions.create(model="tiny", messages=[user("Describe a person.")], logit_bias=bias,
@@ -67,3 +75,54 @@ def test_bad_schema_is_a_400(client):
                                        response_format=as_format({"type": "object", "properties": {
                                            "a": {"type": "string", "minLength": -1}}}))
     assert "properties/a/minLength" in str(e.value) and e.value.body["param"] == "response_format"
+
+
+def nested(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize("schema, needle", [
+    (nested(40), "nested more than 64 levels deep"),
+    ({"type": "object", "properties": {f"field_{i}": {"type": "string", "maxLength": 30 + i} for i in range(2000)}},
+     "more than the limit of 64 KB"),
+], ids=["deep", "large"])
+def test_oversized_schema_is_a_400(client, schema, needle):
+    """Refused before anything is compiled."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[user("x")], response_format=as_format(schema))
+    assert needle in str(e.value) and e.value.body["param"] == "response_format"
+
+
+def test_a_compiling_schema_stalls_no_one(client, monkeypatch):
+    """While one request's schema compiles (held open here until the other reply is in), the server answers a
+    plain request: compiling runs on a worker thread, neither on the event loop nor on the generation thread."""
+    from mlx_internvl import structured
+
+    real, gate, entered, seen = structured.compile_grammar, threading.Event(), threading.Event(), []
+
+    def held(fmt, lltok=None):
+        if (fmt.schema or {}).get("title") == "held":
+            seen.append(threading.current_thread().name)
+            entered.set()
+            seen.append(gate.wait(timeout=40))
+        return real(fmt, lltok)
+
+    monkeypatch.setattr(structured, "compile_grammar", held)
+    out = {}
+    schema = dict(FLAGS, title="held")
+    worker = threading.Thread(target=lambda: out.update(r=client.chat.completions.create(
+        model="tiny", messages=[user("Set the flags.")], response_format=as_format(schema))))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        plain = client.with_options(timeout=20).chat.completions.create(model="tiny", messages=[user("Hi.")],
+                                                                         max_tokens=5)
+        assert plain.choices[0].finish_reason in ("stop", "length") and "r" not in out
+    finally:
+        gate.set()
+        worker.join(60)
+    assert seen[0] != "mlx-generation" and seen[1] is True
+    jsonschema.validate(json.loads(out["r"].choices[0].message.content), schema)

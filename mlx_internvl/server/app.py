@@ -37,13 +37,14 @@ from .. import sharding
 from ..errors import UserError
 from ..loading import load
 from ..sampling import SamplingOptions
+from ..structured import constraint
 from ..thinking import temperature_for, think_token_ids
 from . import caches
 from .budget import Limits
 from .engine import Engine, Job
 from .guard import ACCEPT_BACKLOG, GracefulServer, HTTPProtocol, check_browser, loopback_names
 from .media import MediaPolicy
-from .protocol import APIError, json_format, new_id, parse_request
+from .protocol import APIError, format_error, json_format, new_id, parse_request
 from .render import Renderer
 from .replies import Events, collect, stream
 
@@ -165,6 +166,15 @@ class _Server:
         except UserError as e:
             raise APIError(400, str(e), None, "invalid_value") from None
 
+    def compile(self, fmt):
+        """The request's JSON constraint (None: plain text), run on a worker thread: the size caps, the schema
+        check and the compile (up to seconds for a large schema) hold up neither the event loop nor the batch."""
+        model, processor = self.engine.model, self.engine.processor
+        try:
+            return constraint(model, processor, fmt, processor.stop_token_ids())
+        except UserError as e:
+            raise format_error(e) from None
+
 
 def start_engine(cfg: ServerConfig, group=None) -> Engine:
     """The generation thread for `cfg`, started (the model loaded). With a `group`, the model is split over its
@@ -272,13 +282,14 @@ async def _chat_completions(request: Request):
             except UserError as e:
                 raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
         sampling, fmt = st.sampling(req, thinking), json_format(req)
+        rule = None if fmt is None else await anyio.to_thread.run_sync(st.compile, fmt)
         prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
     except BaseException:
         st.engine.release()
         raise
     events = Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-              thinking_budget=budget, response_format=fmt)
+              thinking_budget=budget, response_format=fmt, rule=rule)
     events.job = job
     st.engine.submit(job)
     try:

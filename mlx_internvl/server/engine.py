@@ -29,7 +29,7 @@ from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
 from ..sampling import SamplingOptions
-from ..structured import constraint
+from ..structured import JsonConstraint, constraint, ll_tokenizer
 from ..thinking import budget_processors
 from . import caches, spmd
 from .flash_route import route_prompt
@@ -49,6 +49,7 @@ class Job:
     top_logprobs: Optional[int] = None  # None: no logprobs
     thinking_budget: Optional[int] = None  # at most this many reasoning tokens, then </think> is forced
     response_format: Optional[object] = None  # a structured.ResponseFormat: the reply is constrained to JSON
+    rule: Optional[JsonConstraint] = None  # response_format compiled on the request's thread (app.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0  # set by the generation thread; the same on every rank of a group
     dropped: bool = False  # cancellation as the generation loop sees it (on every rank at the same step)
@@ -151,6 +152,8 @@ class Engine:
                                                    - self.processor.vocab_ids)
             self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
+            # llguidance's view of the tokenizer, built now: it holds the GIL for seconds, which would stall a batch.
+            ll_tokenizer(tok, self.model.config.llm_config["vocab_size"], self._eos)
             self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
             self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
             self._flash = self.model.use_flash(self._flash_option)
@@ -302,7 +305,7 @@ class Engine:
         suffix = p.ids[job.cached_tokens:]
         sampler, processors = self._make_sampling(job.sampling)
         processors = processors + budget_processors(job.thinking_budget, self.processor.tokenizer)
-        rule = constraint(self.model, self.processor, job.response_format, self._eos)
+        rule = job.rule or constraint(self.model, self.processor, job.response_format, self._eos)  # followers
         processors = processors + ([rule] if rule is not None else [])
         if len(suffix) > 1:
             n_image = sum(1 for t in suffix[:-1] if t == self.processor.image_token_id)

@@ -12,6 +12,7 @@ from typing import Callable, List
 import numpy as np
 
 from ..sampling import SamplingOptions
+from ..structured import ResponseFormat
 from .render import ImageSpec, Prompt
 
 
@@ -26,8 +27,9 @@ def _payload(job) -> tuple:
     p = job.prompt
     images = [(spec.key, spec.num_tiles, spec.tiles) for spec in p.images]
     # Plain values only (the group sends JSON and raw buffers, no pickle): the sampling options as a dict.
+    fmt = None if job.response_format is None else dataclasses.asdict(job.response_format)
     return (job.id, p.ids, p.keyed, images, p.max_tokens, dataclasses.asdict(job.sampling), job.stop,
-            job.top_logprobs)
+            job.top_logprobs, fmt)
 
 
 def _unavailable():
@@ -49,8 +51,10 @@ def exchange(group, stop: bool, new: list, dropped: List[int], fail: Callable, j
         return stop, ready, dropped
     stop, payloads, dropped = group.share(None)
     jobs = []
-    for (job_id, ids, keyed, images, max_tokens, sampling, stops, top) in payloads:
+    for (job_id, ids, keyed, images, max_tokens, sampling, stops, top, fmt) in payloads:
         specs = [ImageSpec(key, n, np.asarray(tiles), _unavailable) for key, n, tiles in images]
+        # A JSON constraint masks rank 0's logits; every rank must mask alike or their sampled tokens differ.
         jobs.append(job_type(prompt=Prompt(ids, keyed, specs, max_tokens), sampling=SamplingOptions(**sampling),
-                             emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id))
+                             emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id,
+                             response_format=None if fmt is None else ResponseFormat(**fmt)))
     return stop, jobs, dropped

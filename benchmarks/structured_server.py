@@ -11,7 +11,8 @@ client on 127.0.0.1, in one run:
 A bench preset with random weights and the real Qwen2.5 tokenizer (151,674 logits, from the test fixtures), the
 schema of `grammar_mask.py` (captions, labelled boxes, an enum, integer ranges).
 
-    python benchmarks/structured_server.py --layers 2 --json benchmarks/results/structured-server-linux-cpu.json
+    python benchmarks/structured_server.py --layers 2 --repeats 3 --decode-tokens 24 \
+        --json benchmarks/results/structured-server-linux-cpu.json
 """
 
 import argparse
@@ -102,7 +103,9 @@ def markdown(data: dict) -> str:
         f"| no `response_format` | {d['free_tps']:.1f} |",
         f"| each under a JSON Schema (its own grammar) | {d['json_tps']:.1f} ({d['ratio']:.2f}x) |",
         "",
-        f"Medians of {data['repeats']} alternating runs per side.",
+        f"Medians of {data['repeats']} alternating runs per side; each run's JSON/plain ratio: "
+        + ", ".join(f"{j / f:.2f}x" for f, j in zip(d.get("free_runs", []), d.get("json_runs", [])))
+        + " (the spread is the shared machine's load).",
         "",
         f"Grammar time per token inside the decode step: {d['mask_ms_median']:.2f} ms median, "
         f"{d['mask_ms_p90']:.2f} ms p90 per constrained row. The server's first JSON request, sent while a plain "

@@ -186,6 +186,9 @@ REGIONS: Dict[str, Region] = {
     "serve-options": Region(lambda: _cli_options("serve"), data="the `serve` command's click options"),
     "server-speed": Region(lambda: script("benchmarks/server_bench.py").markdown(results("server-linux-cpu.json")),
                            data=f"`{R}server-linux-cpu.json` (`server_bench.py --json`)"),
+    "structured-server": Region(lambda: script("benchmarks/structured_server.py").markdown(
+        results("structured-server-linux-cpu.json")),
+        data=f"`{R}structured-server-linux-cpu.json` (`structured_server.py --json`)"),
     "lora-memory": Region(lambda: script("benchmarks/lora_memory.py").markdown(
         results("lora-memory-linux-cpu.json")), data=f"`{R}lora-memory-linux-cpu.json` (`lora_memory.py --json`)"),
     "preference-task": Region(lambda: script("benchmarks/preference_task.py").markdown(

@@ -94,9 +94,9 @@ def turn3(url, repeats, answer_tokens):
     return statistics.median(times), uses[-1]
 
 
-def throughput(url, clients, tokens, eos_ids):
-    """Aggregate generated tokens/s of `clients` concurrent streamed requests, over the window from the first
-    client's first token to the last client's last token."""
+def throughput(url, clients, tokens, eos_ids, **kw):
+    """Aggregate generated tokens/s of `clients` concurrent streamed requests (`kw`: more request fields, the same
+    for each), over the window from the first client's first token to the last client's last token."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
@@ -108,7 +108,7 @@ def throughput(url, clients, tokens, eos_ids):
         n = 0
         for c in client.chat.completions.create(model="bench", messages=[user(f"Client {i}: tell a long story.")],
                                                 max_tokens=tokens, logit_bias=bias, stream=True,
-                                                stream_options={"include_usage": True}):
+                                                stream_options={"include_usage": True}, **kw):
             now = time.perf_counter()
             if c.choices and c.choices[0].delta.content is not None:
                 first = first or now

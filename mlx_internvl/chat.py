@@ -23,7 +23,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from . import validate
 from .errors import UserError
 from .flash import FlashTiles, describe
-from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, stream_tokens
+from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, json_rule, stream_tokens
 from .images import ImageInput
 from .processing import (
     add_image_placeholders,
@@ -164,14 +164,23 @@ class ChatSession:
             cache = cache + d_cache
         return cache, common
 
+    def _processors(self, response_format) -> list:
+        """This turn's logits processors: the session's sampling, the thinking budget, the JSON constraint."""
+        rule = json_rule(self.model, self.processor, response_format, self.stop_ids, self.draft)
+        return (self.logits_processors + budget_processors(self.thinking_budget, self.processor.tokenizer)
+                + ([rule] if rule is not None else []))
+
     def stream(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
-               max_tokens: Optional[int] = None) -> Iterator[GenerationResponse]:
-        """Stream the reply to `question`; the turn is added to the history when the reply is complete."""
+               max_tokens: Optional[int] = None, response_format=None) -> Iterator[GenerationResponse]:
+        """Stream the reply to `question`; the turn is added to the history when the reply is complete.
+        `response_format` (a `structured.ResponseFormat` or an OpenAI `response_format` dict) constrains this
+        turn's reply to JSON."""
         proc = self.processor
         n_before = len(self._tiles)
         done = False
         try:
             validate.conversation(question)
+            processors = self._processors(response_format)
             question = self._add_media(question, as_image_list(images), video)
             num_tiles = [t.shape[0] for t in self._tiles]
             ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message,
@@ -200,8 +209,7 @@ class ChatSession:
             text = ""
             try:
                 for r in stream_tokens(self.model, proc, suffix, feats, max_tokens=max_tokens, sampler=self.sampler,
-                                       logits_processors=self.logits_processors
-                                       + budget_processors(self.thinking_budget, proc.tokenizer),
+                                       logits_processors=processors,
                                        prompt_cache=self._cache,
                                        kv=self.kv, num_tiles=num_tiles, on_token=generated.append,
                                        draft=self.draft, draft_features=draft_feats,
@@ -221,6 +229,6 @@ class ChatSession:
                 self._cache, self._cache_ids = None, []
 
     def ask(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,
-            max_tokens: Optional[int] = None) -> str:
+            max_tokens: Optional[int] = None, response_format=None) -> str:
         """The whole reply to `question` (stripped, as upstream)."""
-        return "".join(r.text for r in self.stream(question, images, video, max_tokens)).strip()
+        return "".join(r.text for r in self.stream(question, images, video, max_tokens, response_format)).strip()

@@ -175,6 +175,14 @@ def _encode(model, processor, ids: List[int], inputs: dict, flash: Optional[bool
     return ids, features, draft_features, cache, None
 
 
+def json_rule(model, processor, response_format, stop_ids, draft=None):
+    """The JSON constraint of `response_format` (None: plain text), refused together with a speculative `draft`."""
+    rule = constraint(model, processor, response_format, stop_ids)
+    if rule is not None and draft is not None:
+        raise UserError("a response format (JSON constraint) cannot be combined with speculative decoding; drop one")
+    return rule
+
+
 def stream_generate(model, processor, prompt: str, images: Optional[Sequence[ImageInput]] = None, *,
                     video=None, num_frames: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS,
                     sampling: Optional[SamplingOptions] = None, kv: Optional[KVOptions] = None, max_tiles=None,
@@ -201,9 +209,8 @@ def stream_generate(model, processor, prompt: str, images: Optional[Sequence[Ima
     sampling.check(model)
     max_tokens = integer("max_tokens", max_tokens, minimum=1)
     budget = budget_processors(thinking_budget, processor.tokenizer, draft)
-    rule = constraint(model, processor, response_format, processor.stop_token_ids(stop_on_eos, extra_stop_tokens))
-    if rule is not None and draft is not None:
-        raise UserError("a response format (JSON constraint) cannot be combined with speculative decoding; drop one")
+    rule = json_rule(model, processor, response_format, processor.stop_token_ids(stop_on_eos, extra_stop_tokens),
+                     draft)
     if inputs is None:
         inputs = processor(prompt, images=images, max_tiles=max_tiles, history=history,
                            system_message=system_message, video=video, num_frames=num_frames,

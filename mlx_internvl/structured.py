@@ -13,11 +13,18 @@ Ids past the tokenizer (padded embedding rows) are never allowed. The JSON is la
 
 `strict=True` compiles the schema exactly and refuses keywords llguidance cannot enforce; `strict=False` ignores
 those keywords (the output still follows the rest of the schema).
+
+Compiling costs time roughly in proportion to the schema's size (about a second for 30 KB of `anyOf` alternatives
+on one core), so a schema is refused before compiling when it is larger than `MAX_SCHEMA_BYTES` as JSON or nested
+deeper than `MAX_SCHEMA_DEPTH` (which also keeps `jsonschema`'s recursive metaschema check within Python's stack).
+Building the tokenizer view holds the GIL for seconds on a 150k vocabulary, so a server builds it at model load.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -35,6 +42,8 @@ from .errors import UserError
 _ANY_OBJECT = {"type": "object"}
 # One layout, `{"a": 1, "b": [2, 3]}` (json.dumps'): free whitespace lets a model loop on blanks until max_tokens.
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+MAX_SCHEMA_BYTES = 64 * 1024  # as compact JSON
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of the schema document (a schema level is two or three)
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,32 @@ class ResponseFormat:
         return cls(spec["schema"], bool(strict) if strict is not None else False)
 
 
+def check_size(schema) -> None:
+    """A UserError unless `schema` is within `MAX_SCHEMA_DEPTH` and `MAX_SCHEMA_BYTES` (the caps that bound the
+    cost of checking and compiling it). Walks without recursion and stops at the first excess."""
+    too_big = UserError(f"the JSON Schema takes more than the limit of {MAX_SCHEMA_BYTES // 1024} KB as compact "
+                        "JSON; use a smaller schema")
+    stack, nodes = [(schema, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise UserError(f"the JSON Schema is nested more than {MAX_SCHEMA_DEPTH} levels deep (objects and arrays "
+                            "of the schema document); flatten it, for example with $defs and $ref")
+        nodes += 1
+        if nodes > MAX_SCHEMA_BYTES // 2:  # every value takes at least two characters with its separator
+            raise too_big
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    if len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_SCHEMA_BYTES:
+        raise too_big
+
+
 def check_schema(schema) -> None:
-    """A UserError naming the offending part unless `schema` is a valid JSON Schema (its own metaschema)."""
+    """A UserError naming the offending part unless `schema` is a valid JSON Schema (its own metaschema) within
+    the size caps (`check_size`)."""
     if not isinstance(schema, dict):
         raise UserError(f"the JSON Schema must be an object, got {type(schema).__name__}")
+    check_size(schema)
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as e:
@@ -123,32 +154,37 @@ class _SentencePieceVocab:
         return self._hf.encode(text, add_special_tokens=False)
 
 
-_CACHE: dict = {}
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(n_vocab, stops): LLTokenizer}
+_VIEWS_LOCK = threading.Lock()
 
 
 def ll_tokenizer(tokenizer, n_vocab: int, stop_ids: Sequence[int]) -> llguidance.LLTokenizer:
     """llguidance's view of the checkpoint's tokenizer (an mlx-lm `TokenizerWrapper` or a transformers tokenizer)
-    over `n_vocab` logits, ending on `stop_ids`. Built once per tokenizer (about a second for 150k tokens)."""
+    over `n_vocab` logits, ending on `stop_ids`. Built once per tokenizer object (seconds for 150k tokens, holding
+    the GIL); callers on other threads wait for that one build."""
     hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
-    key = (id(hf), n_vocab, tuple(sorted(stop_ids)))
-    if key not in _CACHE:
-        stops = sorted(stop_ids) or None
-        if hasattr(hf, "backend_tokenizer"):
-            _CACHE[key] = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=stops)
-        elif hasattr(hf, "sp_model"):
-            vocab = llguidance.TokenizerWrapper(_SentencePieceVocab(hf, n_vocab))
-            _CACHE[key] = llguidance.LLTokenizer(vocab, n_vocab=n_vocab, eos_token=stops)
-        else:
-            raise UserError(f"structured output needs a tokenizers (fast) or sentencepiece tokenizer, got "
-                            f"{type(hf).__name__}")
-    return _CACHE[key]
+    key = (n_vocab, tuple(sorted(stop_ids)))
+    with _VIEWS_LOCK:
+        views = _VIEWS.setdefault(hf, {})
+        if key not in views:
+            stops = sorted(stop_ids) or None
+            if hasattr(hf, "backend_tokenizer"):
+                views[key] = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=stops)
+            elif hasattr(hf, "sp_model"):
+                vocab = llguidance.TokenizerWrapper(_SentencePieceVocab(hf, n_vocab))
+                views[key] = llguidance.LLTokenizer(vocab, n_vocab=n_vocab, eos_token=stops)
+            else:
+                raise UserError(f"structured output needs a tokenizers (fast) or sentencepiece tokenizer, got "
+                                f"{type(hf).__name__}")
+        return views[key]
 
 
 class JsonConstraint:
     """An mlx-lm logits processor for one sequence: tokens that would break `grammar` get -inf.
 
     Each call after the first follows a sampled token (mlx-lm passes the sequence so far; its last token is the
-    one sampled at the previous step), which advances the matcher before the next mask is computed."""
+    one sampled at the previous step), which advances the matcher before the next mask is computed. It may be made
+    on one thread (compiling the grammar, no MLX arrays) and called on another (the generation thread)."""
 
     def __init__(self, lltok: llguidance.LLTokenizer, grammar: str, stop_ids: Sequence[int]):
         self.matcher = llguidance.LLMatcher(lltok, grammar)
@@ -157,7 +193,7 @@ class JsonConstraint:
         self.mask = llnp.allocate_token_bitmask(1, lltok.vocab_size)
         self.stop_ids = sorted(stop_ids)
         self.steps = 0
-        self._bits = mx.arange(32, dtype=mx.uint32)
+        self._bits = None  # made on the first call, on the thread that generates
 
     @property
     def complete(self) -> bool:
@@ -169,6 +205,8 @@ class JsonConstraint:
             self.matcher.consume_token(int(tokens[-1].item()))
         self.steps += 1
         vocab = logits.shape[-1]
+        if self._bits is None:
+            self._bits = mx.arange(32, dtype=mx.uint32)
         if self.matcher.is_stopped() or self.matcher.is_error():
             # Past the end (or a token forced in from outside): only the end-of-turn tokens remain.
             allowed = mx.zeros((vocab,), dtype=mx.bool_)

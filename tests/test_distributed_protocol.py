@@ -18,6 +18,7 @@ from mlx_internvl.sampling import SamplingOptions
 from mlx_internvl.server import spmd
 from mlx_internvl.server.engine import Job
 from mlx_internvl.server.render import ImageSpec, Prompt
+from mlx_internvl.structured import Grammar, ResponseFormat
 
 
 class _World:
@@ -70,8 +71,9 @@ def _job() -> Job:
     tiles = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
     spec = ImageSpec(("ab" * 32, 6), 2, tiles, lambda: tiles)
     sampling = SamplingOptions(temperature=0.7, top_p=0.9, logit_bias={17: -2.5, 3: 1.0}, seed=2**63 - 1)
+    fmt = ResponseFormat({"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}, strict=False)
     return Job(prompt=Prompt([1, 2, 92546, 3], [1, 2, -12345, 3], [spec], 12), sampling=sampling,
-               emit=lambda ev: None, stop=["\n\n", "END"], top_logprobs=2, id=7)
+               emit=lambda ev: None, stop=["\n\n", "END"], top_logprobs=2, id=7, response_format=fmt)
 
 
 def test_share_round_trips_the_real_payloads(monkeypatch):
@@ -92,10 +94,16 @@ def test_share_round_trips_the_real_payloads(monkeypatch):
         _same(obj, got)
 
 
-def test_server_jobs_reach_the_followers_whole(monkeypatch):
+@pytest.mark.parametrize("kind", ["json", "tool-call grammar"])
+def test_server_jobs_reach_the_followers_whole(monkeypatch, kind):
     """`spmd.exchange` on rank 0 and on a follower: the follower's job has the same ids, image key (a tuple: its
-    prompt-cache pseudo id depends on it), tiles, sampling options (int logit_bias keys), stops and logprobs."""
+    prompt-cache pseudo id depends on it), tiles, sampling options (int logit_bias keys), stops, logprobs, its
+    constraint (a JSON format or a forced tool call's grammar), thinking budget and kept tokens (every rank changes
+    its logits alike)."""
     job, sent = _job(), []
+    if kind != "json":
+        job.response_format = Grammar('start: "<tool_call>" /[a-z]+/')
+    job.thinking_budget, job.keep_tokens = 5, frozenset({92540, 92541})
     monkeypatch.setattr(mx.distributed, "all_sum", lambda x, group=None, **kw: sent.append(x) or x)
     spmd.exchange(distributed.Group(_World(0)), False, [job], [4, 9], pytest.fail, Job)
     arrivals = iter(sent)
@@ -103,6 +111,9 @@ def test_server_jobs_reach_the_followers_whole(monkeypatch):
     stop, [twin], dropped = spmd.exchange(distributed.Group(_World(1)), None, [], [], pytest.fail, Job)
     assert (stop, dropped) == (False, [4, 9])
     assert (twin.id, twin.sampling, twin.stop, twin.top_logprobs) == (7, job.sampling, job.stop, 2)
+    assert twin.response_format == job.response_format
+    assert type(twin.response_format) is type(job.response_format)
+    assert (twin.thinking_budget, twin.keep_tokens) == (5, job.keep_tokens)
     assert (twin.prompt.ids, twin.prompt.keyed, twin.prompt.max_tokens) == (job.prompt.ids, job.prompt.keyed, 12)
     [spec], [orig] = twin.prompt.images, job.prompt.images
     assert spec.key == orig.key and spec.pseudo_id == orig.pseudo_id and spec.num_tiles == 2

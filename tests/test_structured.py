@@ -113,6 +113,24 @@ def test_batch_rows_each_with_its_own_grammar(tiny):
     assert out.token_ids[2] == free.token_ids[0] == [t for t in alone if t not in processor.stop_token_ids()]
 
 
+def test_chat_session_turns_each_with_its_own_format(tiny):
+    """A response format per turn: a JSON turn, a plain turn, a turn under another schema; each JSON reply obeys
+    its schema with the conversation (and its KV cache) carried over, and goes into the history as it came."""
+    from mlx_internvl.chat import ChatSession
+
+    _, model, processor = tiny
+    session = ChatSession(model, processor, max_tiles=1, max_tokens=200, temperature=1.0, seed=8)
+    person = session.ask("Describe a person.", [ASSETS / "images" / "image1.jpg"], response_format=as_format(PERSON))
+    jsonschema.validate(json.loads(person), PERSON)
+    session.ask("Now say anything.", max_tokens=12)
+    flags = session.ask("Set the flags.", response_format=ResponseFormat(FLAGS))
+    jsonschema.validate(json.loads(flags), FLAGS)
+    assert [a for _, a in session.history][::2] == [person, flags]
+    with pytest.raises(UserError, match="invalid JSON Schema at type"):
+        session.ask("x", response_format=as_format({"type": "objectx"}))
+    assert len(session.history) == 3
+
+
 @pytest.mark.parametrize("schema, strict, needle", [
     ({"type": "objectx"}, True, "invalid JSON Schema at type"),
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": -1}}}, True,
@@ -125,6 +143,17 @@ def test_bad_schema_is_a_clear_error(tiny, schema, strict, needle):
     _, model, processor = tiny
     with pytest.raises(UserError, match=needle):
         reply(model, processor, max_tokens=5, response_format=as_format(schema, strict))
+
+
+def test_oversized_schema_is_a_clear_error(tiny):
+    """Caps checked before the schema is: 100 nested objects would exhaust `jsonschema`'s recursion."""
+    from test_structured_server import nested
+
+    _, model, processor = tiny
+    big = {"type": "object", "properties": {f"k{i}": {"enum": list(range(i, i + 40))} for i in range(500)}}
+    for schema, needle in [(nested(100), "nested more than 64 levels deep"), (big, "more than the limit of 64 KB")]:
+        with pytest.raises(UserError, match=needle):
+            reply(model, processor, max_tokens=5, response_format=as_format(schema))
 
 
 def test_bad_response_format_is_a_clear_error(tiny):

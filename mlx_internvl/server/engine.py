@@ -29,7 +29,7 @@ from ..distributed import agree
 from ..errors import UserError
 from ..generate import special_token_ids, stream_prefill
 from ..sampling import SamplingOptions, seeded_sampler
-from ..structured import constraint
+from ..structured import JsonConstraint, constraint, ll_tokenizer
 from ..thinking import budget_processors
 from . import caches, spmd
 from .flash_route import route_prompt
@@ -50,6 +50,7 @@ class Job:
     thinking_budget: Optional[int] = None  # at most this many reasoning tokens, then </think> is forced
     response_format: Optional[object] = None  # a structured.ResponseFormat or Grammar the reply is constrained to
     keep_tokens: frozenset = frozenset()  # special tokens that stay in the text (tool-call markers)
+    rule: Optional[JsonConstraint] = None  # response_format compiled on the request's thread (start.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)  # when its request came in (for the time to first token)
     id: int = 0  # set by the generation thread; the same on every rank of a group
@@ -145,6 +146,8 @@ class Engine:
                                                    - self.processor.vocab_ids)
             self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
+            # llguidance's view of the tokenizer, built now: it holds the GIL for seconds, which would stall a batch.
+            ll_tokenizer(tok, self.model.config.llm_config["vocab_size"], self._eos)
             self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
             self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
             self._flash = self.model.use_flash(self._flash_option)
@@ -297,7 +300,7 @@ class Engine:
         suffix = p.ids[job.cached_tokens:]
         sampler, processors = self._make_sampling(job.sampling)
         processors = processors + budget_processors(job.thinking_budget, self.processor.tokenizer)
-        rule = constraint(self.model, self.processor, job.response_format, self._eos)
+        rule = job.rule or constraint(self.model, self.processor, job.response_format, self._eos)  # followers
         processors = processors + ([rule] if rule is not None else [])
         if len(suffix) > 1:
             n_image = sum(1 for t in suffix[:-1] if t == self.processor.image_token_id)

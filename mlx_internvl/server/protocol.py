@@ -4,7 +4,7 @@ Requests are checked field by field before anything reaches the model; every pro
 the app answers as OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`). Pydantic runs in strict
 mode so `"max_tokens": "5"` is a wrong type, not a number. Unknown top-level fields are ignored, as most
 OpenAI-compatible servers do, except those whose silent omission would change the answer (`n` > 1): those are
-refused; `json_format` checks `response_format` (an invalid or unenforceable JSON Schema is a 400), `tools.py`
+refused; `json_format` reads `response_format` (an invalid or unenforceable JSON Schema is a 400), `tools.py`
 the tools.
 The body is parsed by pydantic's own JSON parser alone: it has a nesting limit and a digit limit of its own and
 never recurses in Python, so a body nested 10,000 deep or a 5,000-digit number is a 400, not a RecursionError.
@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import UserError
 from ..sampling import COUNT_MAX, INT_RANGES, parse_token_id
 from ..structured import ResponseFormat as JsonFormat
-from ..structured import compile_grammar
 
 
 class APIError(Exception):
@@ -158,17 +157,19 @@ class ChatRequest(_Strict):
 
 
 def json_format(req: ChatRequest) -> Optional[JsonFormat]:
-    """The request's JSON constraint (None for plain text), its schema checked and compiled once: a 400 naming
-    what is wrong, before any work is done."""
+    """The request's JSON format (None for plain text): a 400 when `response_format` is malformed. The schema
+    itself is checked when it is compiled, on a worker thread (`format_error` words that 400)."""
     if req.response_format is None:
         return None
     try:
-        fmt = JsonFormat.parse(req.response_format.model_dump())
-        if fmt is not None:
-            compile_grammar(fmt)
+        return JsonFormat.parse(req.response_format.model_dump())
     except UserError as e:
-        raise APIError(400, str(e), "response_format", "invalid_value") from None
-    return fmt
+        raise format_error(e) from None
+
+
+def format_error(e: UserError) -> APIError:
+    """The 400 of an invalid, too large or unenforceable JSON Schema."""
+    return APIError(400, str(e), "response_format", "invalid_value")
 
 
 def parse_request(raw: Union[bytes, dict], vocab_size: int) -> ChatRequest:

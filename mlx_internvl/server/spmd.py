@@ -12,6 +12,7 @@ from typing import Callable, List
 import numpy as np
 
 from ..sampling import SamplingOptions
+from ..structured import Grammar, ResponseFormat
 from .render import ImageSpec, Prompt
 
 
@@ -26,8 +27,20 @@ def _payload(job) -> tuple:
     p = job.prompt
     images = [(spec.key, spec.num_tiles, spec.tiles) for spec in p.images]
     # Plain values only (the group sends JSON and raw buffers, no pickle): the sampling options as a dict.
+    fmt = job.response_format
+    fmt = None if fmt is None else {"kind": type(fmt).__name__, **dataclasses.asdict(fmt)}
     return (job.id, p.ids, p.keyed, images, p.max_tokens, dataclasses.asdict(job.sampling), job.stop,
-            job.top_logprobs)
+            job.top_logprobs, fmt, job.thinking_budget, sorted(job.keep_tokens))
+
+
+_FORMATS = {"ResponseFormat": ResponseFormat, "Grammar": Grammar}
+
+
+def _format(fmt):
+    if fmt is None:
+        return None
+    fmt = dict(fmt)
+    return _FORMATS[fmt.pop("kind")](**fmt)
 
 
 def _unavailable():
@@ -49,8 +62,11 @@ def exchange(group, stop: bool, new: list, dropped: List[int], fail: Callable, j
         return stop, ready, dropped
     stop, payloads, dropped = group.share(None)
     jobs = []
-    for (job_id, ids, keyed, images, max_tokens, sampling, stops, top) in payloads:
+    for (job_id, ids, keyed, images, max_tokens, sampling, stops, top, fmt, budget, keep) in payloads:
         specs = [ImageSpec(key, n, np.asarray(tiles), _unavailable) for key, n, tiles in images]
+        # A constraint (JSON or forced tool calls) and a thinking budget change rank 0's logits; every rank must
+        # change them alike or their sampled tokens differ.
         jobs.append(job_type(prompt=Prompt(ids, keyed, specs, max_tokens), sampling=SamplingOptions(**sampling),
-                             emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id))
+                             emit=lambda ev: None, stop=stops, top_logprobs=top, id=job_id,
+                             response_format=_format(fmt), thinking_budget=budget, keep_tokens=frozenset(keep)))
     return stop, jobs, dropped

@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from ..errors import UserError
+from ..structured import constraint
 from ..thinking import think_token_ids
 from .engine import Job
 from .guard import check_browser
-from .protocol import APIError, ChatRequest, json_format
+from .protocol import APIError, ChatRequest, format_error, json_format
 from .replies import Events
 from .tools import ToolSetup, request_tools
 
@@ -65,6 +66,15 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return bytes(body)
 
 
+def _compile(st, fmt):
+    """The request's constraint (a JSON format or a tool-call grammar), compiled for the served model."""
+    processor = st.engine.processor
+    try:
+        return constraint(st.engine.model, processor, fmt, processor.stop_token_ids())
+    except UserError as e:
+        raise format_error(e) from None
+
+
 async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]
                    ) -> Tuple[ChatRequest, Optional[ToolSetup], Job]:
     arrived = time.monotonic()
@@ -83,9 +93,12 @@ async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]
     sampling, fmt, tools = st.sampling(req, thinking), json_format(req), request_tools(req, processor)
     if tools is not None and tools.forced:
         fmt = tools.grammar(processor)
+    # The size caps, the schema check and the compile (seconds for a large schema) on a worker thread: they hold up
+    # neither the event loop nor the batch.
+    rule = None if fmt is None else await anyio.to_thread.run_sync(_compile, st, fmt)
     prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools)
     return req, tools, Job(prompt, sampling, None, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-                           thinking_budget=budget, response_format=fmt, arrived=arrived,
+                           thinking_budget=budget, response_format=fmt, rule=rule, arrived=arrived,
                            keep_tokens=tools.keep_tokens(processor) if tools else frozenset())
 
 

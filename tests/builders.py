@@ -17,14 +17,16 @@ from typing import Optional
 FIXTURES = Path(__file__).parent / "fixtures"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
             "<ref>", "</ref>", "<box>", "</box>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<s>", "</s>"]
+# The rest of OpenAI's harmony markers (GPT-OSS's o200k tokenizer has each as one special token; `<|end|>` is above).
+HARMONY = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
 
 
-def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False) -> int:
+def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False, harmony: bool = False) -> int:
     """A byte-level BPE tokenizer with 256 byte tokens, a few merges and InternVL's special tokens.
 
     With `bos=True` it prepends `<s>` like InternLM2/Phi-3/Llama tokenizers; with `think=True` it has Qwen3's
-    `<think>`/`</think>`, added as Qwen3 adds them (one token each, not special: decoding keeps them). Returns its
-    length.
+    `<think>`/`</think>`, added as Qwen3 adds them (one token each, not special: decoding keeps them); with
+    `harmony=True` it has GPT-OSS's harmony markers as special tokens. Returns its length.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -38,7 +40,7 @@ def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS + (HARMONY if harmony else [])})
     if think:
         fast.add_tokens(["<think>", "</think>"])
     if bos:
@@ -214,7 +216,7 @@ def build(case: Case, root: Path) -> Built:
         real = load_hf_tokenizer(tok_dir)
         vocab, image_token_id = len(real), real.convert_tokens_to_ids("<IMG_CONTEXT>")
     else:
-        vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens)
+        vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens, harmony=case.text == "gpt_oss")
         from transformers import AutoTokenizer
 
         image_token_id = AutoTokenizer.from_pretrained(str(tok_dir)).convert_tokens_to_ids("<IMG_CONTEXT>")

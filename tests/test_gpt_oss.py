@@ -68,3 +68,110 @@ def test_mxfp4_experts_match_transformers_dequantization(mxfp4_checkpoint):
     gate = ours.language_model.model.layers[0].mlp.experts.gate_proj.weight
     assert gate.dtype == mx.float32 and gate.shape == (4, 32, 64)  # dense [E, I, H]: dequantized, not kept packed
     check(compare(ref, mlx_stages(ours, mx.array(ids), mx.array(pixels), TOKENS)), "mxfp4 experts")
+
+
+UPSTREAM_ENV = "MLX_INTERNVL_UPSTREAM_GPT_OSS"
+CONVERSATIONS = {  # (system or None, [(question, answer), ...] history, question, tiles per image)
+    "one-image": (None, [], "<image>\nWhat is shown?", (2,)),
+    "multi-image-history": (None, [("Hi.", "<|channel|>final<|message|>Hello!")],
+                            "Image-1: <image>\nImage-2: <image>\nCompare them.", (1, 3)),
+    "text-only-custom-system": ("Be brief.", [("2+2?", "<|channel|>final<|message|>4")], "And 3+3?", ()),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_processor(build_case):
+    from mlx_internvl.loading import load
+
+    _, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    return processor
+
+
+def _upstream_conversation():
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get(UPSTREAM_ENV)
+    if not folder:
+        pytest.skip(f"set {UPSTREAM_ENV} to a folder holding upstream internvl_chat_gpt_oss's conversation.py "
+                    "(internvl_chat_gpt_oss/internvl/model/internvl_chat/ of OpenGVLab/InternVL)")
+    spec = importlib.util.spec_from_file_location("upstream_gpt_oss_conversation", Path(folder) / "conversation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _messages(history, question, answer=None):
+    from mlx_internvl.templates import chat_messages
+
+    messages = chat_messages(question, history)
+    return messages[:-1] + [(messages[-1][0], answer)] if answer else messages
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_prompt_ids_match_upstream_template(gpt_oss_processor, name):
+    """Token-exact against upstream's own `internvl3_5_gpt_oss` (`get_prompt`, images expanded as its `chat()`
+    does): the generation prompt, and the finished conversation training renders (last answer closed by
+    `<|return|>`)."""
+    conv_module = _upstream_conversation()
+    system, history, question, tiles = CONVERSATIONS[name]
+    tok, renderer = gpt_oss_processor.tokenizer, gpt_oss_processor.renderer
+    for answer in (None, "<|channel|>final<|message|>Done."):
+        conv = conv_module.get_conv_template("internvl3_5_gpt_oss")
+        if system is not None:
+            conv.system_message = system
+        for q, a in history:
+            conv.append_message(conv.roles[0], q)
+            conv.append_message(conv.roles[1], a)
+        conv.append_message(conv.roles[0], question)
+        conv.append_message(conv.roles[1], answer)
+        query = conv.get_prompt()
+        for n in tiles:
+            query = query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (4 * n) + "</img>", 1)
+        ours = renderer.render(_messages(history, question, answer), tiles, system=system).ids
+        assert ours == list(tok.encode(query)), (name, answer)
+
+
+def test_prompt_is_the_harmony_layout(gpt_oss_processor):
+    """Always on: the layout written from upstream's template (spec 5.4) and OpenAI's harmony format - system,
+    user and a bare assistant header; `<|end|>` after each message; `<|return|>` is the stop token."""
+    from mlx_internvl.templates import GPT_OSS_SYSTEM
+
+    tok, renderer = gpt_oss_processor.tokenizer, gpt_oss_processor.renderer
+    text = renderer.render(_messages([("Hi.", "<|channel|>final<|message|>Hello!")], "Why?"), ()).text
+    assert text == (f"<|start|>system<|message|>{GPT_OSS_SYSTEM}<|end|><|start|>user<|message|>Hi.<|end|>"
+                    "<|start|>assistant<|channel|>final<|message|>Hello!<|end|><|start|>user<|message|>Why?<|end|>"
+                    "<|start|>assistant")
+    assert "Reasoning: low" in GPT_OSS_SYSTEM and "# Valid channels: final." in GPT_OSS_SYSTEM
+    finished = renderer.render(_messages([], "Why?", "<|channel|>final<|message|>So."), ()).text
+    assert finished.endswith("<|start|>assistant<|channel|>final<|message|>So.<|return|>")
+    assert gpt_oss_processor.eos_token_id == tok.convert_tokens_to_ids("<|return|>")
+    for marker in ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"):
+        assert len(tok.encode(marker)) == 1, marker
+
+
+REPLY = ("<|channel|>analysis<|message|>The user asks why. Think.<|end|><|start|>assistant<|channel|>final"
+         "<|message|>Because it is.")
+
+
+@pytest.mark.parametrize("piece", [len(REPLY), 1, 3, 7])
+def test_harmony_reply_splits_analysis_from_final(piece):
+    """The analysis channel is the reasoning, the final channel the answer, however the stream is cut."""
+    from mlx_internvl.thinking import HarmonyParser
+
+    parser, reasoning, answer = HarmonyParser(), "", ""
+    for i in range(0, len(REPLY), piece):
+        r, a = parser.feed(REPLY[i:i + piece])
+        reasoning, answer = reasoning + r, answer + a
+    r, a = parser.finish()
+    assert (reasoning + r, answer + a) == ("The user asks why. Think.", "Because it is.")
+
+
+def test_harmony_reply_without_analysis_or_markers():
+    from mlx_internvl.templates import get_template
+    from mlx_internvl.thinking import split_reasoning
+
+    template = get_template("internvl3_5_gpt_oss")
+    assert split_reasoning("<|channel|>final<|message|> Hello! ", template=template) == ("", "Hello!")
+    assert split_reasoning("plain text", template=template) == ("", "plain text")

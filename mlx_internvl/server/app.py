@@ -288,9 +288,10 @@ async def _chat_completions(request: Request):
     if first[0] == "error":
         raise first[1]
     if req.stream:
-        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req),
+        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req,
+                                          st.renderer.processor.template),
                                    headers={"Cache-Control": "no-cache"})
-    return await collect(first, events, st.cfg.model_name, req)
+    return await collect(first, events, st.cfg.model_name, req, st.renderer.processor.template)
 
 
 def serve(model: str, group=None, **options) -> None:

@@ -27,7 +27,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from ..distributed import agree
 from ..errors import UserError
-from ..generate import special_token_ids, stream_prefill
+from ..generate import reply_skip_ids, stream_prefill
 from ..sampling import SamplingOptions
 from ..structured import constraint
 from ..thinking import budget_processors
@@ -145,9 +145,8 @@ class Engine:
         try:
             self.model, self.processor = self._load()
             self._stream = mx.default_stream(mx.default_device())
-            tok = self.processor.tokenizer
             # Special tokens and ids past the tokenizer (padded embedding rows) have no text, as upstream decodes.
-            self._skip = special_token_ids(tok) | (set(range(self.model.config.llm_config["vocab_size"]))
+            self._skip = reply_skip_ids(self.processor) | (set(range(self.model.config.llm_config["vocab_size"]))
                                                    - self.processor.vocab_ids)
             self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.sse import format_sse_event
 
-from ..thinking import ReasoningParser, split_reasoning
+from ..thinking import reply_parser, split_reasoning
 from .engine import Job
 from .protocol import APIError, chunk, completion, new_id, usage_chunk
 
@@ -50,7 +50,7 @@ class Events:
                     raise
 
 
-async def collect(ev, events: Events, model: str, req):
+async def collect(ev, events: Events, model: str, req, template=None):
     """The whole reply as one `chat.completion`."""
     text, logprobs = "", []
     while True:
@@ -58,7 +58,7 @@ async def collect(ev, events: Events, model: str, req):
             text += ev[1]
             logprobs += ev[2]
         elif ev[0] == "done":
-            reasoning, answer = split_reasoning(text)
+            reasoning, answer = split_reasoning(text, template=template)
             return completion(new_id(), model, answer, ev[1], ev[2], logprobs if req.logprobs else None, reasoning)
         else:
             raise ev[1]
@@ -68,11 +68,11 @@ async def collect(ev, events: Events, model: str, req):
             return JSONResponse({}, status_code=499)
 
 
-async def stream(job: Job, first, next_event, cid: str, model: str, req):
+async def stream(job: Job, first, next_event, cid: str, model: str, req, template=None):
     """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
     chunk, the usage chunk if asked, then `[DONE]`."""
     created = int(time.time())
-    parser = ReasoningParser()
+    parser = reply_parser(template)
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def sse(obj) -> bytes:

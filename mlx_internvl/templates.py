@@ -9,7 +9,8 @@ InternVL3.5-GPT-OSS's `internvl3_5_gpt_oss` is OpenAI's harmony format in that m
 own `<|channel|>analysis|final<|message|>` header), and a conversation that ends with an assistant message closes
 it with `<|return|>` instead of `<|end|>` - the token generation stops on. Upstream decodes these replies with the
 special tokens kept (`decode_special`), so a reply reads `<|channel|>final<|message|>...` and that is what its
-history replays; `thinking.HarmonyParser` splits the analysis channel (reasoning) from the final one (the answer).
+history replays (a plain answer, as training data and chat clients send it, is put in the final channel);
+`thinking.HarmonyParser` splits the analysis channel (reasoning) from the final one (the answer).
 
 Which template a checkpoint uses comes from its config's `template` field (original layout); `-hf` checkpoints
 have none, so it is recognised from their chat template (`template_from_chat_template`). InternVL3.5-GPT-OSS's
@@ -47,6 +48,9 @@ class Template:
     sep2: Optional[str] = None
     # Upstream decodes replies with `skip_special_tokens=False` (GPT-OSS: the harmony channel markers stay).
     decode_special: bool = False
+    # Written before an assistant message that lacks it (GPT-OSS: a plain answer goes in the final channel, as
+    # upstream's training data renders it and as its replies, kept with their markers, replay in history).
+    reply_header: str = ""
 
     def __post_init__(self):
         if not (self.sep2 or self.sep).startswith(self.stop_str):
@@ -76,6 +80,8 @@ class Template:
             if text is None:
                 continue
             sep = self._separator(i, role, len(messages))
+            if role == ASSISTANT and self.reply_header and not text.startswith("<|"):  # no header of its own
+                text = self.reply_header + text
             if role == ASSISTANT:
                 spans.append((len(out), len(out) + len(text) + len(sep.strip())))
             out += text + sep
@@ -104,6 +110,7 @@ TEMPLATES = {
         sep="<|end|>",
         sep2="<|return|>",
         decode_special=True,
+        reply_header="<|channel|>final<|message|>",
     ),
 }
 

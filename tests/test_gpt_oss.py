@@ -175,3 +175,46 @@ def test_harmony_reply_without_analysis_or_markers():
     template = get_template("internvl3_5_gpt_oss")
     assert split_reasoning("<|channel|>final<|message|> Hello! ", template=template) == ("", "Hello!")
     assert split_reasoning("plain text", template=template) == ("", "plain text")
+
+
+def test_plain_answers_go_in_the_final_channel(gpt_oss_processor):
+    """A plain answer (training data, an OpenAI client's assistant message) is rendered as upstream's GPT-OSS
+    training data renders it, in the final channel; one with its own header is kept as it is."""
+    renderer = gpt_oss_processor.renderer
+    plain = renderer.render(_messages([("Hi.", "Hello!")], "Why?"), ()).text
+    marked = renderer.render(_messages([("Hi.", "<|channel|>final<|message|>Hello!")], "Why?"), ()).text
+    assert plain == marked
+    rendered = renderer.render(_messages([], "Why?", "So."), (), loss_mask=True)
+    answer = [i for i, m in zip(rendered.ids, rendered.loss_mask) if m]
+    assert gpt_oss_processor.tokenizer.decode(answer) == "<|channel|>final<|message|>So.<|return|>"
+
+
+def test_lora_trains_attention_and_experts_of_gpt_oss(build_case, tmp_path):
+    """LoRA on the GPT-OSS backbone: by default every attention projection and the experts get adapters and the
+    router does not; a few optimizer steps lower the validation loss, and the saved adapters load back."""
+    import json
+
+    from lora_fixtures import color_task
+    from safetensors.numpy import load_file
+
+    import mlx_internvl
+    from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
+
+    built = build_case(GPT_OSS)
+    color_task(tmp_path, 4, "train", seed=0)
+    result = finetune(built.hf_dir, tmp_path / "train.jsonl", tmp_path / "ad", val=tmp_path / "train.jsonl",
+                      lora=LoraConfig(rank=4, alpha=8),
+                      args=TrainingArgs(batch_size=2, iters=2, lr=5e-3, val_every=2, save_every=2),
+                      dtype="float32", log=lambda *_: None)
+    (_, before), (_, after) = result.val_losses[0], result.val_losses[-1]
+    assert after < before, result.val_losses
+    targets = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["targets"]
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"} <= set(targets)
+    assert "mlp.router" not in targets
+    saved = load_file(str(tmp_path / "ad" / "adapters.safetensors"))
+    assert any("self_attn.q_proj.lora_b" in k for k in saved) and not any("router" in k for k in saved)
+    model, _ = mlx_internvl.load(built.hf_dir, dtype="float32", adapter_path=tmp_path / "ad")
+    base, _ = mlx_internvl.load(built.hf_dir, dtype="float32")
+    ids = mx.array([[5, 6, 7, 8]])
+    assert np.abs(np.array(model(ids)) - np.array(base(ids))).max() > 1e-4

@@ -1,22 +1,36 @@
-"""InternVL3.5-GPT-OSS beyond the parity matrix: OpenAI's mxfp4 experts, dequantized by transformers as the oracle.
+"""InternVL3.5-GPT-OSS beyond the parity matrix: mxfp4 experts, the harmony template, reasoning, LoRA.
 
 The parity matrix (`test_parity.py`, branches `backbone-gpt_oss`, `hf-layout-current-gpt_oss`) covers the float
-checkpoint: sinks, sliding and full layers, fused experts, YaRN without truncation.
+checkpoint: sinks, sliding and full layers, fused experts, YaRN without truncation. Here: OpenAI's mxfp4 experts
+against transformers' own mxfp4 dequantization; prompt ids against upstream's `internvl3_5_gpt_oss` template
+(its `conversation.py`, loaded from `MLX_INTERNVL_UPSTREAM_GPT_OSS` when set; never part of this project) and,
+always, against the harmony layout; the analysis/final split; LoRA. No o200k tokenizer is available offline: the
+tiny tokenizer has the harmony markers as special tokens (builders.HARMONY).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import os
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 from test_parity import GPT_OSS, TOKENS, Spec, check, make_inputs
 
-from mlx_internvl.loading import load_model
+import mlx_internvl
+from lora_fixtures import color_task
+from mlx_internvl.loading import load, load_model
+from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
+from mlx_internvl.templates import GPT_OSS_SYSTEM, chat_messages, get_template
+from mlx_internvl.thinking import HarmonyParser, split_reasoning
 
 
 def _mxfp4(rng, shape):
@@ -81,16 +95,12 @@ CONVERSATIONS = {  # (system or None, [(question, answer), ...] history, questio
 
 @pytest.fixture(scope="module")
 def gpt_oss_processor(build_case):
-    from mlx_internvl.loading import load
 
     _, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
     return processor
 
 
 def _upstream_conversation():
-    import importlib.util
-    import os
-    from pathlib import Path
 
     folder = os.environ.get(UPSTREAM_ENV)
     if not folder:
@@ -103,7 +113,6 @@ def _upstream_conversation():
 
 
 def _messages(history, question, answer=None):
-    from mlx_internvl.templates import chat_messages
 
     messages = chat_messages(question, history)
     return messages[:-1] + [(messages[-1][0], answer)] if answer else messages
@@ -136,7 +145,6 @@ def test_prompt_ids_match_upstream_template(gpt_oss_processor, name):
 def test_prompt_is_the_harmony_layout(gpt_oss_processor):
     """Always on: the layout written from upstream's template (spec 5.4) and OpenAI's harmony format - system,
     user and a bare assistant header; `<|end|>` after each message; `<|return|>` is the stop token."""
-    from mlx_internvl.templates import GPT_OSS_SYSTEM
 
     tok, renderer = gpt_oss_processor.tokenizer, gpt_oss_processor.renderer
     text = renderer.render(_messages([("Hi.", "<|channel|>final<|message|>Hello!")], "Why?"), ()).text
@@ -158,7 +166,6 @@ REPLY = ("<|channel|>analysis<|message|>The user asks why. Think.<|end|><|start|
 @pytest.mark.parametrize("piece", [len(REPLY), 1, 3, 7])
 def test_harmony_reply_splits_analysis_from_final(piece):
     """The analysis channel is the reasoning, the final channel the answer, however the stream is cut."""
-    from mlx_internvl.thinking import HarmonyParser
 
     parser, reasoning, answer = HarmonyParser(), "", ""
     for i in range(0, len(REPLY), piece):
@@ -169,8 +176,6 @@ def test_harmony_reply_splits_analysis_from_final(piece):
 
 
 def test_harmony_reply_without_analysis_or_markers():
-    from mlx_internvl.templates import get_template
-    from mlx_internvl.thinking import split_reasoning
 
     template = get_template("internvl3_5_gpt_oss")
     assert split_reasoning("<|channel|>final<|message|> Hello! ", template=template) == ("", "Hello!")
@@ -192,13 +197,7 @@ def test_plain_answers_go_in_the_final_channel(gpt_oss_processor):
 def test_lora_trains_attention_and_experts_of_gpt_oss(build_case, tmp_path):
     """LoRA on the GPT-OSS backbone: by default every attention projection and the experts get adapters and the
     router does not; a few optimizer steps lower the validation loss, and the saved adapters load back."""
-    import json
 
-    from lora_fixtures import color_task
-    from safetensors.numpy import load_file
-
-    import mlx_internvl
-    from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 
     built = build_case(GPT_OSS)
     color_task(tmp_path, 4, "train", seed=0)

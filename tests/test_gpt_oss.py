@@ -25,6 +25,7 @@ from test_parity import GPT_OSS, TOKENS, Spec, check, make_inputs
 
 import mlx_internvl
 from lora_fixtures import color_task
+from mlx_internvl.errors import UserError
 from mlx_internvl.loading import load, load_model
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
@@ -217,3 +218,10 @@ def test_lora_trains_attention_and_experts_of_gpt_oss(build_case, tmp_path):
     base, _ = mlx_internvl.load(built.hf_dir, dtype="float32")
     ids = mx.array([[5, 6, 7, 8]])
     assert np.abs(np.array(model(ids)) - np.array(base(ids))).max() > 1e-4
+
+
+def test_thinking_switch_is_refused_for_gpt_oss(gpt_oss_processor):
+    """The <think> switch would write a Qwen3 think block into a harmony prompt; it is refused, naming the fix."""
+    for thinking in (True, False):
+        with pytest.raises(UserError, match="Reasoning: low\\|medium\\|high"):
+            gpt_oss_processor.renderer.render(_messages([], "Why?"), (), thinking=thinking)

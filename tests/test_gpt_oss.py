@@ -26,6 +26,7 @@ from test_parity import GPT_OSS, TOKENS, Spec, check, make_inputs
 import mlx_internvl
 from lora_fixtures import color_task
 from mlx_internvl.errors import UserError
+from mlx_internvl.generate import stream_generate
 from mlx_internvl.loading import load, load_model
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
@@ -225,3 +226,16 @@ def test_thinking_switch_is_refused_for_gpt_oss(gpt_oss_processor):
     for thinking in (True, False):
         with pytest.raises(UserError, match="Reasoning: low\\|medium\\|high"):
             gpt_oss_processor.renderer.render(_messages([], "Why?"), (), thinking=thinking)
+
+
+@pytest.mark.parametrize("marker,text,finish", [
+    ("<|channel|>", "<|channel|><|channel|><|channel|>", "length"),  # kept in the text, as upstream decodes
+    ("<|end|>", "<|end|><|end|><|end|>", "length"),  # ends a message, not the reply: generation goes on
+    ("<|return|>", "", "stop"),  # the template's stop token
+])
+def test_generation_keeps_harmony_markers_and_stops_on_return(build_case, marker, text, finish):
+    """Through `stream_generate` on the GPT-OSS checkpoint, each marker forced with a logit bias."""
+    model, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    bias = {processor.tokenizer.convert_tokens_to_ids(marker): 1e4}
+    pieces = list(stream_generate(model, processor, "Hi.", max_tokens=3, logit_bias=bias))
+    assert "".join(p.text for p in pieces) == text and pieces[-1].finish_reason == finish

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from test_parity import GPT_OSS, TOKENS, Spec, check, make_inputs
+from test_thinking import scripted
 
 import mlx_internvl
 from lora_fixtures import color_task
@@ -31,6 +32,7 @@ from mlx_internvl.loading import load, load_model
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
+from mlx_internvl.sampling import SamplingOptions
 from mlx_internvl.templates import GPT_OSS_SYSTEM, chat_messages, get_template
 from mlx_internvl.thinking import HarmonyParser, split_reasoning
 
@@ -239,3 +241,26 @@ def test_generation_keeps_harmony_markers_and_stops_on_return(build_case, marker
     bias = {processor.tokenizer.convert_tokens_to_ids(marker): 1e4}
     pieces = list(stream_generate(model, processor, "Hi.", max_tokens=3, logit_bias=bias))
     assert "".join(p.text for p in pieces) == text and pieces[-1].finish_reason == finish
+
+
+def test_server_reports_the_analysis_channel_as_reasoning_content(build_case, monkeypatch):
+    """Through the real `openai` client: a scripted harmony reply comes back with the analysis channel as
+    `reasoning_content` and the final channel as `content`, streamed or not; the markers are in neither."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+
+    from server_util import serving
+
+    _, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    tok = processor.tokenizer
+    script = list(tok.encode(REPLY)) + [tok.convert_tokens_to_ids("<|return|>")]
+    with serving(build_case(GPT_OSS).original_dir) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "Why?"}], max_tokens=len(script) + 4)
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        msg = client.chat.completions.create(**ask).choices[0].message
+        assert (msg.reasoning_content, msg.content) == ("The user asks why. Think.", "Because it is.")
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
+        assert "".join(d.content or "" for d in deltas) == "Because it is."

@@ -20,14 +20,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import ASSETS
 from safetensors.numpy import load_file
+from test_generate import our_tokens
 from test_parity import GPT_OSS, TOKENS, Spec, check, make_inputs
 from test_thinking import scripted
 
 import mlx_internvl
 from lora_fixtures import color_task
 from mlx_internvl.errors import UserError
-from mlx_internvl.generate import stream_generate
+from mlx_internvl.generate import batch_generate, stream_generate
 from mlx_internvl.loading import load, load_model
 from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
@@ -264,3 +266,13 @@ def test_server_reports_the_analysis_channel_as_reasoning_content(build_case, mo
         deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
         assert "".join(d.content or "" for d in deltas) == "Because it is."
+
+
+def test_batch_equals_one_by_one_across_the_sliding_window(build_case):
+    """Rows of different lengths, all longer than the 8-token window, left-padded into one batch (mlx-lm's
+    batched rotating caches for the sliding layers)."""
+    model, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    prompts, images = ["What is this?", "Hello!"], [[ASSETS / "images" / "image1.jpg"], None]
+    batch = batch_generate(model, processor, prompts, images, max_tokens=12, max_tiles=2)
+    for prompt, ims, got in zip(prompts, images, batch.token_ids):
+        assert got == our_tokens(model, processor, prompt, ims, 12, max_tiles=2)[0]

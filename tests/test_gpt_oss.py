@@ -266,6 +266,8 @@ def test_server_reports_the_analysis_channel_as_reasoning_content(build_case, mo
         deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
         assert "".join(d.content or "" for d in deltas) == "Because it is."
+        with pytest.raises(openai.BadRequestError, match="Reasoning: low"):  # the <think> switch: refused, a 400
+            client.chat.completions.create(**ask, reasoning_effort="high")
 
 
 def test_batch_equals_one_by_one_across_the_sliding_window(build_case):

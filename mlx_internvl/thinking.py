@@ -18,6 +18,7 @@ template puts after it, so the answer follows.
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -187,6 +188,16 @@ class HarmonyParser:
             self._route(self._buf, out)
         self._buf = ""
         return out[0], out[1]
+
+
+def with_reasoning_level(system: str, level: str) -> str:
+    """A GPT-OSS system message with its `Reasoning: ...` line set to `level` (low, medium or high), the way
+    harmony names the reasoning effort."""
+    new, n = re.subn(r"^Reasoning: \w+$", f"Reasoning: {level}", system, flags=re.M)
+    if not n:
+        raise UserError("the system message has no 'Reasoning: low|medium|high' line to set the reasoning level in; "
+                        "write the level in the system message yourself")
+    return new
 
 
 def reply_parser(template=None):

@@ -266,8 +266,19 @@ def test_server_reports_the_analysis_channel_as_reasoning_content(build_case, mo
         deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True) if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
         assert "".join(d.content or "" for d in deltas) == "Because it is."
-        with pytest.raises(openai.BadRequestError, match="Reasoning: low"):  # the <think> switch: refused, a 400
-            client.chat.completions.create(**ask, reasoning_effort="high")
+        # reasoning_effort is harmony's reasoning level, written in the system message; the <think> switch is a 400.
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        high = client.chat.completions.create(**ask, reasoning_effort="high")
+        system = GPT_OSS_SYSTEM.replace("Reasoning: low", "Reasoning: high")
+        assert high.usage.prompt_tokens == len(processor.renderer.render(_messages([], "Why?"), (), system).ids)
+        assert high.usage.prompt_tokens != len(processor.renderer.render(_messages([], "Why?"), ()).ids)  # not "low"
+        switch = {"chat_template_kwargs": {"enable_thinking": True}}
+        for bad in (dict(reasoning_effort="none"), dict(extra_body=switch)):
+            with pytest.raises(openai.BadRequestError, match="always reasons in its analysis channel"):
+                client.chat.completions.create(**ask, **bad)
+        with pytest.raises(openai.BadRequestError, match="no 'Reasoning: low|medium|high' line"):
+            client.chat.completions.create(**dict(ask, messages=[{"role": "system", "content": "Be brief."}] +
+                                                  ask["messages"]), reasoning_effort="low")
 
 
 def test_batch_equals_one_by_one_across_the_sliding_window(build_case):

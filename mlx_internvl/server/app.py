@@ -264,7 +264,10 @@ async def _chat_completions(request: Request):
         if req.model != st.cfg.model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{st.cfg.model_name!r}", "model", "model_not_found")
-        thinking = req.thinking(st.cfg.thinking)
+        if st.renderer.processor.template.decode_special:  # GPT-OSS: a reasoning level, no <think> switch
+            thinking, reasoning = st.cfg.thinking, req.reasoning_level()
+        else:
+            thinking, reasoning = req.thinking(st.cfg.thinking), None
         budget = st.cfg.thinking_budget if req.thinking_token_budget is None else req.thinking_token_budget
         if budget is not None:
             try:
@@ -272,7 +275,7 @@ async def _chat_completions(request: Request):
             except UserError as e:
                 raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
         sampling, fmt = st.sampling(req, thinking), json_format(req)
-        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking)
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, reasoning)
     except BaseException:
         st.engine.release()
         raise

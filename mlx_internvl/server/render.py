@@ -39,6 +39,7 @@ from ..processing import (
     tile_count,
 )
 from ..templates import ASSISTANT, USER, chat_messages
+from ..thinking import with_reasoning_level
 from ..video import frame_indices, load_video_frames, video_header
 from .budget import Budget, Limits, text_bytes
 from .media import Media, MediaPolicy, decode_image, fetch, image_header
@@ -216,9 +217,10 @@ class Renderer:
             parts += stills + clips
         return question, history, "\n".join(system) if system else None, parts
 
-    def render(self, req: ChatRequest, thinking: Optional[bool] = None) -> Prompt:
+    def render(self, req: ChatRequest, thinking: Optional[bool] = None, reasoning: Optional[str] = None) -> Prompt:
         """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop);
-        `thinking` as `thinking.py` says (the request's, resolved)."""
+        `thinking` as `thinking.py` says (the request's, resolved); `reasoning` (GPT-OSS) the level written in
+        the system message."""
         max_tiles = req.max_tiles if req.max_tiles is not None else self.max_tiles
         num_frames = req.num_frames or self.num_frames
         question, history, system, parts = self._conversation(*self._turns(req), num_frames)
@@ -232,6 +234,13 @@ class Renderer:
         specs: List[ImageSpec] = []
         for part in parts:
             specs += self._video(part) if part.video else [self._image(part, max_tiles)]
+        if reasoning is not None:
+            proc = self.processor
+            try:
+                system = with_reasoning_level(system if system is not None else (
+                    proc.renderer.system_message or proc.template.system_message), reasoning)
+            except UserError as e:
+                raise APIError(400, f"reasoning_effort: {e}", "reasoning_effort", "unsupported_value") from None
         return self._prompt(req, question, history, system, specs, thinking)
 
     def _prompt(self, req: ChatRequest, question: str, history, system: Optional[str],

@@ -28,6 +28,7 @@ from test_thinking import scripted
 
 import mlx_internvl
 from lora_fixtures import color_task
+from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.generate import batch_generate, stream_generate
 from mlx_internvl.loading import load, load_model
@@ -289,3 +290,21 @@ def test_batch_equals_one_by_one_across_the_sliding_window(build_case):
     batch = batch_generate(model, processor, prompts, images, max_tokens=12, max_tiles=2)
     for prompt, ims, got in zip(prompts, images, batch.token_ids):
         assert got == our_tokens(model, processor, prompt, ims, 12, max_tiles=2)[0]
+
+
+def test_chat_history_keeps_the_reply_with_its_markers_as_upstream(build_case, monkeypatch):
+    """Upstream `chat()` keeps the reply decoded with its special tokens and replays it as the assistant message;
+    so does `ChatSession`, and turn 2's prompt is exactly that replay."""
+    model, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    tok = processor.tokenizer
+    stop = tok.convert_tokens_to_ids("<|return|>")
+    monkeypatch.setattr(SamplingOptions, "make", scripted(list(tok.encode(REPLY)) + [stop]))
+    session = ChatSession(model, processor, max_tokens=64)
+    assert session.ask("Why?") == REPLY
+    assert session.history == [("Why?", REPLY)]
+    monkeypatch.setattr(SamplingOptions, "make", scripted([stop]))
+    last = list(session.stream("And?"))[-1]
+    replay = processor.renderer.render(_messages([("Why?", REPLY)], "And?"), ()).ids
+    assert last.prompt_tokens == len(replay)
+    assert split_reasoning(session.history[0][1], template=processor.template) == (
+        "The user asks why. Think.", "Because it is.")

@@ -209,7 +209,7 @@ def test_lora_trains_attention_and_experts_of_gpt_oss(build_case, tmp_path):
 
     built = build_case(GPT_OSS)
     color_task(tmp_path, 4, "train", seed=0)
-    result = finetune(built.hf_dir, tmp_path / "train.jsonl", tmp_path / "ad", val=tmp_path / "train.jsonl",
+    result = finetune(built.original_dir, tmp_path / "train.jsonl", tmp_path / "ad", val=tmp_path / "train.jsonl",
                       lora=LoraConfig(rank=4, alpha=8),
                       args=TrainingArgs(batch_size=2, iters=2, lr=5e-3, val_every=2, save_every=2),
                       dtype="float32", log=lambda *_: None)
@@ -221,8 +221,9 @@ def test_lora_trains_attention_and_experts_of_gpt_oss(build_case, tmp_path):
     assert "mlp.router" not in targets
     saved = load_file(str(tmp_path / "ad" / "adapters.safetensors"))
     assert any("self_attn.q_proj.lora_b" in k for k in saved) and not any("router" in k for k in saved)
-    model, _ = mlx_internvl.load(built.hf_dir, dtype="float32", adapter_path=tmp_path / "ad")
-    base, _ = mlx_internvl.load(built.hf_dir, dtype="float32")
+    model, _ = mlx_internvl.load(built.original_dir, dtype="float32", adapter_path=tmp_path / "ad")
+    base, processor = mlx_internvl.load(built.original_dir, dtype="float32")
+    assert processor.template.name == "internvl3_5_gpt_oss"  # trained on harmony-rendered conversations
     ids = mx.array([[5, 6, 7, 8]])
     assert np.abs(np.array(model(ids)) - np.array(base(ids))).max() > 1e-4
 

@@ -56,6 +56,14 @@ class _FromDict:
         return dataclasses.asdict(self)
 
 
+def _square(v, name: str) -> int:
+    if isinstance(v, (list, tuple)):
+        if len(set(v)) != 1:
+            raise UserError(f"vision_config.{name} {list(v)} is not square; only square tiles are supported.")
+        return int(v[0])
+    return v
+
+
 @dataclass
 class VisionConfig(_FromDict):
     """InternViT hyper-parameters, named as in the original `configuration_intern_vit.py`."""
@@ -75,6 +83,9 @@ class VisionConfig(_FromDict):
     hidden_act: str = "gelu"
 
     def __post_init__(self):
+        # Configs may give the tile and patch sizes as [height, width]; only square ones are supported.
+        self.image_size = _square(self.image_size, "image_size")
+        self.patch_size = _square(self.patch_size, "patch_size")
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise UserError(
                 f"vision_config.norm_type is {self.norm_type!r}; expected 'layer_norm' or 'rms_norm'."
@@ -209,6 +220,12 @@ _DROP_KEYS = {
 }
 
 
+def _fill_nulls(llm: dict) -> None:
+    """Keys a config may give as null that mlx-lm needs as numbers: no KV-head count means one per attention head."""
+    if llm.get("num_key_value_heads") is None:
+        llm["num_key_value_heads"] = llm.get("num_attention_heads")
+
+
 def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
     """Translate an HF causal-LM config into the dict an mlx-lm `ModelArgs.from_dict` accepts.
 
@@ -228,7 +245,7 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
     out = {k: v for k, v in llm.items() if k not in _DROP_KEYS and not k.startswith("rope_")}
     out.update(_rope_fields(llm))
     out["model_type"] = model_type
-    out.setdefault("num_key_value_heads", out.get("num_attention_heads"))
+    _fill_nulls(out)
     if arch == "InternLM2ForCausalLM":
         # InternLM2's `bias` covers wqkv and wo only; after the split that is Llama's attention_bias.
         out["attention_bias"] = bool(llm.get("bias", False))
@@ -259,20 +276,13 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
 
 
 def _vision_from_hf(vc: dict) -> VisionConfig:
-    def scalar(v, name):
-        if isinstance(v, (list, tuple)):
-            if len(set(v)) != 1:
-                raise UserError(f"vision_config.{name} {v} is not square; only square tiles are supported.")
-            return int(v[0])
-        return int(v)
-
     return VisionConfig(
         hidden_size=vc.get("hidden_size", 1024),
         num_hidden_layers=vc.get("num_hidden_layers", 24),
         num_attention_heads=vc.get("num_attention_heads", 16),
         intermediate_size=vc.get("intermediate_size", 4096),
-        image_size=scalar(vc.get("image_size", 448), "image_size"),
-        patch_size=scalar(vc.get("patch_size", 14), "patch_size"),
+        image_size=vc.get("image_size", 448),
+        patch_size=vc.get("patch_size", 14),
         num_channels=vc.get("num_channels", 3),
         norm_type=vc.get("norm_type", "layer_norm"),
         layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
@@ -309,7 +319,7 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
     """Build a `ModelConfig` from an original or `-hf` config.json dict."""
     fmt = detect_format(config, path)
     if fmt == "mlx":
-        return config_from_mlx(config)
+        return config_from_mlx(config, path)
     for key in ("vision_config", "llm_config" if fmt == "original" else "text_config"):
         if not isinstance(config.get(key), dict):
             raise UserError(f"{path}: missing the {key!r} section that a {fmt} InternVL config must have.")
@@ -362,8 +372,14 @@ def config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
     )
 
 
-def config_from_mlx(config: dict) -> ModelConfig:
-    validate.rope_scaling(config.get("llm_config") or {})
+def config_from_mlx(config: dict, path: str = "config.json") -> ModelConfig:
+    llm = dict(config.get("llm_config") or {})
+    types = sorted({lm.mlx_type for lm in LANGUAGE_MODELS.values()})
+    if llm.get("model_type") not in types:
+        raise UserError(f"{path}: llm_config.model_type is {llm.get('model_type')!r}, which mlx-internvl does not "
+                        f"run; a converted model names one of: {', '.join(types)} (convert the model again).")
+    validate.rope_scaling(llm)
+    _fill_nulls(llm)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in config.items() if k in names})
+    return ModelConfig(**{k: v for k, v in config.items() if k in names} | {"llm_config": llm})
 

@@ -65,11 +65,12 @@ class Renderer:
         return text
 
     def text(self, messages: Sequence[Message], num_tiles: Sequence[int] = (), system: Optional[str] = None,
-             thinking: Optional[bool] = None) -> Tuple[str, List[Tuple[int, int]]]:
+             thinking: Optional[bool] = None, tools=None) -> Tuple[str, List[Tuple[int, int]]]:
         """(the prompt text with images expanded, the character span of each assistant answer + its stop token).
         `num_tiles[k]` is the tile count of the k-th `<image>` in the user messages. `thinking` (see `thinking.py`):
         True puts the model card's thinking system prompt in place of the default, False starts the generated
-        turn with an empty think block, None does neither."""
+        turn with an empty think block, None does neither. `tools`: (a `tools.ToolFormat`, its `Tool`s) shown to
+        the model, written into the system message (or the turns after it) as that format writes them."""
         if thinking is not None and self.template.decode_special:
             raise UserError(f"thinking on/off is InternVL3.5's <think> switch; the {self.template.name} template "
                             "(GPT-OSS) reasons in its analysis channel, at the level its system message names "
@@ -82,15 +83,19 @@ class Renderer:
         tiles = iter(num_tiles)
         expanded = [(role, self._expand(text, tiles) if role == USER and text else text) for role, text in messages]
         system = system_for(thinking, system)
-        text, spans = self.template.render_spans(self.system_message if system is None else system, expanded)
+        system = self.system_message if system is None else system
+        if tools:
+            system, prefix = tools[0].system(self.template.system_message if system is None else system, tools[1])
+            expanded = prefix + expanded
+        text, spans = self.template.render_spans(system, expanded)
         if messages and messages[-1] == (ASSISTANT, None):
             text += generation_suffix(thinking)
         return text, spans
 
     def render(self, messages: Sequence[Message], num_tiles: Sequence[int] = (), system: Optional[str] = None,
-               loss_mask: bool = False, thinking: Optional[bool] = None) -> Rendered:
+               loss_mask: bool = False, thinking: Optional[bool] = None, tools=None) -> Rendered:
         """Text, ids and image spans of the conversation; with `loss_mask`, also the mask of answer tokens."""
-        text, answers = self.text(messages, num_tiles, system, thinking)
+        text, answers = self.text(messages, num_tiles, system, thinking, tools)
         ids = list(self.tokenizer.encode(text))
         spans = self.image_spans(ids)
         found, expected = sum(b - a for a, b in spans), sum(num_tiles) * self.tokens_per_tile

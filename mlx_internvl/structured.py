@@ -34,7 +34,7 @@ from .errors import UserError
 
 _ANY_OBJECT = {"type": "object"}
 # One layout, `{"a": 1, "b": [2, 3]}` (json.dumps'): free whitespace lets a model loop on blanks until max_tokens.
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def compile_grammar(fmt: ResponseFormat, tokenizer: Optional[llguidance.LLTokeni
     enforce under `strict`."""
     schema = _ANY_OBJECT if fmt.schema is None else fmt.schema
     check_schema(schema)
-    overrides = dict(_LAYOUT) if fmt.strict else dict(_LAYOUT, lenient=True)
+    overrides = dict(LAYOUT) if fmt.strict else dict(LAYOUT, lenient=True)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=overrides)
     except ValueError as e:
@@ -182,14 +182,27 @@ class JsonConstraint:
         return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """A ready llguidance grammar (Lark text) the reply must follow, e.g. `tools.call_grammar`'s."""
+
+    lark: str
+
+
 def constraint(model, processor, fmt, stop_ids: Sequence[int]) -> Optional[JsonConstraint]:
     """A fresh `JsonConstraint` for one request of `model` (None when `fmt` asks for plain text). `fmt` is a
-    `ResponseFormat`, an OpenAI `response_format` dict or None."""
-    fmt = ResponseFormat.parse(fmt)
+    `ResponseFormat`, a `Grammar`, an OpenAI `response_format` dict or None."""
+    if not isinstance(fmt, Grammar):
+        fmt = ResponseFormat.parse(fmt)
     if fmt is None:
         return None
     n_vocab = int(model.config.llm_config["vocab_size"])
     lltok = ll_tokenizer(processor.tokenizer, n_vocab, stop_ids)
+    if isinstance(fmt, Grammar):
+        error = llguidance.LLMatcher.validate_grammar(fmt.lark, lltok)
+        if error:
+            raise UserError(f"cannot constrain the reply: {error}")
+        return JsonConstraint(lltok, fmt.lark, stop_ids)
     return JsonConstraint(lltok, compile_grammar(fmt, lltok), stop_ids)
 
 

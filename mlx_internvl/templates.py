@@ -19,7 +19,7 @@ have none, so it is recognised from their chat template (`template_from_chat_tem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .errors import UserError
 from .validate import conversation
@@ -34,7 +34,9 @@ INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海
 USER, ASSISTANT = 0, 1  # message roles: the index into `Template.roles`
 # Role names as chat APIs (OpenAI: user/assistant) and InternVL's training data (human/gpt) spell them.
 ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
-Message = Tuple[int, Optional[str]]
+# (role, text): role USER or ASSISTANT, or a role header written as is (a language model's own role, such as
+# InternLM2's tool-result turn `<|im_start|>environment name=<|plugin|>\n`: see `tools.py`).
+Message = Tuple[Union[int, str], Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class Template:
         out = self.system_template.format(system_message=system) + self.sep
         spans = []
         for i, (role, text) in enumerate(messages):
-            out += self.roles[role]
+            out += self.roles[role] if isinstance(role, int) else role
             if text is None:
                 continue
             sep = self._separator(i, role, len(messages))

@@ -177,7 +177,7 @@ def load_mlx_model(path: Path, raw: dict, dtype: Optional[mx.Dtype] = None) -> I
             f"mlx-internvl reads version {MLX_FORMAT_VERSION}; convert the model again"
         )
     with naming(path / "config.json"):
-        config = config_from_mlx(raw)
+        config = config_from_mlx(raw, path / "config.json")
     config.source_path = str(path)
     if config.image_token_id is None:
         config.image_token_id = token_id(path, IMG_CONTEXT)

@@ -140,6 +140,10 @@ def cases(local_dir: Path, slow_url: str):
         ("`n: 2`", dict(ok, n=2), None, None),
         ("`response_format` with an invalid JSON Schema", dict(ok, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}), None, None),
+        ("`tools` entry with a bad function name", dict(ok, tools=[{"type": "function", "function": {
+            "name": "get weather"}}]), None, None),
+        ("`tool_choice` naming a function not in `tools`", dict(ok, tools=[{"type": "function", "function": {
+            "name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}), None, None),
         ("unknown route", ok, None, "/v1/embeddings"),
     ]
 

@@ -199,8 +199,9 @@ def config_dirs(tiny):
 def test_config_json(tiny, config_dirs, fmt, data):
     d, base = config_dirs[fmt]
     cfg = json.loads(json.dumps(base))
-    sections = [None] + [k for k, v in cfg.items() if isinstance(v, dict)]
     for _ in range(data.draw(st.integers(1, 3))):
+        # Drawn anew each time: an earlier mutation may have replaced a section with a non-object value.
+        sections = [None] + [k for k, v in cfg.items() if isinstance(v, dict)]
         section = data.draw(st.sampled_from(sections))
         target = cfg if section is None else cfg[section]
         keys = sorted(target) + ["quantization", "group_size", "rope_scaling"]

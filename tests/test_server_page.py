@@ -1,17 +1,11 @@
 """The built-in chat page in a real headless browser (Debian's `chromium`, driven over the DevTools protocol):
 attach a real photo through the page's file input, ask, watch the reply stream in, ask a follow-up that reuses the
-server's caches, stop a long reply, draw a grounding box, and save a screenshot.
-
-Set MLX_INTERNVL_SCREENSHOT=path to keep the screenshot (docs/server-chat.png is made that way)."""
+server's caches, stop a long reply, draw a grounding box, and save a screenshot (under the test's tmp folder; the
+docs' screenshot comes from test_server_page_render.py)."""
 
 import base64
 import json
-import os
-import shutil
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -19,84 +13,10 @@ from builders import Case
 from server_util import IMG1, data_url, serving
 
 pytest.importorskip("fastapi")
-websocket = pytest.importorskip("websocket")
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium; "
-                                                          ".ci/run installs it)")
+pytest.importorskip("websocket")
+from cdp import ASSISTANT, Browser, ask, needs_chromium  # noqa: E402  (after the skips: cdp imports websocket)
 
-
-class Browser:
-    """A headless chromium and one page, spoken to with the Chrome DevTools protocol."""
-
-    def __init__(self, tmp: Path):
-        profile = tmp / "profile"
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1280,900",
-             f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError("chromium did not start")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
-        self.n = 0
-
-    def call(self, method, **params):
-        self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.n:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    def js(self, expr):
-        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expr}: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    def wait(self, expr, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = self.js(expr)
-            except RuntimeError:  # e.g. the page is still loading
-                value = None
-            if value:
-                return value
-            time.sleep(0.05)
-        raise TimeoutError(f"waited {timeout} s for {expr}")
-
-    def close(self):
-        if getattr(self, "ws", None) is not None:
-            self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-ASSISTANT = "document.querySelectorAll('.msg.assistant')"
-
-
-def ask(b: Browser, question: str, k: int):
-    """Type `question`, send it, and wait for the k-th reply; returns the number of text updates seen."""
-    b.js("window.__updates = 0; new MutationObserver(() => window.__updates++).observe(document.getElementById('log'),"
-         " {childList: true, subtree: true, characterData: true}); true")
-    b.js(f"document.getElementById('input').value = {json.dumps(question)}; document.getElementById('send').click();"
-         " true")
-    b.wait(f"{ASSISTANT}.length >= {k} && {ASSISTANT}[{k - 1}].dataset.done === '1'")
-    return b.js("window.__updates")
+pytestmark = needs_chromium
 
 
 def test_chat_page_in_chromium(build_case, tmp_path):
@@ -130,8 +50,6 @@ def test_chat_page_in_chromium(build_case, tmp_path):
             shot = base64.b64decode(b.call("Page.captureScreenshot", format="png")["data"])
             assert shot[:8] == b"\x89PNG\r\n\x1a\n"
             (tmp_path / "chat.png").write_bytes(shot)
-            if os.environ.get("MLX_INTERNVL_SCREENSHOT"):
-                Path(os.environ["MLX_INTERNVL_SCREENSHOT"]).write_bytes(shot)
 
             # Stop: a long reply is cut short, and the server frees its slot
             b.js("document.getElementById('clear').click(); document.getElementById('maxTokens').value = 2000;"

@@ -231,7 +231,7 @@ def test_server_reasoning_content_and_budget(tiny, build_case, monkeypatch):
 
 def test_chat_page_folds_the_reasoning(tiny, build_case, monkeypatch, tmp_path):
     pytest.importorskip("fastapi")
-    page = pytest.importorskip("test_server_page")
+    page = pytest.importorskip("cdp")  # the DevTools-protocol browser of the page tests
     if page.CHROMIUM is None:
         pytest.skip("no chromium on this machine")
     from server_util import serving

@@ -197,8 +197,24 @@ CONFIGS = {
         _set("llm_config", "rope_scaling", {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
                                             "original_max_position_embeddings": 32}), "'short_factor' has 1 values"),
     "select_layer 99": (_set(None, "select_layer", 99), "select_layer 99"),
+    "image_size not square": (_set("vision_config", "image_size", [448, 224]), "image_size [448, 224] is not square"),
+    "model_type empty": (_set("llm_config", "model_type", ""), "llm_config.model_type is ''"),
+    # null means one KV head per attention head, as transformers reads it; this checkpoint has fewer, so its
+    # weights do not fit that and the error says which tensor.
+    "num_key_value_heads null": (_set("llm_config", "num_key_value_heads", None), "k_proj.bias"),
     "a JSON list": (None, "expected a JSON object"),
 }
+
+
+def test_square_sizes_given_as_lists_load(tiny, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny[1], d)
+    cfg = json.loads((d / "config.json").read_text())
+    size, patch = cfg["vision_config"]["image_size"], cfg["vision_config"]["patch_size"]
+    cfg["vision_config"].update(image_size=[size, size], patch_size=[patch, patch])
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _ = mlx_internvl.load(d, lazy=True)
+    assert (model.config.vision_config.image_size, model.config.vision_config.patch_size) == (size, patch)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

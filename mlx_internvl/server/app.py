@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -46,6 +47,7 @@ from .media import MediaPolicy
 from .protocol import APIError, json_format, new_id, parse_request
 from .render import Renderer
 from .replies import Events, collect, stream
+from .tools import request_tools
 
 
 @dataclass
@@ -208,6 +210,7 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal)
     app.add_api_route("/", _page, methods=["GET"], response_class=HTMLResponse)
+    app.mount("/static", _StaticFiles(packages=[("mlx_internvl.server", "static")]), name="static")
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/v1/models", _models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", _chat_completions, methods=["POST"])
@@ -232,8 +235,30 @@ async def _internal(request: Request, e: Exception):
     return _error(APIError(500, f"internal error: {type(e).__name__}"))
 
 
+# The page's second line of defence behind its sanitizer: it may load only its own files, so nothing a model writes
+# can fetch a remote image, font or script or run inline script. Inline style attributes stay allowed (KaTeX sizes
+# its output with them; CSS cannot run script, and remote url()s in it are still blocked by img-src and font-src).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+            "img-src 'self' data: blob:; font-src 'self'; connect-src 'self'; media-src 'none'; object-src 'none'; "
+            "frame-src 'none'; worker-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
+
+
 async def _page():
-    return HTMLResponse(resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8"))
+    page = resources.files("mlx_internvl.server").joinpath("static/chat.html").read_text("utf-8")
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+class _StaticFiles(StaticFiles):
+    """The page's scripts, styles and fonts, with the page's headers (so /static/chat.html has its policy too)."""
+
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def _health(request: Request):
@@ -274,14 +299,17 @@ async def _chat_completions(request: Request):
                 think_token_ids(st.renderer.processor.tokenizer)
             except UserError as e:
                 raise APIError(400, str(e), "thinking_token_budget", "unsupported_value") from None
-        sampling, fmt = st.sampling(req, thinking), json_format(req)
-        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, reasoning)
+        sampling, fmt, tools = st.sampling(req, thinking), json_format(req), request_tools(req, st.renderer.processor)
+        if tools is not None and tools.forced:
+            fmt = tools.grammar(st.renderer.processor)
+        prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools, reasoning)
     except BaseException:
         st.engine.release()
         raise
     events = Events(request, st)
     job = Job(prompt, sampling, events.emit, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
-              thinking_budget=budget, response_format=fmt)
+              thinking_budget=budget, response_format=fmt,
+              keep_tokens=tools.keep_tokens(st.renderer.processor) if tools else frozenset())
     events.job = job
     st.engine.submit(job)
     try:
@@ -291,10 +319,11 @@ async def _chat_completions(request: Request):
     if first[0] == "error":
         raise first[1]
     if req.stream:
-        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req,
+        return EventSourceResponse(stream(job, first, events.next, new_id(), st.cfg.model_name, req, tools,
                                           st.renderer.processor.template),
                                    headers={"Cache-Control": "no-cache"})
-    return await collect(first, events, st.cfg.model_name, req, st.renderer.processor.template)
+    return await collect(first, events, st.cfg.model_name, req, tools,
+                         st.renderer.processor.template)
 
 
 def serve(model: str, group=None, **options) -> None:

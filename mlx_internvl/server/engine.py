@@ -48,7 +48,8 @@ class Job:
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs
     thinking_budget: Optional[int] = None  # at most this many reasoning tokens, then </think> is forced
-    response_format: Optional[object] = None  # a structured.ResponseFormat: the reply is constrained to JSON
+    response_format: Optional[object] = None  # a structured.ResponseFormat or Grammar the reply is constrained to
+    keep_tokens: frozenset = frozenset()  # special tokens that stay in the text (tool-call markers)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0  # set by the generation thread; the same on every rank of a group
     dropped: bool = False  # cancellation as the generation loop sees it (on every rank at the same step)
@@ -337,7 +338,7 @@ class Engine:
             job.generated += 1
             finish = r.finish_reason
             if finish != "stop":  # the end token itself is not part of the reply
-                if r.token not in self._skip:
+                if r.token not in self._skip or r.token in job.keep_tokens:
                     detok.add_token(r.token)
                 if job.top_logprobs is not None:
                     job.logprobs.append(self._logprob(r, job.top_logprobs, tok))

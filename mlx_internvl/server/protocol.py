@@ -3,8 +3,9 @@
 Requests are checked field by field before anything reaches the model; every problem becomes an `APIError` that
 the app answers as OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`). Pydantic runs in strict
 mode so `"max_tokens": "5"` is a wrong type, not a number. Unknown top-level fields are ignored, as most
-OpenAI-compatible servers do, except those whose silent omission would change the answer (`tools`, `n` > 1):
-those are refused; `json_format` checks `response_format` (an invalid or unenforceable JSON Schema is a 400).
+OpenAI-compatible servers do, except those whose silent omission would change the answer (`n` > 1): those are
+refused; `json_format` checks `response_format` (an invalid or unenforceable JSON Schema is a 400), `tools.py`
+the tools.
 The body is parsed by pydantic's own JSON parser alone: it has a nesting limit and a digit limit of its own and
 never recurses in Python, so a body nested 10,000 deep or a 5,000-digit number is a 400, not a RecursionError.
 Integer fields take their ranges from `sampling.INT_RANGES`.
@@ -67,10 +68,23 @@ class VideoPart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Strict):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[Part], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCallIn]] = None  # assistant messages
+    tool_call_id: Optional[str] = None  # tool messages
 
 
 class StreamOptions(_Strict):
@@ -110,7 +124,9 @@ class ChatRequest(_Strict):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     n: Optional[int] = Field(None, ge=1, le=COUNT_MAX)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list] = None
+    tools: Optional[list] = None  # checked by server/tools.py (rendered as sent)
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None
     # InternVL extras (the openai client sends them with extra_body=...)
     max_tiles: Optional[int] = Field(None, ge=1, le=40)
     num_frames: Optional[int] = Field(None, ge=1, le=64)
@@ -182,8 +198,6 @@ def parse_request(raw: bytes, vocab_size: int) -> ChatRequest:
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1)", "n",
                        "unsupported_value")
-    if req.tools:
-        raise APIError(400, "tools (function calling) are not supported by this server", "tools", "unsupported_value")
     if len(req.stop_strings) > 4 or any(not s for s in req.stop_strings):
         raise APIError(400, "stop: at most 4 non-empty strings", "stop", "invalid_value")
     if req.top_logprobs and not req.logprobs:
@@ -221,11 +235,14 @@ def logprob_entries(items) -> Optional[dict]:
 
 
 def completion(cid: str, model: str, text: str, finish_reason: str, use: dict, logprobs=None,
-               reasoning: str = "") -> dict:
-    """`text` is the answer; `reasoning` (the think block's text), when there is any, is `reasoning_content`."""
+               reasoning: str = "", tool_calls: Optional[list] = None) -> dict:
+    """`text` is the answer; `reasoning` (the think block's text), when there is any, is `reasoning_content`;
+    `tool_calls` the calls (OpenAI's objects), when there are any."""
     message = {"role": "assistant", "content": text, "refusal": None}
     if reasoning:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": message,
                          "finish_reason": finish_reason, "logprobs": logprob_entries(logprobs)}],

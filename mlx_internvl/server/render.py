@@ -40,10 +40,12 @@ from ..processing import (
 )
 from ..templates import ASSISTANT, USER, chat_messages
 from ..thinking import with_reasoning_level
+from ..tools import dumps
 from ..video import frame_indices, load_video_frames, video_header
 from .budget import Budget, Limits, text_bytes
 from .media import Media, MediaPolicy, decode_image, fetch, image_header
 from .protocol import APIError, ChatRequest, TextPart, VideoPart
+from .tools import ToolSetup, turn
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Renderer:
                                        max_pixels=self.policy.max_pixels)
         return [ImageSpec((part.media.digest, part.frames, i), 1, t, lambda t=t: t) for i, t in enumerate(frames)]
 
-    def _turns(self, req: ChatRequest) -> Tuple[List[str], List[list]]:
+    def _turns(self, req: ChatRequest, tools: Optional[ToolSetup] = None) -> Tuple[List[str], List[list]]:
         """(system texts, [role, text, [_Part]] turns with consecutive same-role messages merged); nothing fetched."""
         system: List[str] = []
         turns: List[list] = []
@@ -171,7 +173,7 @@ class Renderer:
                     raise APIError(400, f"{where}: a system message can only hold text", where)
                 system.append(text)
                 continue
-            role = USER if m.role == "user" else ASSISTANT
+            role, text = turn(tools, m, where, text)
             if not turns and role == ASSISTANT:
                 raise APIError(400, f"{where}: the conversation must start with a user message", where)
             media: List[_Part] = []
@@ -179,31 +181,37 @@ class Renderer:
                 param = f"{where}.content.{j}"
                 if isinstance(p, TextPart):
                     continue
-                if role == ASSISTANT:
-                    raise APIError(400, f"{param}: assistant messages can only hold text", param)
+                if m.role != "user":
+                    raise APIError(400, f"{param}: {m.role} messages can only hold text", param)
                 if isinstance(p, VideoPart) and any(q.video for q in media):
                     raise APIError(400, f"{param}: one video per message is supported", param)
                 video = isinstance(p, VideoPart)
                 media.append(_Part((p.video_url if video else p.image_url).url,
                                    param + (".video_url" if video else ".image_url"), video))
+            if turns and ASSISTANT not in (role, turns[-1][0]) and (role != turns[-1][0] or isinstance(role, str)):
+                raise APIError(400, f"{where}: with this model's tool format a tool result is one turn, right after "
+                                    "the assistant message with its call", where)
             if turns and turns[-1][0] == role:
                 turns[-1][1] += "\n" + text
                 turns[-1][2] += media
             else:
                 turns.append([role, text, media])
-        if not turns or turns[-1][0] != USER:
-            raise APIError(400, "messages: the last message must be a user message (the turn to answer)", "messages")
+        if not turns or turns[-1][0] == ASSISTANT:
+            raise APIError(400, "messages: the last message must be a user (or tool) message (the turn to answer)",
+                           "messages")
         return system, turns
 
     @staticmethod
     def _conversation(system: List[str], turns: List[list], num_frames: int):
-        """(question, history, system text, [_Part] in prompt order), by the rule of ChatSession._add_media: each
-        user turn's images first, numbered over the whole conversation, then its videos' frames."""
-        history, question, parts, n = [], None, [], 0
+        """(question, history, system text, [_Part] in prompt order, the role of each user turn: USER or a tool
+        result's), by the rule of ChatSession._add_media: each user turn's images first, numbered over the whole
+        conversation, then its videos' frames."""
+        history, question, parts, n, roles = [], None, [], 0, []
         for role, text, media in turns:
             if role == ASSISTANT:
                 history.append((question, text.strip()))
                 continue
+            roles.append(role)
             stills, clips = [p for p in media if not p.video], [p for p in media if p.video]
             question = text
             if stills:
@@ -215,16 +223,19 @@ class Renderer:
                     raise APIError(400, f"messages: {e}", "messages", "placeholder_mismatch") from None
             n += len(stills) + num_frames * len(clips)
             parts += stills + clips
-        return question, history, "\n".join(system) if system else None, parts
+        return question, history, "\n".join(system) if system else None, parts, roles
 
-    def render(self, req: ChatRequest, thinking: Optional[bool] = None, reasoning: Optional[str] = None) -> Prompt:
+    def render(self, req: ChatRequest, thinking: Optional[bool] = None, tools: Optional[ToolSetup] = None,
+               reasoning: Optional[str] = None) -> Prompt:
         """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop);
-        `thinking` as `thinking.py` says (the request's, resolved); `reasoning` (GPT-OSS) the level written in
-        the system message."""
+        `thinking` as `thinking.py` says (the request's, resolved); `tools` the request's (`tools.request_tools`);
+        `reasoning` (GPT-OSS) the level written in the system message."""
         max_tiles = req.max_tiles if req.max_tiles is not None else self.max_tiles
         num_frames = req.num_frames or self.num_frames
-        question, history, system, parts = self._conversation(*self._turns(req), num_frames)
-        n_text = sum(text_bytes(t) for t in [question, system or ""] + [t for pair in history for t in pair])
+        question, history, system, parts, roles = self._conversation(*self._turns(req, tools), num_frames)
+        shown = tools.shown if tools else None
+        n_text = sum(text_bytes(t) for t in [question, system or "", dumps([t.spec for t in shown[1]]) if shown else ""]
+                     + [t for pair in history for t in pair])
         n_videos = sum(p.video for p in parts)
         self.budget.request(n_text, len(parts) - n_videos, num_frames * n_videos)
         video_pixels = 0
@@ -241,14 +252,16 @@ class Renderer:
                     proc.renderer.system_message or proc.template.system_message), reasoning)
             except UserError as e:
                 raise APIError(400, f"reasoning_effort: {e}", "reasoning_effort", "unsupported_value") from None
-        return self._prompt(req, question, history, system, specs, thinking)
+        return self._prompt(req, chat_messages(question, history), roles, system, specs, thinking, shown)
 
-    def _prompt(self, req: ChatRequest, question: str, history, system: Optional[str],
-                specs: List[ImageSpec], thinking: Optional[bool] = None) -> Prompt:
+    def _prompt(self, req: ChatRequest, messages, roles, system: Optional[str], specs: List[ImageSpec],
+                thinking: Optional[bool] = None, tools=None) -> Prompt:
         proc = self.processor
+        slots = iter(roles)
+        messages = [(next(slots), t) if r == USER else (r, t) for r, t in messages]
         try:
-            rendered = proc.renderer.render(chat_messages(question, history), [s.num_tiles for s in specs], system,
-                                            thinking=thinking)
+            rendered = proc.renderer.render(messages, [s.num_tiles for s in specs], system, thinking=thinking,
+                                            tools=tools)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages", "placeholder_mismatch") from None
         ids = rendered.ids

@@ -17,6 +17,7 @@ from fastapi.sse import format_sse_event
 from ..thinking import reply_parser, split_reasoning
 from .engine import Job
 from .protocol import APIError, chunk, completion, new_id, usage_chunk
+from .tools import call_deltas, call_objects
 
 
 class Events:
@@ -50,8 +51,8 @@ class Events:
                     raise
 
 
-async def collect(ev, events: Events, model: str, req, template=None):
-    """The whole reply as one `chat.completion`."""
+async def collect(ev, events: Events, model: str, req, tools=None, template=None):
+    """The whole reply as one `chat.completion`; with `tools` (a `tools.ToolSetup`), its calls as `tool_calls`."""
     text, logprobs = "", []
     while True:
         if ev[0] == "delta":
@@ -59,7 +60,13 @@ async def collect(ev, events: Events, model: str, req, template=None):
             logprobs += ev[2]
         elif ev[0] == "done":
             reasoning, answer = split_reasoning(text, template=template)
-            return completion(new_id(), model, answer, ev[1], ev[2], logprobs if req.logprobs else None, reasoning)
+            parser, calls, reason = tools.parser() if tools else None, [], ev[1]
+            if parser is not None:
+                answer = "".join(e[1] for e in parser.feed(answer) + parser.finish() if e[0] == "content").strip()
+                calls = parser.calls
+                reason = "tool_calls" if calls and reason == "stop" else reason
+            return completion(new_id(), model, answer or (None if calls else ""), reason, ev[2],
+                              logprobs if req.logprobs else None, reasoning, call_objects(calls))
         else:
             raise ev[1]
         try:
@@ -68,11 +75,22 @@ async def collect(ev, events: Events, model: str, req, template=None):
             return JSONResponse({}, status_code=499)
 
 
-async def stream(job: Job, first, next_event, cid: str, model: str, req, template=None):
-    """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas), the finish
-    chunk, the usage chunk if asked, then `[DONE]`."""
+def _answer_delta(calls, events, reasoning: str) -> dict:
+    """A chunk's delta from the reasoning text and the tool parser's events (content and call deltas)."""
+    answer = "".join(e[1] for e in events if e[0] == "content")
+    delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
+    if calls is not None and call_deltas(events):
+        delta["tool_calls"] = call_deltas(events)
+    return delta
+
+
+async def stream(job: Job, first, next_event, cid: str, model: str, req, tools=None, template=None):
+    """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas, calls as
+    `tool_calls` deltas: name and id first, then the arguments as written), the finish chunk, the usage chunk if
+    asked, then `[DONE]`."""
     created = int(time.time())
     parser = reply_parser(template)
+    calls = tools.parser() if tools else None
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def sse(obj) -> bytes:
@@ -84,13 +102,16 @@ async def stream(job: Job, first, next_event, cid: str, model: str, req, templat
         while True:
             if ev[0] == "delta" or ev[0] == "done":
                 reasoning, answer = parser.feed(ev[1]) if ev[0] == "delta" else parser.finish()
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
+                events = [("content", answer)] if calls is None else calls.feed(answer) + (
+                    calls.finish() if ev[0] == "done" else [])
+                delta = _answer_delta(calls, events, reasoning)
                 lp = ev[2] if req.logprobs and ev[0] == "delta" else None
                 if delta or lp:
                     yield sse(chunk(cid, model, created, delta or {"content": ""}, None, lp,
                                     include_usage=with_usage))
             if ev[0] == "done":
-                yield sse(chunk(cid, model, created, {}, ev[1], include_usage=with_usage))
+                reason = "tool_calls" if calls is not None and calls.calls and ev[1] == "stop" else ev[1]
+                yield sse(chunk(cid, model, created, {}, reason, include_usage=with_usage))
                 if with_usage:
                     yield sse(usage_chunk(cid, model, created, ev[2]))
                 break

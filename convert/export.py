@@ -5,7 +5,7 @@ checkpoint's own remote code (`layout="original"`: `InternVLChatModel`, `trust_r
 are carried over from the source when it had them). Notable steps:
 - quantized layers are dequantized (`mx.dequantize`, the values the quantized model computes with);
 - original layout undoes every change `convert` made: InternLM2's grouped `wqkv` and names, per-expert MoE keys,
-  `mlp1.0/1/3`, the torch conv layout;
+  GPT-OSS's fused, interleaved experts, `mlp1.0/1/3`, the torch conv layout;
 - `-hf` layout writes what transformers' own `save_pretrained` writes (legacy prefixes `vision_tower.`,
   `language_model.model.`, per-expert MoE keys), which `from_pretrained` maps onto its current names;
 - the output is written in a temporary sibling directory and renamed into place only when complete.
@@ -35,7 +35,7 @@ from mlx_internvl.files import (
 )
 from mlx_internvl.weights import DTYPE_NAMES, cast_floats, load_mlx_model, parse_dtype, read_config
 
-from .keymap import HF_VISION, INTERNLM2, ORIGINAL, conv_ohwi_to_oihw, join_wqkv
+from .keymap import HF_VISION, INTERNLM2, ORIGINAL, conv_ohwi_to_oihw, join_gpt_oss_experts, join_wqkv
 
 LAYOUTS = ("original", "hf")
 def float_weights(model: nn.Module) -> Dict[str, mx.array]:
@@ -66,6 +66,8 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
     """Our flat float weights -> the OpenGVLab key names and layouts (lazy; nothing is evaluated here)."""
     llm = config.llm_config
     internlm2 = config.source_llm_architecture == "InternLM2ForCausalLM"
+    if config.model_type == "gpt_oss":
+        weights = join_gpt_oss_experts(weights)
     out, qkv = {}, {}
     for key, w in weights.items():
         if key == "vision_model.embeddings.patch_embedding.weight":
@@ -88,8 +90,10 @@ def original_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[
     return out
 
 
-def hf_tensors(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+def hf_tensors(weights: Dict[str, mx.array], config: ModelConfig) -> Dict[str, mx.array]:
     """Our flat float weights -> transformers' names (legacy prefixes) and layouts (lazy)."""
+    if config.model_type == "gpt_oss":
+        weights = join_gpt_oss_experts(weights)
     out = {}
     for key, w in weights.items():
         if key.startswith("language_model."):
@@ -264,7 +268,7 @@ def export_hf(
     if layout == "original":
         tensors, cfg = original_tensors(weights, config), original_config(config, DTYPE_NAMES[target], has_code)
     else:
-        tensors, cfg = hf_tensors(weights), hf_config(config, DTYPE_NAMES[target], _image_token_id(config))
+        tensors, cfg = hf_tensors(weights, config), hf_config(config, DTYPE_NAMES[target], _image_token_id(config))
     # Only the lazy graph refers to the parameters now, so each is freed once the tensor it feeds is written
     # (when the caller passed a model object, the caller still holds it).
     del weights, model

@@ -3,7 +3,8 @@
 Our MLX layout keeps the original OpenGVLab names for the vision tower (`vision_model.encoder.layers.N.attn.qkv`),
 names the projector's submodules (`mlp1.layer_norm/linear_1/linear_2` for `mlp1.0/1/3`), and puts mlx-lm's own
 keys under `language_model.`. InternLM2 language models become mlx-lm Llama (`wqkv` split), Qwen3-MoE experts are
-stacked into mlx-lm's `switch_mlp`.
+stacked into mlx-lm's `switch_mlp`, GPT-OSS's fused experts (`gate_up_proj [E, H, 2I]`, gate and up columns
+interleaved; or OpenAI's mxfp4 `_blocks`/`_scales`, dequantized here) become mlx-lm's `experts.{gate,up,down}_proj`.
 
 All renames live in the `Renames` tables below, each written once as (their text, our text) and read in both
 directions: conversion reads them one way, export (`export.py`) and the torch reference (`reference/layout.py`)
@@ -161,6 +162,49 @@ def split_gate_up(w: mx.array):
     return w[:, :half], w[:, half:]
 
 
+def deinterleave_gate_up(w: mx.array):
+    """GPT-OSS fused experts `[E, H, 2I]` (gate and up columns alternate) -> gate `[E, I, H]`, up `[E, I, H]`;
+    the bias `[E, 2I]` -> gate `[E, I]`, up `[E, I]`."""
+    if w.ndim == 2:
+        return w[:, ::2], w[:, 1::2]
+    return w[..., ::2].swapaxes(1, 2), w[..., 1::2].swapaxes(1, 2)
+
+
+def interleave_gate_up(gate, up, stack=mx.stack):
+    """Inverse of `deinterleave_gate_up` (weights `[E, I, H]` or biases `[E, I]`). Works on torch tensors too
+    (`stack=lambda xs, axis: torch.stack(xs, dim=axis)`)."""
+    if gate.ndim == 3:
+        gate, up = gate.swapaxes(1, 2), up.swapaxes(1, 2)
+    return stack([gate, up], axis=gate.ndim).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+
+
+def join_gpt_oss_experts(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Inverse of the GPT-OSS expert mapping: mlx-lm's `experts.{gate,up,down}_proj.{weight,bias}` -> the fused
+    `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]` and their `_bias` tensors. Other keys pass through."""
+    out, parts = {}, {}
+    for key, w in weights.items():
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$", key)
+        if not m:
+            out[key] = w
+        elif m.group(2) == "down_proj":
+            out[f"{m.group(1)}.down_proj" + ("_bias" if m.group(3) == "bias" else "")] = (
+                w if m.group(3) == "bias" else w.swapaxes(1, 2))
+        else:
+            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = w
+    for (prefix, part), p in parts.items():
+        out[f"{prefix}.gate_up_proj" + ("_bias" if part == "bias" else "")] = interleave_gate_up(p["gate_proj"],
+                                                                                               p["up_proj"])
+    return out
+
+
+def dequantize_mxfp4(blocks: mx.array, scales: mx.array) -> mx.array:
+    """OpenAI's mxfp4 experts, `blocks [E, out, in/32, 16]` (uint8, two 4-bit values a byte) and `scales
+    [E, out, in/32]` (uint8 exponents), -> `[E, out, in]` floats: MLX's own mxfp4 layout once the bytes of a row
+    are read as uint32 words."""
+    words = blocks.view(mx.uint32).flatten(-2)
+    return mx.dequantize(words, scales, group_size=32, bits=4, mode="mxfp4")
+
+
 @dataclass
 class Entry:
     """One output tensor: computed by `fn` from the source tensors named in `sources`."""
@@ -182,9 +226,36 @@ def our_name(src: str, fmt: str, source_arch: str) -> str:
     return INTERNLM2.to_ours(key) if source_arch == "InternLM2ForCausalLM" else key
 
 
+_GPT_OSS_EXPERTS = re.compile(r"^(language_model\.model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)"
+                              r"(_bias|_blocks|_scales)?$")
+
+
+def _place_gpt_oss_experts(key: str, src: str, plan: Dict[str, Entry]) -> bool:
+    """GPT-OSS's fused expert tensors -> mlx-lm's `experts.{gate,up,down}_proj.{weight,bias}`; False for others."""
+    m = _GPT_OSS_EXPERTS.match(key)
+    if not m:
+        return False
+    prefix, name, kind = m.group(1), m.group(2), m.group(3) or ""
+    if kind == "_scales":
+        return True  # read with its `_blocks`
+    part = "bias" if kind == "_bias" else "weight"
+    sources = [src, src[: -len("_blocks")] + "_scales"] if kind == "_blocks" else [src]
+    # every source as transformers holds it: weights [E, in, out], biases [E, out]
+    held = (lambda b, s: dequantize_mxfp4(b, s).swapaxes(1, 2)) if kind == "_blocks" else _identity
+    if name == "down_proj":
+        plan[f"{prefix}.down_proj.{part}"] = Entry(sources, held if part == "bias" else
+                                                   lambda *xs: held(*xs).swapaxes(1, 2))
+        return True
+    for i, proj in enumerate(("gate_proj", "up_proj")):
+        plan[f"{prefix}.{proj}.{part}"] = Entry(sources, lambda *xs, i=i: deinterleave_gate_up(held(*xs))[i])
+    return True
+
+
 def _place(key: str, src: str, plan: Dict[str, Entry], groups: Dict[str, dict], llm_config: dict) -> None:
     """Add the output tensor(s) that source `src` (named `key` in our layout) feeds: to `plan` directly, or to
     `groups` when several sources make one tensor (ViT q/k/v, per-expert weights)."""
+    if llm_config.get("model_type") == "gpt_oss" and _place_gpt_oss_experts(key, src, plan):
+        return
     m = re.match(r"^(vision_model\.encoder\.layers\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$", key)
     if m:
         groups.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = src

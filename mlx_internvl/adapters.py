@@ -39,7 +39,7 @@ LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLine
 VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 PROJECTOR_MODES = (None, "lora", "full")
 # MoE routers are left out of the default "all linear layers": adapting the expert choice is rarely wanted.
-DEFAULT_EXCLUDE = ("mlp.gate",)
+DEFAULT_EXCLUDE = ("mlp.gate", "mlp.router")  # MoE routers: Qwen3-MoE, GPT-OSS
 
 
 @dataclass

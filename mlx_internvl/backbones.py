@@ -3,10 +3,13 @@
 The backbones are mlx-lm's own classes, never copies:
 - Qwen2/2.5 -> `mlx_lm.models.qwen2`, Qwen3 -> `qwen3`, Qwen3-MoE -> `qwen3_moe`, Llama -> `llama`;
 - InternLM2/2.5 -> `llama` after splitting the fused `wqkv` (what transformers' official converter does);
-- Phi-3 -> `phi3`.
+- Phi-3 -> `phi3`;
+- GPT-OSS -> `gpt_oss` (attention sinks, alternating sliding-window / full layers with their own cache types, MoE).
 
 Adapters:
 - mlx-lm's Phi-3 takes no `input_embeddings`, so `forward_embeddings` runs its layers from given embeddings;
+- mlx-lm's GPT-OSS takes them only in its inner model (which builds the sliding and full masks), so
+  `forward_embeddings` calls that and applies the head;
 - every attention layer's rope is replaced where the backbone's own is not right per row of a decode batch or
   ignores the config's scaling (`rope.install`: dynamic NTK, longrope's short/long switch, Qwen3-MoE's scaling).
 """
@@ -59,6 +62,8 @@ def forward_embeddings(lm: nn.Module, embeddings: mx.array, cache: Optional[list
     """Logits `[B, L, V]` from input embeddings `[B, L, D]`, with mlx-lm's KV cache."""
     if _accepts_input_embeddings(type(lm)):
         return lm(None, cache=cache, input_embeddings=embeddings)
+    if _accepts_input_embeddings(type(lm.model)):
+        return lm.lm_head(lm.model(None, cache=cache, input_embeddings=embeddings))
     # Same steps as the backbone's own forward, starting after the token-embedding lookup.
     inner = lm.model
     h = embeddings

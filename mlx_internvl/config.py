@@ -37,16 +37,10 @@ LANGUAGE_MODELS = {
     "LlamaForCausalLM": LanguageModel("llama", "llama", "llama"),
     "InternLM2ForCausalLM": LanguageModel("internlm2", "llama", "llama"),
     "Phi3ForCausalLM": LanguageModel("phi3", "phi3", "phi3"),
+    "GptOssForCausalLM": LanguageModel("gpt_oss", "gpt_oss", "gpt_oss"),
 }
 # transformers' text model type -> the architecture it is (only families transformers keeps under their own name).
 HF_TEXT_ARCHITECTURES = {lm.hf_type: arch for arch, lm in LANGUAGE_MODELS.items() if lm.hf_type == lm.original_type}
-# Language models of released InternVL checkpoints that have no MLX path yet, with the reason.
-UNSUPPORTED = {
-    "GptOssForCausalLM": "InternVL3.5-GPT-OSS (GptOssForCausalLM) is not supported yet: its language model needs "
-                         "attention sinks, alternating sliding-window layers and YaRN rope, which this port does not "
-                         "implement",
-}
-UNSUPPORTED["gpt_oss"] = UNSUPPORTED["GptOssForCausalLM"]
 
 ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -242,8 +236,6 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
         name, field_name, known = (archs[0] if archs else None), "llm_config.architectures[0]", LANGUAGE_MODELS
     else:
         name, field_name, known = llm.get("model_type"), "text_config.model_type", HF_TEXT_ARCHITECTURES
-    if name in UNSUPPORTED:
-        raise UserError(f"{UNSUPPORTED[name]} ({field_name} is {name!r}).")
     if name not in known:
         raise UserError(f"{field_name} is {name!r}, which mlx-internvl does not support. "
                         f"Supported: {', '.join(sorted(known))}.")
@@ -268,6 +260,10 @@ def normalize_llm_config(llm: dict, *, source: str) -> tuple[dict, str]:
         rs = out.get("rope_scaling")
         if rs and "original_max_position_embeddings" in rs and "original_max_position_embeddings" not in llm:
             out["original_max_position_embeddings"] = rs["original_max_position_embeddings"]
+    if model_type == "gpt_oss":
+        for key, fixed in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):  # mlx-lm's SwigluOAI has them built in
+            if float(out.get(key, fixed)) != fixed:
+                raise UserError(f"{field_name} {name!r}: {key} is {out[key]}; mlx-lm's GPT-OSS experts use {fixed}")
     if model_type == "qwen3_moe":
         # transformers 5 renames num_experts -> num_local_experts; mlx-lm reads num_experts.
         if "num_experts" not in out and "num_local_experts" in out:

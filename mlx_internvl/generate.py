@@ -99,14 +99,13 @@ def stream_tokens(model, processor, input_ids: List[int], image_features: Option
     # On Apple silicon, mlx-lm's wired limit keeps the weights resident while generating.
     with wired_limit(model, [generation_stream]):
         yield from _responses(steps, processor.tokenizer, len(input_ids), max_tokens, tic, list(num_tiles), on_token,
-                              stop, processor.vocab_ids)
+                              stop, processor.vocab_ids, reply_skip_ids(processor))
 
 
 def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, tic: float, num_tiles: List[int],
-               on_token, stop: set, vocab) -> Iterator[GenerationResponse]:
-    """The text pieces of mlx-lm's token stream `steps`: stop on an end token, leave special tokens (and ids
-    the tokenizer has no token for) out."""
-    skip = special_token_ids(tokenizer)
+               on_token, stop: set, vocab, skip: set) -> Iterator[GenerationResponse]:
+    """The text pieces of mlx-lm's token stream `steps`: stop on an end token, leave `skip` (and ids the
+    tokenizer has no token for) out."""
     detok = tokenizer.detokenizer
     detok.reset()
     prompt_tps, n, token, finish = 0.0, 0, None, "length"
@@ -133,6 +132,12 @@ def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, tic: float, num
         yield response()
     detok.finalize()
     yield response(finish)
+
+
+def reply_skip_ids(processor) -> set:
+    """Ids left out of reply text: the special tokens, as upstream decodes, or none where upstream keeps them
+    (GPT-OSS's harmony channel markers, `Template.decode_special`)."""
+    return set() if processor.template.decode_special else special_token_ids(processor.tokenizer)
 
 
 def special_token_ids(tokenizer) -> set:
@@ -303,7 +308,8 @@ def batch_generate(model, processor, prompts: Sequence[str], images: Optional[Se
     gen_time = time.perf_counter() - tic
     out = [tokens[u] for u in uids]
     n_gen = sum(len(t) for t in out)
-    texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    skip = not processor.template.decode_special
+    texts = [processor.tokenizer.decode(t, skip_special_tokens=skip).strip() for t in out]
     return BatchResult(texts, out, n_prompt, n_gen, n_prompt / max(prompt_time, 1e-9),
                        n_gen / max(gen_time, 1e-9), mx.get_peak_memory() / 1e9, [finish.get(u, "length") for u in uids])
 

@@ -71,6 +71,11 @@ class Renderer:
         True puts the model card's thinking system prompt in place of the default, False starts the generated
         turn with an empty think block, None does neither. `tools`: (a `tools.ToolFormat`, its `Tool`s) shown to
         the model, written into the system message (or the turns after it) as that format writes them."""
+        if thinking is not None and self.template.decode_special:
+            raise UserError(f"thinking on/off is InternVL3.5's <think> switch; the {self.template.name} template "
+                            "(GPT-OSS) reasons in its analysis channel, at the level its system message names "
+                            "('Reasoning: low|medium|high'): drop the thinking switch and set that in the system "
+                            "message instead")
         count = sum(text.count("<image>") for role, text in messages if role == USER and text)
         if count != len(num_tiles):
             raise UserError(f"the conversation has {count} <image> placeholder(s) but {len(num_tiles)} "

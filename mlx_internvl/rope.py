@@ -12,6 +12,8 @@ once per batch, from the longest row, so a row's reply would depend on what else
 takes one frequency vector per call, so batched calls rotate with per-row angles computed in float32; single
 sequences (int offsets: prefill, `generate`) keep the `mx.fast.rope` call. A backbone that ignores the config's
 scaling (mlx-lm's Qwen3-MoE builds a plain rope) gets the one mlx-lm's `initialize_rope` builds for it.
+YaRN with `truncate: false` (GPT-OSS) keeps its correction range fractional, as transformers does; mlx-lm's
+`YarnRoPE` always rounds it to whole dimensions, which moves the frequencies of the ramp.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE, SuScaledRoPE, initialize_rope
+from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE, SuScaledRoPE, YarnRoPE, initialize_rope
 
 
 @mx.compile  # one fused kernel instead of a dozen small ones per call
@@ -115,6 +117,22 @@ def _longrope(dims: int, llm_config: dict, rs: dict) -> LongRoPE:
     )
 
 
+def untruncated_yarn_freqs(dims: int, base: float, rs: dict) -> mx.array:
+    """YaRN's `mx.fast.rope` frequencies with the correction range left fractional (transformers' `truncate:
+    false`): the same blend of extrapolated and interpolated frequencies as mlx-lm's `YarnRoPE`, unrounded bounds."""
+    factor, original = rs["factor"], rs.get("original_max_position_embeddings", 4096)
+
+    def bound(rotations):
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(bound(rs.get("beta_fast") or 32), 0), min(bound(rs.get("beta_slow") or 1), dims - 1)
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low if high != low else 0.001), 0, 1)
+    extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    inter = factor * extra
+    keep = 1.0 - ramp
+    return (inter * extra) / (inter * keep + extra * (1 - keep))
+
+
 def batch_safe(rope: nn.Module, llm_config: dict) -> nn.Module:
     """The rope module to use in place of the backbone's own `rope`: the same one where fixed frequencies make it
     right for a batch, a per-row one where they depend on the length."""
@@ -124,6 +142,8 @@ def batch_safe(rope: nn.Module, llm_config: dict) -> nn.Module:
             kind == "linear" and rope.scale == 1 / rs.get("factor", 1.0)):
         # The backbone ignored the scaling (mlx-lm's Qwen3-MoE builds a plain rope whatever the config says).
         rope = initialize_rope(rope.dims, rope.base, rope.traditional, rs, llm_config.get("max_position_embeddings"))
+    if type(rope) is YarnRoPE and rs.get("truncate") is False:
+        rope._freqs = untruncated_yarn_freqs(rope.dims, llm_config.get("rope_theta", 10000.0), rs)
     if type(rope) is DynamicNTKScalingRoPE:
         return DynamicNTKRoPE(rope.dims, rope.max_position_embeddings, rope.traditional, rope.base, rope.factor)
     if kind in ("longrope", "su"):

@@ -52,10 +52,11 @@ def check_shardable(config, size: int, where: str = "config.json", mode: str = "
     if mode != "tensor":
         raise UserError(f"{PARALLEL_ENV}={mode!r}: expected 'tensor' or 'pipeline'")
     if mt not in SHARDABLE:
+        why = ("mlx-internvl does not split it yet" if hasattr(backbone_module(mt).Model, "shard")
+               else f"mlx-lm's {mt} model has no tensor-parallel shard()")
         raise UserError(
-            f"{where}: the language model is {mt!r}, and mlx-lm's {mt} model has no tensor-parallel shard(); "
-            f"distributed runs support {', '.join(SHARDABLE)} (InternLM2 runs as llama). Run this model in one "
-            "process (without mlx.launch)."
+            f"{where}: the language model is {mt!r}, and {why}; distributed runs support {', '.join(SHARDABLE)} "
+            "(InternLM2 runs as llama). Run this model in one process (without mlx.launch)."
         )
     dims, widths = _split_dims(llm)
     for name, value in dims.items():

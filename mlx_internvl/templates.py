@@ -1,12 +1,19 @@
 """Conversation templates of the released InternVL checkpoints, rendered as upstream `chat()` renders them.
 
-All four are of the "MPT" separator style: the system block and its separator (always emitted, even for an empty
+All are of the "MPT" separator style: the system block and its separator (always emitted, even for an empty
 system message), then `role + message + sep` per finished message, and the bare role for the turn being generated.
 Only `internvl2_5` puts a newline after `<|im_end|>`; that newline matters for token-exact prompts.
 
+InternVL3.5-GPT-OSS's `internvl3_5_gpt_oss` is OpenAI's harmony format in that mould ("MPT_TWO"): messages are
+`<|start|>{role}<|message|>...<|end|>`, the assistant's role is a bare `<|start|>assistant` (the model writes its
+own `<|channel|>analysis|final<|message|>` header), and a conversation that ends with an assistant message closes
+it with `<|return|>` instead of `<|end|>` - the token generation stops on. Upstream decodes these replies with the
+special tokens kept (`decode_special`), so a reply reads `<|channel|>final<|message|>...` and that is what its
+history replays (a plain answer, as training data and chat clients send it, is put in the final channel);
+`thinking.HarmonyParser` splits the analysis channel (reasoning) from the final one (the answer).
+
 Which template a checkpoint uses comes from its config's `template` field (original layout); `-hf` checkpoints
 have none, so it is recognised from their chat template (`template_from_chat_template`). InternVL3.5-GPT-OSS's
-`internvl3_5_gpt_oss` template is known but refused: its GPT-OSS language model is not supported.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from .errors import UserError
 from .validate import conversation
 
 INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501
+GPT_OSS_SYSTEM = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
+                  "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be "
+                  "included for every message.")
 INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"  # noqa: E501
 
 
@@ -36,15 +46,27 @@ class Template:
     system_message: str
     roles: Tuple[str, str]
     sep: str
+    # "MPT_TWO": the separator after the last message of a conversation when that message is the assistant's.
+    sep2: Optional[str] = None
+    # Upstream decodes replies with `skip_special_tokens=False` (GPT-OSS: the harmony channel markers stay).
+    decode_special: bool = False
+    # Written before an assistant message that lacks it (GPT-OSS: a plain answer goes in the final channel, as
+    # upstream's training data renders it and as its replies, kept with their markers, replay in history).
+    reply_header: str = ""
 
     def __post_init__(self):
-        if not self.sep.startswith(self.stop_str):
+        if not (self.sep2 or self.sep).startswith(self.stop_str):
             raise ValueError(f"template {self.name}: separator {self.sep!r} does not start with {self.stop_str!r}")
 
     @property
     def stop_str(self) -> str:
-        """The token that ends an assistant turn (`sep.strip()`), which generation stops on."""
-        return self.sep.strip()
+        """The token that ends the assistant's reply (`sep2` or else `sep`, stripped), which generation stops on."""
+        return (self.sep2 or self.sep).strip()
+
+    def _separator(self, index: int, role: int, n_messages: int) -> str:
+        if self.sep2 is not None and role == ASSISTANT and index == n_messages - 1:
+            return self.sep2
+        return self.sep
 
     def render_spans(self, system_message: Optional[str], messages: Sequence[Message]
                      ) -> Tuple[str, List[Tuple[int, int]]]:
@@ -55,13 +77,16 @@ class Template:
         system = self.system_message if system_message is None else system_message
         out = self.system_template.format(system_message=system) + self.sep
         spans = []
-        for role, text in messages:
+        for i, (role, text) in enumerate(messages):
             out += self.roles[role] if isinstance(role, int) else role
             if text is None:
                 continue
+            sep = self._separator(i, role, len(messages))
+            if role == ASSISTANT and self.reply_header and not text.startswith("<|"):  # no header of its own
+                text = self.reply_header + text
             if role == ASSISTANT:
-                spans.append((len(out), len(out) + len(text) + len(self.stop_str)))
-            out += text + self.sep
+                spans.append((len(out), len(out) + len(text) + len(sep.strip())))
+            out += text + sep
         return out, spans
 
 
@@ -79,12 +104,20 @@ TEMPLATES = {
         roles=("<|user|>\n", "<|assistant|>\n"),
         sep="<|end|>",
     ),
+    "internvl3_5_gpt_oss": Template(
+        "internvl3_5_gpt_oss",
+        system_template="<|start|>system<|message|>{system_message}",
+        system_message=GPT_OSS_SYSTEM,
+        roles=("<|start|>user<|message|>", "<|start|>assistant"),
+        sep="<|end|>",
+        sep2="<|return|>",
+        decode_special=True,
+        reply_header="<|channel|>final<|message|>",
+    ),
 }
 
 
 UNSUPPORTED = {
-    "internvl3_5_gpt_oss": "it belongs to InternVL3.5-GPT-OSS, whose GPT-OSS language model mlx-internvl does not "
-                           "support",
     "internvl_zh": "it belongs to InternVL-Chat-V1-1, which mlx-internvl does not support",
 }
 

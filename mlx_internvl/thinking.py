@@ -11,12 +11,14 @@
 
 The renderer (`render.Renderer`) applies the switch, so every caller (generate, chat, batch, the server) gets the
 same prompt. `ReasoningParser` splits streamed text into reasoning (inside `<think>...</think>`) and answer;
+`HarmonyParser` does the same for GPT-OSS's harmony channels (analysis: reasoning, final: answer).
 `ThinkingBudget` is a logits processor that, after N thinking tokens, forces `</think>` and the blank line the
 template puts after it, so the answer follows.
 """
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -125,9 +127,87 @@ class ReasoningParser:
         return out[0], out[1]
 
 
-def split_reasoning(text: str, in_think: bool = False) -> Tuple[str, str]:
+# OpenAI's harmony markers (GPT-OSS): a message is `<|channel|>{name}<|message|>{body}`, ended by one of `_ENDS`;
+# between messages the model writes `<|start|>assistant`.
+CHANNEL, MESSAGE = "<|channel|>", "<|message|>"
+_ENDS = ("<|end|>", "<|return|>", "<|call|>", "<|start|>")
+
+
+class HarmonyParser:
+    """`ReasoningParser`'s counterpart for GPT-OSS replies (decoded with their special tokens): the body of the
+    `analysis` channel is reasoning, the body of any other channel (`final`, `commentary`) or of a message without
+    a channel is the answer, the headers and markers are neither. A marker split across pieces is held back."""
+
+    def __init__(self):
+        self._buf, self._header, self._channel = "", True, None
+        self._reasoning, self._answer = _Channel(), _Channel()
+        self._marked = False  # whether any harmony marker was seen (a reply without any is all answer)
+
+    def _route(self, text: str, out: List[str]) -> None:
+        if self._channel == "analysis":
+            out[0] += self._reasoning.add(text)
+        else:
+            out[1] += self._answer.add(text)
+
+    def _step(self, out: List[str]) -> bool:
+        """Consume one header or one message body from the buffer; False when more text is needed."""
+        if self._header:
+            i = self._buf.find(MESSAGE)
+            if i < 0:
+                return False
+            head = self._buf[:i]
+            self._channel = head.split(CHANNEL, 1)[1].strip() if CHANNEL in head else None
+            self._buf, self._header, self._marked = self._buf[i + len(MESSAGE):], False, True
+            return True
+        hits = [(j, e) for e in _ENDS if (j := self._buf.find(e)) >= 0]
+        if not hits:
+            return False
+        j, end = min(hits)
+        self._route(self._buf[:j], out)
+        self._buf, self._header, self._marked = self._buf[j + len(end):], True, True
+        return True
+
+    def feed(self, text: str) -> Tuple[str, str]:
+        """The (reasoning, answer) text that `text` completes."""
+        out = ["", ""]
+        self._buf += text
+        while self._step(out):
+            pass
+        if not self._header:  # a body: pass on what cannot be the start of an end marker
+            keep = next((k for k in range(min(9, len(self._buf)), 0, -1)
+                         if any(e.startswith(self._buf[-k:]) for e in _ENDS)), 0)
+            self._route(self._buf[:len(self._buf) - keep], out)
+            self._buf = self._buf[len(self._buf) - keep:]
+        return out[0], out[1]
+
+    def finish(self) -> Tuple[str, str]:
+        """What is left at the end: an unfinished body is still its channel's; text that never used harmony
+        markers at all is the answer."""
+        out = ["", ""]
+        if not self._header or not self._marked:
+            self._route(self._buf, out)
+        self._buf = ""
+        return out[0], out[1]
+
+
+def with_reasoning_level(system: str, level: str) -> str:
+    """A GPT-OSS system message with its `Reasoning: ...` line set to `level` (low, medium or high), the way
+    harmony names the reasoning effort."""
+    new, n = re.subn(r"^Reasoning: \w+$", f"Reasoning: {level}", system, flags=re.M)
+    if not n:
+        raise UserError("the system message has no 'Reasoning: low|medium|high' line to set the reasoning level in; "
+                        "write the level in the system message yourself")
+    return new
+
+
+def reply_parser(template=None):
+    """The parser that splits a reply made with `template` into reasoning and answer."""
+    return HarmonyParser() if template is not None and template.decode_special else ReasoningParser()
+
+
+def split_reasoning(text: str, in_think: bool = False, template=None) -> Tuple[str, str]:
     """(reasoning, answer) of a whole reply."""
-    parser = ReasoningParser(in_think)
+    parser = ReasoningParser(in_think) if template is None else reply_parser(template)
     a, b = parser.feed(text)
     c, d = parser.finish()
     return a + c, b + d

@@ -17,14 +17,16 @@ from typing import Optional
 FIXTURES = Path(__file__).parent / "fixtures"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
             "<ref>", "</ref>", "<box>", "</box>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<s>", "</s>"]
+# The rest of OpenAI's harmony markers (GPT-OSS's o200k tokenizer has each as one special token; `<|end|>` is above).
+HARMONY = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
 
 
-def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False) -> int:
+def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False, harmony: bool = False) -> int:
     """A byte-level BPE tokenizer with 256 byte tokens, a few merges and InternVL's special tokens.
 
     With `bos=True` it prepends `<s>` like InternLM2/Phi-3/Llama tokenizers; with `think=True` it has Qwen3's
-    `<think>`/`</think>`, added as Qwen3 adds them (one token each, not special: decoding keeps them). Returns its
-    length.
+    `<think>`/`</think>`, added as Qwen3 adds them (one token each, not special: decoding keeps them); with
+    `harmony=True` it has GPT-OSS's harmony markers as special tokens. Returns its length.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -38,7 +40,7 @@ def tiny_tokenizer(out: Path, bos: bool = False, think: bool = False) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS + (HARMONY if harmony else [])})
     if think:
         fast.add_tokens(["<think>", "</think>"])
     if bos:
@@ -61,7 +63,7 @@ class Case:
     """One tiny configuration; the field names say which config branch it exercises."""
 
     name: str
-    text: str = "qwen2"  # qwen2 | qwen3 | qwen3_moe | llama | internlm2 | phi3
+    text: str = "qwen2"  # qwen2 | qwen3 | qwen3_moe | llama | internlm2 | phi3 | gpt_oss
     vision: str = "300m"  # 300m (LayerNorm, qkv bias) | 6b (RMSNorm, qk-norm, no bias)
     select_layer: int = -1
     ps_version: str = "v2"
@@ -91,11 +93,16 @@ def text_config(case: Case, vocab: int) -> dict:
     if mt == "qwen3_moe":
         base.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                     decoder_sparse_step=1, mlp_only_layers=[])
+    if mt == "gpt_oss":
+        # Alternating sliding (window 8, shorter than every prompt) and full layers; GPT-OSS's own YaRN settings.
+        base.update(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5,
+                    rope_scaling=dict(GPT_OSS_YARN), max_position_embeddings=131072)
     if mt == "llama":
         base["rms_norm_eps"] = 1e-5
     if mt == "phi3":
         base.update(rms_norm_eps=1e-5, original_max_position_embeddings=64, max_position_embeddings=256)
-    base["rope_theta"] = 1e6 if mt.startswith("qwen") else 10000.0
+    base["rope_theta"] = 1e6 if mt.startswith("qwen") else (150000.0 if mt == "gpt_oss" else 10000.0)
     if case.rope_scaling:
         base["rope_scaling"] = dict(case.rope_scaling)
     base.update(case.extra_text)
@@ -111,7 +118,11 @@ ROPE_KINDS = {
     "internlm2": ("default", "linear", "dynamic"),
     "phi3": ("default", "longrope"),
 }
-TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2"}
+TEMPLATES = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2", "gpt_oss": "internvl3_5_gpt_oss"}
+# gpt-oss-20b's rope: YaRN x32 over 4096 positions with an unrounded correction range (`truncate: false`; for the
+# tiny 16-wide heads the range is 2.02..4.35, which rounding would make 2..5).
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
 
 
 def rope_scaling(kind: str, head_dim: int, limit: int):
@@ -155,9 +166,12 @@ def vision_config(case: Case) -> dict:
 
 
 def randomize(model, seed: int) -> None:
+    """Seeded noise in every parameter; matrices scaled by their fan-in (GPT-OSS's fused experts `[E, in, out]`
+    by `in`)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    gpt_oss = model.config.text_config.model_type == "gpt_oss"
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
@@ -171,7 +185,8 @@ def randomize(model, seed: int) -> None:
             elif "embed_tokens" in name or "lm_head" in name:
                 p.copy_(0.5 * noise)
             else:
-                fan_in = p[0].numel() if p.ndim > 1 else 1
+                gpt_oss_experts = gpt_oss and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                fan_in = p.shape[1] if gpt_oss_experts else (p[0].numel() if p.ndim > 1 else 1)
                 p.copy_(noise * (1.5 / fan_in**0.5) if p.ndim > 1 else 0.5 * noise)
 
 
@@ -201,7 +216,7 @@ def build(case: Case, root: Path) -> Built:
         real = load_hf_tokenizer(tok_dir)
         vocab, image_token_id = len(real), real.convert_tokens_to_ids("<IMG_CONTEXT>")
     else:
-        vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens)
+        vocab = tiny_tokenizer(tok_dir, bos=case.bos, think=case.think_tokens, harmony=case.text == "gpt_oss")
         from transformers import AutoTokenizer
 
         image_token_id = AutoTokenizer.from_pretrained(str(tok_dir)).convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -226,7 +241,8 @@ def build(case: Case, root: Path) -> Built:
     if case.tie:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     orig_state = hf_state_to_original(state, hf_cfg["text_config"], internlm2)
-    orig_state = _split_fused_experts(orig_state)
+    if case.text != "gpt_oss":  # GPT-OSS checkpoints store their experts fused, as transformers holds them
+        orig_state = _split_fused_experts(orig_state)
     save_file({k: v.contiguous() for k, v in orig_state.items()}, str(orig_dir / "model.safetensors"),
               metadata={"format": "pt"})
     orig_cfg = hf_config_to_original(hf_cfg, internlm2=internlm2, ps_version=case.ps_version, template=case.template)

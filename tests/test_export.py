@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
-from test_parity import INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
+from test_parity import GPT_OSS, INTERNLM2, PHI3, QWEN2, QWEN3_MOE, Spec, make_inputs
 
 import mlx_internvl
 from builders import Case
@@ -30,6 +30,7 @@ CASES = {
     "internlm2": INTERNLM2,
     "qwen3_moe": QWEN3_MOE,
     "phi3": PHI3,
+    "gpt_oss": GPT_OSS,
     "tied": Case("m_tied", tie=True),
     "vit6b-sel-2": Case("m_exp_vit6b", vision="6b", select_layer=-2, text="internlm2", template="internlm2-chat"),
 }

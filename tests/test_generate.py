@@ -15,7 +15,8 @@ from mlx_internvl.generate import batch_generate, generate, stream_generate, str
 
 IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
 CASES = {"qwen2": Case("smoke_qwen2"), "internlm2": Case("m_internlm2", text="internlm2", template="internlm2-chat"),
-         "phi3": Case("gen_phi3", text="phi3", template="phi3-chat")}
+         "phi3": Case("gen_phi3", text="phi3", template="phi3-chat"),
+         "gpt_oss": Case("m_gpt_oss", text="gpt_oss", template="internvl3_5_gpt_oss", seed=4)}
 
 
 @pytest.fixture(scope="module")

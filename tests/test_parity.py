@@ -47,6 +47,7 @@ QWEN2_DYN = Case("m_qwen2_dyn", extra_text={"max_position_embeddings": 64},
 INTERNLM2_DYN = Case("m_internlm2_dyn", text="internlm2", template="internlm2-chat",
                      extra_text={"max_position_embeddings": 64}, rope_scaling={"rope_type": "dynamic", "factor": 3.0})
 # original_max_position_embeddings 64, max_position_embeddings 256 (builders.text_config).
+GPT_OSS = Case("m_gpt_oss", text="gpt_oss", template="internvl3_5_gpt_oss", seed=4)
 PHI3 = Case("m_phi3", text="phi3", template="phi3-chat", kv_heads=4,
             rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG})
 
@@ -75,6 +76,8 @@ BRANCHES: Dict[str, Spec] = {
     "backbone-llama": Spec(Case("m_llama", text="llama", template="Hermes-2")),
     "backbone-internlm2": Spec(INTERNLM2),
     "backbone-phi3": Spec(PHI3),
+    # sinks, sliding (window 8) and full layers, fused experts, YaRN without truncation
+    "backbone-gpt_oss": Spec(GPT_OSS),
     # both vision styles
     "vision-300m": Spec(QWEN2),
     "vision-6b": Spec(Case("m_vit6b", vision="6b", text="internlm2", template="internlm2-chat")),
@@ -105,6 +108,7 @@ BRANCHES: Dict[str, Spec] = {
     "hf-layout-legacy": Spec(QWEN2, layouts=("hf",)),
     "hf-layout-current": Spec(QWEN2, layouts=("hf_current",)),
     "hf-layout-current-moe": Spec(QWEN3_MOE, layouts=("hf_current",)),
+    "hf-layout-current-gpt_oss": Spec(GPT_OSS, layouts=("hf_current",)),
     "hf-layout-current-tied": Spec(Case("m_tied", tie=True), layouts=("hf_current",)),
     # merging image rows into the text
     "multi-image": Spec(QWEN2, text=24, images=(2, 1)),

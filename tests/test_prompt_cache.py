@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import ASSETS
+from test_parity import GPT_OSS  # sliding-window layers
 
 import mlx_internvl
 from builders import Case
@@ -34,7 +35,7 @@ def tokens(model, processor, prompt, images, **kw):
     return (toks[:-1] if pieces[-1].finish_reason == "stop" else toks), pieces[-1]
 
 
-@pytest.mark.parametrize("case", [QWEN2, INTERNLM2], ids=["qwen2", "internlm2"])
+@pytest.mark.parametrize("case", [QWEN2, INTERNLM2, GPT_OSS], ids=["qwen2", "internlm2", "gpt_oss"])
 def test_round_trip_equals_recomputing(build_case, tmp_path, case):
     model, processor = mlx_internvl.load(build_case(case).original_dir, dtype="float32")
     f = tmp_path / "img.safetensors"

@@ -263,10 +263,11 @@ async def _chat_completions(request: Request):
     if not isinstance(started, Started):
         return started
     req, job, tools = started.req, started.job, started.tools
+    template = st.renderer.processor.template  # GPT-OSS replies are split by their harmony channels
     if req.stream:
         return EventSourceResponse(stream(job, started.first, started.events.next, new_id(), st.cfg.model_name, req,
-                                          tools), headers={"Cache-Control": "no-cache"})
-    return await collect(started.first, started.events, st.cfg.model_name, req, tools)
+                                          tools, template), headers={"Cache-Control": "no-cache"})
+    return await collect(started.first, started.events, st.cfg.model_name, req, tools, template)
 
 
 def serve(model: str, group=None, **options) -> None:

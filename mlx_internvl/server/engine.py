@@ -27,7 +27,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from ..distributed import agree
 from ..errors import UserError
-from ..generate import special_token_ids, stream_prefill
+from ..generate import reply_skip_ids, stream_prefill
 from ..sampling import SamplingOptions, seeded_sampler
 from ..structured import JsonConstraint, constraint, ll_tokenizer
 from ..thinking import budget_processors
@@ -140,14 +140,13 @@ class Engine:
         try:
             self.model, self.processor = self._load()
             self._stream = mx.default_stream(mx.default_device())
-            tok = self.processor.tokenizer
             # Special tokens and ids past the tokenizer (padded embedding rows) have no text, as upstream decodes.
-            self._skip = special_token_ids(tok) | (set(range(self.model.config.llm_config["vocab_size"]))
+            self._skip = reply_skip_ids(self.processor) | (set(range(self.model.config.llm_config["vocab_size"]))
                                                    - self.processor.vocab_ids)
             self._eos = sorted(self.processor.stop_token_ids())  # the template's end token, as upstream chat()
             self._stop_tokens = StopSequences([(t,) for t in self._eos])
             # llguidance's view of the tokenizer, built now: it holds the GIL for seconds, which would stall a batch.
-            ll_tokenizer(tok, self.model.config.llm_config["vocab_size"], self._eos)
+            ll_tokenizer(self.processor.tokenizer, self.model.config.llm_config["vocab_size"], self._eos)
             self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
             self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
             self._flash = self.model.use_flash(self._flash_option)

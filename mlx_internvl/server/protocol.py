@@ -146,6 +146,16 @@ class ChatRequest(_Strict):
                            "invalid_value")
         return next((v for v in (kw, effort) if v is not None), default)
 
+    def reasoning_level(self) -> Optional[str]:
+        """GPT-OSS (harmony): the level `reasoning_effort` asks for (low, medium, high), which goes in the system
+        message; the <think> switch (`enable_thinking`, efforts "none"/"minimal") has no meaning there: a 400."""
+        kw = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        if kw is not None or self.reasoning_effort in ("none", "minimal"):
+            raise APIError(400, "this model (GPT-OSS) always reasons in its analysis channel; send reasoning_effort "
+                                "low, medium or high to set how much, not enable_thinking or "
+                                f"reasoning_effort={self.reasoning_effort!r}", "reasoning_effort", "unsupported_value")
+        return self.reasoning_effort
+
     @property
     def token_bias(self) -> Optional[Dict[int, float]]:
         """`logit_bias` with its keys as token ids (checked by `parse_request`)."""

@@ -39,6 +39,7 @@ from ..processing import (
     tile_count,
 )
 from ..templates import ASSISTANT, USER, chat_messages
+from ..thinking import with_reasoning_level
 from ..tools import dumps
 from ..video import frame_indices, load_video_frames, video_header
 from .budget import Budget, Limits, text_bytes
@@ -224,9 +225,11 @@ class Renderer:
             parts += stills + clips
         return question, history, "\n".join(system) if system else None, parts, roles
 
-    def render(self, req: ChatRequest, thinking: Optional[bool] = None, tools: Optional[ToolSetup] = None) -> Prompt:
+    def render(self, req: ChatRequest, thinking: Optional[bool] = None, tools: Optional[ToolSetup] = None,
+               reasoning: Optional[str] = None) -> Prompt:
         """The prompt of `req.messages` (blocking: fetches and decodes media; call it off the event loop);
-        `thinking` as `thinking.py` says (the request's, resolved); `tools` the request's (`tools.request_tools`)."""
+        `thinking` as `thinking.py` says (the request's, resolved); `tools` the request's (`tools.request_tools`);
+        `reasoning` (GPT-OSS) the level written in the system message."""
         max_tiles = req.max_tiles if req.max_tiles is not None else self.max_tiles
         num_frames = req.num_frames or self.num_frames
         question, history, system, parts, roles = self._conversation(*self._turns(req, tools), num_frames)
@@ -242,6 +245,13 @@ class Renderer:
         specs: List[ImageSpec] = []
         for part in parts:
             specs += self._video(part) if part.video else [self._image(part, max_tiles)]
+        if reasoning is not None:
+            proc = self.processor
+            try:
+                system = with_reasoning_level(system if system is not None else (
+                    proc.renderer.system_message or proc.template.system_message), reasoning)
+            except UserError as e:
+                raise APIError(400, f"reasoning_effort: {e}", "reasoning_effort", "unsupported_value") from None
         return self._prompt(req, chat_messages(question, history), roles, system, specs, thinking, shown)
 
     def _prompt(self, req: ChatRequest, messages, roles, system: Optional[str], specs: List[ImageSpec],

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.sse import format_sse_event
 
-from ..thinking import ReasoningParser, split_reasoning
+from ..thinking import reply_parser, split_reasoning
 from .engine import Job
 from .protocol import APIError, chunk, completion, new_id, usage_chunk
 from .tools import call_deltas, call_objects
@@ -52,7 +52,7 @@ class Events:
                     raise
 
 
-async def collect(ev, events: Events, model: str, req, tools=None):
+async def collect(ev, events: Events, model: str, req, tools=None, template=None):
     """The whole reply as one `chat.completion`; with `tools` (a `tools.ToolSetup`), its calls as `tool_calls`."""
     text, logprobs = "", []
     while True:
@@ -60,7 +60,7 @@ async def collect(ev, events: Events, model: str, req, tools=None):
             text += ev[1]
             logprobs += ev[2]
         elif ev[0] == "done":
-            reasoning, answer = split_reasoning(text)
+            reasoning, answer = split_reasoning(text, template=template)
             parser, calls, reason = tools.parser() if tools else None, [], ev[1]
             if parser is not None:
                 answer = "".join(e[1] for e in parser.feed(answer) + parser.finish() if e[0] == "content").strip()
@@ -76,10 +76,11 @@ async def collect(ev, events: Events, model: str, req, tools=None):
             return JSONResponse({}, status_code=499)
 
 
-async def deltas(first, next_event):
-    """The reply as it comes: ("text", reasoning, answer, logprobs) per engine event (the think block's text is
-    reasoning), then the last event: ("done", finish_reason, usage) or ("error", APIError)."""
-    parser, ev = ReasoningParser(), first
+async def deltas(first, next_event, template=None):
+    """The reply as it comes: ("text", reasoning, answer, logprobs) per engine event (the think block's text, or
+    GPT-OSS's analysis channel with `template`, is reasoning), then the last event: ("done", finish_reason, usage)
+    or ("error", APIError)."""
+    parser, ev = reply_parser(template), first
     while True:
         if ev[0] == "delta":
             yield ("text", *parser.feed(ev[1]), ev[2])
@@ -104,12 +105,12 @@ def _answer_delta(calls, events, reasoning: str) -> dict:
     return delta
 
 
-async def stream(job: Job, first, next_event, cid: str, model: str, req, tools=None):
+async def stream(job: Job, first, next_event, cid: str, model: str, req, tools=None, template=None):
     """SSE events: a role chunk, content chunks (the think block's text as `reasoning_content` deltas, calls as
     `tool_calls` deltas: name and id first, then the arguments as written), the finish chunk, the usage chunk if
     asked, then `[DONE]`."""
     created = int(time.time())
-    parser = ReasoningParser()
+    parser = reply_parser(template)
     calls = tools.parser() if tools else None
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 

@@ -186,12 +186,12 @@ class _Events:
         return [self.event("response.failed", response=r.body())]
 
 
-async def _stream(started: Started, reply: Reply, keep):
+async def _stream(started: Started, reply: Reply, keep, template):
     events = _Events(reply, started.tools.parser() if started.tools else None)
     try:
         yield events.event("response.created", response=reply.body())
         yield events.event("response.in_progress", response=reply.body())
-        async for piece in deltas(started.first, started.events.next):
+        async for piece in deltas(started.first, started.events.next, template):
             if piece[0] == "text":
                 out = events.text(piece[1], piece[2], final=piece[3] is None)
             elif piece[0] == "done":
@@ -227,9 +227,10 @@ async def create_response(request: Request):
         if t.body.store:
             store.put(reply.id, t.conversation + [_assistant(reply)], reply.body())
 
+    template = st.renderer.processor.template  # GPT-OSS replies are split by their harmony channels
     if t.chat.stream:
-        return EventSourceResponse(_stream(started, reply, keep), headers={"Cache-Control": "no-cache"})
-    done = await collect(started.first, started.events, st.cfg.model_name, t.chat, started.tools)
+        return EventSourceResponse(_stream(started, reply, keep, template), headers={"Cache-Control": "no-cache"})
+    done = await collect(started.first, started.events, st.cfg.model_name, t.chat, started.tools, template)
     if isinstance(done, JSONResponse):  # the client left
         return done
     choice = done["choices"][0]

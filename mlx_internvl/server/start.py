@@ -82,7 +82,10 @@ async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]
     if req.model != st.cfg.model_name:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {st.cfg.model_name!r}",
                        "model", "model_not_found")
-    thinking = req.thinking(st.cfg.thinking)
+    if st.renderer.processor.template.decode_special:  # GPT-OSS: a reasoning level, no <think> switch
+        thinking, reasoning = st.cfg.thinking, req.reasoning_level()
+    else:
+        thinking, reasoning = req.thinking(st.cfg.thinking), None
     budget = st.cfg.thinking_budget if req.thinking_token_budget is None else req.thinking_token_budget
     if budget is not None:
         try:
@@ -96,7 +99,7 @@ async def _prepare(request: Request, st, parse: Callable[[bytes], ChatRequest]
     # The size caps, the schema check and the compile (seconds for a large schema) on a worker thread: they hold up
     # neither the event loop nor the batch.
     rule = None if fmt is None else await anyio.to_thread.run_sync(_compile, st, fmt)
-    prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools)
+    prompt = await anyio.to_thread.run_sync(st.renderer.render, req, thinking, tools, reasoning)
     return req, tools, Job(prompt, sampling, None, req.stop_strings, req.top_logprobs or 0 if req.logprobs else None,
                            thinking_budget=budget, response_format=fmt, rule=rule, arrived=arrived,
                            keep_tokens=tools.keep_tokens(processor) if tools else frozenset())

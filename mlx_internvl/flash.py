@@ -2,8 +2,9 @@
 
 - Each tile's 1024 ViT patch features (CLS dropped) are pooled by cross-attention from one learned query
   (`pooling_before_gating`); upstream's steps 3 and 4 run `attn2`/`norm2` again, so `attn3`, `attn4`, `norm3` and
-  `norm4` are loaded but compute nothing. A gating network (four residual MLP blocks, then LayerNorm + Linear to 2,
-  softmax) gives `p0`, the probability that the tile is simple.
+  `norm4` are loaded but compute nothing; `attn2`'s keys and values over the patches, the same in its three steps,
+  are projected once. A gating network (four residual MLP blocks, then LayerNorm + Linear to 2, softmax) gives
+  `p0`, the probability that the tile is simple.
 - Over all tiles of one request: `compress = p0 > quantile(p0, flash_relative_threshold) and
   p0 >= flash_absolute_threshold` (linear-interpolated quantile, as `torch.quantile`). One tile alone is never
   compressed (its quantile is itself).
@@ -33,19 +34,21 @@ class PoolingAttention(nn.Module):
         self.in_proj_bias = mx.zeros((3 * dim,))
         self.out_proj = nn.Linear(dim, dim)
 
-    def __call__(self, query: mx.array, x: mx.array) -> mx.array:
-        """`query` `[P, 1, D]` attends over `x` `[P, N, D]` -> `[P, 1, D]`."""
+    def keys_values(self, x: mx.array):
+        """The keys and values of `x` `[P, N, D]`, split into heads: `[P, H, N, D/H]` each."""
         d = x.shape[-1]
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = query @ w[:d].T + b[:d]
-        k = x @ w[d:2 * d].T + b[d:2 * d]
-        v = x @ w[2 * d:].T + b[2 * d:]
+        return self._heads(x @ w[d:2 * d].T + b[d:2 * d]), self._heads(x @ w[2 * d:].T + b[2 * d:])
 
-        def heads(t):
-            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
+    def _heads(self, t: mx.array) -> mx.array:
+        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
 
-        hd = d // self.heads
-        out = mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=hd**-0.5)
+    def __call__(self, query: mx.array, kv) -> mx.array:
+        """`query` `[P, 1, D]` attends over the keys and values `kv` from `keys_values` -> `[P, 1, D]`."""
+        d = query.shape[-1]
+        q = query @ self.in_proj_weight[:d].T + self.in_proj_bias[:d]
+        k, v = kv
+        out = mx.fast.scaled_dot_product_attention(self._heads(q), k, v, scale=(d // self.heads) ** -0.5)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(query.shape[0], -1, d))
 
 
@@ -62,9 +65,10 @@ class CrossAttentionPooling(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         x = x.astype(self.query_token.dtype)
         out = mx.broadcast_to(self.query_token[None], (x.shape[0], 1, x.shape[-1]))
-        out = self.norm1(self.attn1(out, x))
+        out = self.norm1(self.attn1(out, self.attn1.keys_values(x)))
+        kv = self.attn2.keys_values(x)  # the patches' keys and values are the same in each of attn2's steps
         for _ in range(3):  # upstream reuses attn2/norm2 for its steps 2, 3 and 4
-            out = self.norm2(self.attn2(out, x))
+            out = self.norm2(self.attn2(out, kv))
         return out[:, 0]
 
 

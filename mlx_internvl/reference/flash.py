@@ -58,10 +58,15 @@ def load_flash_reference(path: Path, device: str, dtype: str = "float32"):
     check_remote_code(path, raw)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
     cls = get_class_from_dynamic_module(raw["auto_map"]["AutoModel"], str(path))
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # built in the target dtype: no fp32 copy of a large model
     try:
-        model = cls(config)
+        with no_init_weights():  # every parameter is loaded (or tied) below: no random init to wait for
+            model = cls(config)
     finally:
         torch.set_default_dtype(default)
     state = {}

@@ -25,6 +25,9 @@ REF_OPTIONS = [
                  help="Tiles per image (default: the checkpoint's)."),
     click.option("--tokens", type=int_range("max_tokens"), default=16, show_default=True,
                  help="Greedy steps to compare."),
+    click.option("--trust-remote-code", is_flag=True, default=False,
+                 help="InternVL3.5-Flash: run the checkpoint's own modeling_internvl_chat.py, the torch reference "
+                      "of its router (read that code first)."),
 ]
 
 
@@ -53,7 +56,8 @@ class ParityGroup(click.Group):
 @click.group(name="parity", cls=ParityGroup)
 def command():
     """Compare the MLX model with transformers' InternVL stage by stage: per-stage max-abs and relative error,
-    and greedy-token agreement.
+    and greedy-token agreement. An InternVL3.5-Flash checkpoint adds its router's stages, whose torch reference is
+    the checkpoint's own remote code (--trust-remote-code).
 
     \b
     mlx-internvl parity MODEL --image IMG --prompt TEXT [--json out.json]
@@ -69,9 +73,10 @@ def command():
 @click.argument("model")
 @ref_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
-def run(model, images, prompt, device, dtype, max_tiles, tokens, json_path):
+def run(model, images, prompt, device, dtype, max_tiles, tokens, trust_remote_code, json_path):
     """Both sides in this process."""
-    report = run_parity(model, images, prompt, device=device, dtype=dtype, max_tiles=max_tiles, tokens=tokens)
+    report = run_parity(model, images, prompt, device=device, dtype=dtype, max_tiles=max_tiles, tokens=tokens,
+                        trust_remote_code=trust_remote_code)
     _emit(report, json_path)
 
 
@@ -80,10 +85,10 @@ def run(model, images, prompt, device, dtype, max_tiles, tokens, json_path):
 @ref_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
               help="Where to write the inputs and reference stages (.npz).")
-def dump(model, images, prompt, device, dtype, max_tiles, tokens, out):
+def dump(model, images, prompt, device, dtype, max_tiles, tokens, trust_remote_code, out):
     """The torch half: run the reference and save its stages and the processor inputs."""
     path = dump_reference(model, out, images, prompt, device=device, dtype=dtype, max_tiles=max_tiles,
-                          tokens=tokens)
+                          tokens=tokens, trust_remote_code=trust_remote_code)
     click.echo(f"wrote {path}")
 
 

@@ -112,16 +112,21 @@ class InternVLChatModel(nn.Module):
     def flash_tiles(self, pixel_values: mx.array) -> FlashTiles:
         """`[P, S, S, 3]` tiles -> both projections and the router's `p0` (upstream `extract_feature_flash`, which
         takes the ViT's last layer)."""
+        return self.flash_stages(pixel_values)[0]
+
+    def flash_stages(self, pixel_values: mx.array) -> Tuple[FlashTiles, mx.array]:
+        """`flash_tiles` and the pooled vector per tile `[P, C]` that the gate scored."""
         h = self.vision_model(pixel_values, -1)[:, 1:]
         p, n, c = h.shape
         g = int(round(n**0.5))
         grid = h.reshape(p, g, g, c)
         r, version = self.config.downsample_ratio, self.config.ps_version
-        p0 = self.gating(self.pooling_before_gating(h))[:, 0]
+        pooled = self.pooling_before_gating(h)
+        p0 = self.gating(pooled)[:, 0]
         low = self.mlp2(pixel_shuffle(grid, r * r, version))
         full = self.mlp1(pixel_shuffle(grid, r, version))
-        mx.eval(p0, low, full)
-        return FlashTiles(np.array(p0, dtype=np.float32), low, full)
+        mx.eval(pooled, p0, low, full)
+        return FlashTiles(np.array(p0, dtype=np.float32), low, full), pooled
 
     def use_flash(self, flash: Optional[bool] = None) -> bool:
         """Whether the router runs: `flash` None follows the checkpoint's `flash_mode`; True needs a Flash model."""

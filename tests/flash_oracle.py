@@ -126,6 +126,25 @@ def write_flash_checkpoint(built, upstream, out: Path, flash_mode=True) -> Path:
     return out
 
 
+STAND_INS = Path(__file__).parent / "upstream_flash"
+
+
+def add_remote_code(ckpt: Path) -> Path:
+    """Make a Flash checkpoint folder load as remote code (`trust_remote_code=True`), as a released one does: the
+    upstream modeling file (from `$MLX_INTERNVL_UPSTREAM_FLASH`, at test time only), the stand-in sibling modules
+    and config.json's `auto_map`."""
+    upstream_modeling()  # skips without the upstream file
+    shutil.copyfile(Path(os.environ[UPSTREAM_ENV]) / "modeling_internvl_chat.py", ckpt / "modeling_internvl_chat.py")
+    for f in STAND_INS.glob("*.py"):
+        if f.name != "__init__.py":
+            shutil.copyfile(f, ckpt / f.name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                       "AutoModel": "modeling_internvl_chat.InternVLChatModel"}
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    return ckpt
+
+
 class Spy:
     """Records what upstream's `generate_flash` decided: per-tile decisions, the compressed ids, the merged
     embeddings (filled in place after the compression returns) and the tokens `language_model.generate` made."""

@@ -3,7 +3,8 @@
 - `-hf` checkpoints load with `InternVLForConditionalGeneration.from_pretrained` as they are.
 - Original-layout checkpoints are mapped in memory (`layout.original_to_hf`, the official converter's mapping;
   InternLM2 becomes Llama) and handed to `from_pretrained(None, config=..., state_dict=...)`, so transformers' own
-  key handling (legacy prefixes, fused MoE experts, tied heads) applies. No checkpoint remote code is run.
+  key handling (legacy prefixes, fused MoE experts, tied heads) applies. No checkpoint remote code is run here; a
+  Flash checkpoint loads without its router tensors, whose reference is the checkpoint's own code (`flash.py`).
 - transformers only implements pixel shuffle `v2`; for `ps_version: v1` checkpoints the reference swaps in the
   v1 order (the same view/permute steps without the last transpose). That is the one place the reference is not
   transformers' code, and it is reported in the stage output.
@@ -200,11 +201,14 @@ def hf_from_original(src: Path, raw: dict, image_token_id: Optional[int]):
     from safetensors.torch import load_file
     from transformers import InternVLConfig
 
+    from .flash import ROUTER_PREFIXES
     from .layout import original_config_to_hf, original_to_hf
 
     state = {}
     for f in sorted(src.glob("*.safetensors")):
         state.update(load_file(str(f)))
+    # A Flash checkpoint's router has no place in transformers' InternVL; its reference is reference/flash.py.
+    state = {k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIXES)}
     hf_state = original_to_hf(state, raw["llm_config"])
     kwargs = original_config_to_hf(raw)
     if image_token_id is not None:

@@ -36,7 +36,6 @@ from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
 from mlx_internvl.sampling import SamplingOptions
-from mlx_internvl.sharding import check_shardable
 from mlx_internvl.templates import GPT_OSS_SYSTEM, chat_messages, get_template
 from mlx_internvl.thinking import HarmonyParser, split_reasoning
 
@@ -312,7 +311,3 @@ def test_chat_history_keeps_the_reply_with_its_markers_as_upstream(build_case, m
         "The user asks why. Think.", "Because it is.")
 
 
-def test_tensor_parallel_refuses_gpt_oss_clearly(build_case):
-    model, _ = load_model(build_case(GPT_OSS).original_dir, dtype="float32")
-    with pytest.raises(UserError, match="'gpt_oss', and mlx-internvl does not split it yet.*one process"):
-        check_shardable(model.config, 2)

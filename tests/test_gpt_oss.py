@@ -311,3 +311,40 @@ def test_chat_history_keeps_the_reply_with_its_markers_as_upstream(build_case, m
         "The user asks why. Think.", "Because it is.")
 
 
+
+def test_responses_api_puts_the_analysis_channel_in_a_reasoning_item(build_case, monkeypatch):
+    """`/v1/responses` through the real `openai` client, created and streamed: the analysis channel is the
+    `reasoning` item, the final channel the message; `reasoning.effort` is the system message's `Reasoning:` line."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+
+    from mlx_internvl.render import Renderer
+    from server_util import serving
+
+    _, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    tok = processor.tokenizer
+    script = list(tok.encode(REPLY)) + [tok.convert_tokens_to_ids("<|return|>")]
+    prompts, render = [], Renderer.render
+    monkeypatch.setattr(Renderer, "render", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    thought, answer = "The user asks why. Think.", "Because it is."
+    with serving(build_case(GPT_OSS).original_dir) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = dict(model="tiny", input="Why?", max_output_tokens=len(script) + 4)
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        r = client.responses.create(**ask)
+        assert [o.type for o in r.output] == ["reasoning", "message"] and r.status == "completed"
+        assert (r.output[0].content[0].text, r.output_text) == (thought, answer)
+        assert "Reasoning: low" in prompts[-1].text  # the template's own level when no effort is asked
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        with client.responses.stream(**ask, reasoning={"effort": "high"}) as s:
+            events = list(s)
+            final = s.get_final_response()
+        assert f"<|start|>system<|message|>{GPT_OSS_SYSTEM.replace('Reasoning: low', 'Reasoning: high')}<|end|>" \
+            in prompts[-1].text
+        deltas = {k: "".join(e.delta for e in events if e.type == f"response.{k}_text.delta")
+                  for k in ("reasoning", "output")}
+        assert deltas == {"reasoning": thought, "output": answer}
+        assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["reasoning", "message"]
+        assert (final.output[0].content[0].text, final.output_text) == (thought, answer)
+        with pytest.raises(openai.BadRequestError, match="always reasons in its analysis channel"):
+            client.responses.create(**ask, reasoning={"effort": "none"})

@@ -334,6 +334,8 @@ def test_responses_api_puts_the_analysis_channel_in_a_reasoning_item(build_case,
         r = client.responses.create(**ask)
         assert [o.type for o in r.output] == ["reasoning", "message"] and r.status == "completed"
         assert (r.output[0].content[0].text, r.output_text) == (thought, answer)
+        analysis = REPLY[:REPLY.index("<|end|>") + len("<|end|>")]  # as generated, markers included
+        assert r.usage.output_tokens_details.reasoning_tokens == len(tok.encode(analysis)) < r.usage.output_tokens
         assert "Reasoning: low" in prompts[-1].text  # the template's own level when no effort is asked
         monkeypatch.setattr(SamplingOptions, "make", scripted(script))
         with client.responses.stream(**ask, reasoning={"effort": "high"}) as s:

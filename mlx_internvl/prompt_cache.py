@@ -3,6 +3,8 @@
 `save_prompt_cache_file` renders a prompt as a request would (template, system message, images or video frames,
 tiles), runs it through the model up to the end of the given question text (the user turn is left open), and
 writes the KV cache with mlx-lm's `save_prompt_cache` (safetensors, written under a temporary name and renamed).
+Each layer keeps its own cache class: GPT-OSS's sliding-window layers are saved and loaded as mlx-lm's
+`RotatingKVCache` (holding the window only), so a request from the file rotates them as one without it does.
 The metadata records:
 - the exact token ids cached, and a SHA-256 of each image's (or frame's) normalised tiles;
 - the model's identity: a fingerprint of its weights (the SHA-256 of every byte of the checkpoint's config.json
@@ -41,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
 from .adapters import adapter_modules
 from .digests import checkpoint_digest
@@ -173,13 +175,7 @@ class PromptCacheFile:
 
     def fresh_cache(self) -> list:
         """New KV caches holding the cached prompt; generating into them leaves this object unchanged."""
-        out = []
-        for c in self.cache:
-            k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-            new = KVCache()
-            new.state = (k, v, c.offset)
-            out.append(new)
-        return out
+        return [copy_cache(c) for c in self.cache]
 
     def prefix_length(self, ids: Sequence[int], hashes: Sequence[str]) -> int:
         """The number of cached tokens, after checking that the request (`ids`, its images' `hashes`) extends the
@@ -214,6 +210,24 @@ class PromptCacheFile:
         raise UserError(f"{self.path}: made {made}, but this request runs "
                         f"{'with the router on' if on else 'at full resolution'}; pass {fix}, or make the cache "
                         "again with cache-prompt in the same mode")
+
+
+def copy_cache(c):
+    """A new cache of `c`'s class holding what later steps read of it, in new arrays (mlx-lm's caches write into
+    theirs in place): a KVCache up to its offset; a RotatingKVCache whose prompt, run in one piece, is longer than
+    its window, only the `keep` first and the window's last tokens (as its next step would trim it)."""
+    if isinstance(c, RotatingKVCache):
+        keys, values, offset, keep, size, idx = c.state
+        if idx == keys.shape[2] > size:  # still in temporal order, as a multi-token step leaves it
+            keys, values = (mx.concatenate([a[..., :keep, :], a[..., a.shape[2] - size + keep:, :]], axis=2)
+                            for a in (keys, values))
+            idx = size
+        return RotatingKVCache.from_state((keys[..., :, :], values[..., :, :], offset, keep, size, idx))
+    if not isinstance(c, KVCache):
+        raise UserError(f"a prompt-cache file cannot hold mlx-lm's {type(c).__name__}; run without it")
+    new = KVCache()
+    new.state = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :], c.offset)
+    return new
 
 
 def check_identity(cached: dict, current: dict, where: str) -> None:
@@ -291,7 +305,7 @@ def save_prompt_cache_file(model, processor, out: Union[str, Path], prompt: str 
         "router": json.dumps(router),
         "prompt": prompt,
     }
-    compact = PromptCacheFile(str(out), ids, [], [], {}, cache).fresh_cache()
+    compact = [copy_cache(c) for c in cache]
     mx.eval([c.state for c in compact])
     atomic_write(out, lambda tmp: save_prompt_cache(tmp, compact, meta))
     return PromptCacheFile.load(out, model)

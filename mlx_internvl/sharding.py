@@ -1,12 +1,14 @@
 """How one InternVL is split across a `distributed.Group`: the language model tensor-parallel through mlx-lm's own
-`Model.shard()` (Qwen2/2.5, Qwen3, Qwen3-MoE, Llama and InternLM2-as-Llama) or pipelined through its `pipeline()`,
-the vision encoder on rank 0 only.
+`Model.shard()` (Qwen2/2.5, Qwen3, Qwen3-MoE, Llama, InternLM2-as-Llama and GPT-OSS) or pipelined through its
+`pipeline()`, the vision encoder on rank 0 only.
 
 `shard()` splits every decoder layer's q/k/v/gate/up projections by output rows and o/down by input columns, one
-all-reduce after each of those two; embeddings, norms and the head stay whole on every rank. LoRA layers are split
-the same way (their factors cut like their base). The vision encoder runs on rank 0 only and its image features are
-handed to the other ranks with one all-reduce per request: a ViT runs once per image, not per token, so sharding it
-would save no decode time, and InternViT-6B's 25 heads and whole-width qk-norm do not split with `shard_linear`.
+all-reduce after each of those two; embeddings, norms, MoE routers and the head stay whole on every rank. Experts
+keep their number: each rank holds every expert's slice of the hidden width (GPT-OSS's attention sinks go with
+their heads). LoRA layers are split the same way (their factors cut like their base). The vision encoder runs on
+rank 0 only and its image features are handed to the other ranks with one all-reduce per request: a ViT runs once
+per image, not per token, so sharding it would save no decode time, and InternViT-6B's 25 heads and whole-width
+qk-norm do not split with `shard_linear`.
 The other ranks never read the vision weights.
 """
 
@@ -34,7 +36,7 @@ from .model import InternVLChatModel
 from .validate import QUANT_GROUPS
 
 logger = logging.getLogger("mlx_internvl")
-SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama")
+SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama", "gpt_oss")
 PARALLEL_ENV = "MLX_INTERNVL_PARALLEL"  # "tensor" (default) or "pipeline"
 
 
@@ -63,11 +65,18 @@ def check_shardable(config, size: int, where: str = "config.json", mode: str = "
         if value % size:
             ok = [n for n in range(2, value + 1) if value % n == 0 and n <= 16]
             raise UserError(
-                f"{where}: llm_config.{name} is {value}, which {size} ranks cannot split evenly; launch a group "
-                f"whose size divides {value} (e.g. {', '.join(map(str, ok[:4])) or 'none'})."
+                f"{where}: llm_config.{name} is {value}, which {size} ranks cannot split evenly "
+                f"({_SPLIT[name] if mt != 'gpt_oss' else _SPLIT_GPT_OSS[name]} are divided among the ranks); "
+                f"launch a group whose size divides {value} (e.g. {', '.join(map(str, ok[:4])) or 'none'})."
             )
     if config.quantization:
         _check_groups(config.quantization["group_size"], widths, dims, size, where)
+
+
+_SPLIT = {"num_attention_heads": "the attention heads", "num_key_value_heads": "the key/value heads",
+          "intermediate_size": "the MLP's hidden units", "moe_intermediate_size": "each expert's hidden units"}
+_SPLIT_GPT_OSS = dict(_SPLIT, num_attention_heads="the attention heads and their sinks",
+                      intermediate_size="each expert's hidden units")
 
 
 def _split_dims(llm: dict):
@@ -124,19 +133,20 @@ def shard_model(model, group: Group, mode: str = "tensor") -> None:
 def _shard_tensor(lm, group: Group) -> None:
     adapters = {}
     for name, m in lm.named_modules():
-        if isinstance(m, (DoRALinear, LoRASwitchLinear)):
+        if isinstance(m, DoRALinear):
             raise UserError(
                 f"the adapter puts a {type(m).__name__} on {name}, which cannot be split across ranks; merge it "
                 "into the base first (mlx-internvl fuse) and launch the fused model."
             )
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRASwitchLinear)):
             adapters[name] = m
-    # mlx-lm's shard() knows only plain and quantized linear layers: shard the base layer, then re-attach the
-    # low-rank factors cut the same way.
+    # mlx-lm's shard() knows only plain and quantized linear and expert layers: shard the base layer, then
+    # re-attach the low-rank factors cut the same way.
     _set_modules(lm, {name: lora.linear for name, lora in adapters.items()})
+    rows = {name: lora.linear.weight.shape[-2] for name, lora in adapters.items()}
     lm.shard(group.world)
     sharded = dict(lm.named_modules())
-    _set_modules(lm, {name: _shard_lora(lora, sharded[name], group) for name, lora in adapters.items()})
+    _set_modules(lm, {name: _shard_lora(lora, sharded[name], group, rows[name]) for name, lora in adapters.items()})
 
 
 def _set_modules(root: nn.Module, modules: Dict[str, nn.Module]) -> None:
@@ -144,10 +154,19 @@ def _set_modules(root: nn.Module, modules: Dict[str, nn.Module]) -> None:
         root.update_modules(tree_unflatten(list(modules.items())))
 
 
-def _shard_lora(lora, base: nn.Module, group: Group):
-    """A LoRA layer over the sharded `base`: B cut by output rows where the base is cut so, or A by input columns
-    (with one all-reduce of base + low-rank parts together) where the base reduces its output."""
+def _shard_lora(lora, base: nn.Module, group: Group, rows: int):
+    """A LoRA layer over the sharded `base` (which had `rows` output rows whole): B cut by output rows where the
+    base is cut so, or A by input columns where the base's input is split. A linear layer's partial sums get one
+    all-reduce of base + low-rank parts together; an expert layer's are summed by its MoE block, which all-reduces
+    its output."""
     n, r = group.size, group.rank
+    if isinstance(lora, LoRASwitchLinear):  # factors [E, r, in] and [E, out, r], base cut in place
+        lora.linear = base
+        if base.weight.shape[-2] != rows:
+            lora.lora_b = mx.contiguous(mx.split(lora.lora_b, n, axis=1)[r])
+        else:
+            lora.lora_a = mx.contiguous(mx.split(lora.lora_a, n, axis=2)[r])
+        return lora
     if isinstance(base, (nn.Linear, nn.QuantizedLinear)):  # a layer shard() leaves whole (router, head)
         lora.linear = base
         return lora
@@ -233,8 +252,10 @@ def split_summary(model, group: Group, mode: str) -> List[str]:
     layers, attention and KV heads it runs, the bytes of weights it holds and MLX's active memory."""
     lm = model.language_model.model
     layers = [(i, layer) for i, layer in enumerate(lm.layers) if layer is not None]
-    attn = layers[0][1].self_attn
-    mine = [layers[0][0], layers[-1][0] + 1, getattr(attn, "n_heads", 0), getattr(attn, "n_kv_heads", 0),
+    attn = layers[0][1].self_attn  # mlx-lm's GPT-OSS names its head counts as the config does
+    heads = getattr(attn, "n_heads", None) or getattr(attn, "num_attention_heads", 0)
+    kv_heads = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads", 0)
+    mine = [layers[0][0], layers[-1][0] + 1, heads, kv_heads,
             sum(v.nbytes for _, v in tree_flatten(model.parameters())), mx.get_active_memory(),
             int(any(True for _ in tree_flatten(model.vision_model.parameters())))]
     table = mx.zeros((group.size, len(_FIELDS)), dtype=mx.int64)

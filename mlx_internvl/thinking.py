@@ -205,6 +205,14 @@ def reply_parser(template=None):
     return HarmonyParser() if template is not None and template.decode_special else ReasoningParser()
 
 
+def reasoning_block(reasoning: str, template=None) -> str:
+    """`reasoning` as the model wrote it, markers included (for counting its tokens): a GPT-OSS analysis message,
+    or InternVL3.5's think block."""
+    if template is not None and template.decode_special:
+        return f"{CHANNEL}analysis{MESSAGE}{reasoning}{_ENDS[0]}"
+    return f"<think>{reasoning}</think>"
+
+
 def split_reasoning(text: str, in_think: bool = False, template=None) -> Tuple[str, str]:
     """(reasoning, answer) of a whole reply."""
     parser = ReasoningParser(in_think) if template is None else reply_parser(template)

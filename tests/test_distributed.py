@@ -2,8 +2,9 @@
 
 The one-process side is the plain model (mlx-lm's unsharded layers); the two-process side is the same checkpoint
 split by mlx-lm's `shard()`. They must give fp32 prompt logits (with an image) within 1e-4 and the same 16 greedy
-tokens, for every shardable backbone, a 4-bit model, a LoRA adapter on a float and on a 4-bit base, and mlx-lm's
-pipeline split where the backbone has one. Then the CLI under mlx.launch (rank 0 alone prints), and a rank that dies.
+tokens, for every shardable backbone, a 4-bit model, a LoRA adapter on a float and on a 4-bit base and on MoE
+experts, and mlx-lm's pipeline split where the backbone has one. Then the CLI under mlx.launch (rank 0 alone
+prints), and a rank that dies.
 """
 
 import json
@@ -112,6 +113,9 @@ def cases(build_case, tmp_path_factory):
     out["qwen2_lora"] = dict(model=out["qwen2"]["model"],
                              adapter=str(make_adapter(built["qwen2"].hf_dir, root / "lora", seed=1)))
     out["qwen2_4bit_qlora"] = dict(model=str(q4), adapter=str(make_adapter(q4, root / "qlora", seed=2)))
+    # LoRA on the experts too (mlx-lm's LoRASwitchLinear): its factors are cut like the expert weights.
+    out["qwen3_moe_lora"] = dict(model=out["qwen3_moe"]["model"],
+                                 adapter=str(make_adapter(built["qwen3_moe"].hf_dir, root / "moe-lora", seed=3)))
     # mlx-lm's pipeline split, where the backbone has one: rank 1 runs the first layer, rank 0 the second.
     out["qwen2_pipeline"] = dict(model=out["qwen2"]["model"], mode="pipeline")
     out["qwen3_moe_pipeline"] = dict(model=out["qwen3_moe"]["model"], mode="pipeline")
@@ -121,6 +125,19 @@ def cases(build_case, tmp_path_factory):
 
 
 def test_two_ranks_match_one_process(cases, tmp_path):
+    check_two_ranks(cases, tmp_path)
+
+
+# The axis each split tensor is halved on, by how its name ends (first match; the expert layers' LoRA factors are
+# [E, r, in] and [E, out, r], a linear layer's [in, r] and [r, out]).
+HALVES = {"q_proj.weight": -2, "q_proj.linear.weight": -2, "q_proj.lora_b": -1, "experts.down_proj.lora_a": -1,
+          "experts.up_proj.lora_b": -2, "switch_mlp.down_proj.lora_a": -1, "switch_mlp.up_proj.lora_b": -2,
+          "down_proj.weight": -1, "down_proj.linear.weight": -1, "down_proj.lora_a": -2, "self_attn.sinks": -1}
+
+
+def check_two_ranks(cases, tmp_path):
+    """Every case launched on two ranks (one launch): the prompt logits within 1e-4 and the 16 greedy tokens equal
+    to one process's, on both ranks; each rank holding half of every split tensor, rank 1 no vision tower."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"prompt": PROMPT, "image": str(IMAGE), "cases": list(cases.values())}))
     r = run([*launcher(), sys.executable, str(HERE / "dist_worker.py"), str(spec)], timeout=600)
@@ -147,17 +164,20 @@ def test_two_ranks_match_one_process(cases, tmp_path):
             assert layers[0] | layers[1] == {k for k in whole if ".layers." in k}, name
             continue
         assert shapes[0].keys() - shapes[1].keys() and not shapes[1].keys() - shapes[0].keys()
-        halves = {"q_proj.weight": -2, "q_proj.linear.weight": -2, "q_proj.lora_b": -1,
-                  "down_proj.weight": -1, "down_proj.linear.weight": -1, "down_proj.lora_a": -2}
-        split = 0
-        for k, full in whole.items():
-            axis = next((a for end, a in halves.items() if k.endswith(end)), None)
-            if axis is not None:
-                assert shapes[0][k][axis] * 2 == shapes[1][k][axis] * 2 == full[axis], (name, k)
-                split += 1
-            elif k.startswith("language_model.") and k.endswith(("embed_tokens.weight", "norm.weight")):
-                assert shapes[1][k] == full, (name, k)
-        assert split >= 4, name
+        assert _halved(name, whole, shapes) >= c.get("min_split", 4), name
+
+
+def _halved(name, whole, shapes) -> int:
+    """How many tensors of `whole` each of the two ranks holds exactly half of (on the axis HALVES names)."""
+    split = 0
+    for k, full in whole.items():
+        axis = next((a for end, a in HALVES.items() if k.endswith(end)), None)
+        if axis is not None:
+            assert shapes[0][k][axis] * 2 == shapes[1][k][axis] * 2 == full[axis], (name, k)
+            split += 1
+        elif k.startswith("language_model.") and k.endswith(("embed_tokens.weight", "norm.weight")):
+            assert shapes[1][k] == full, (name, k)
+    return split
 
 
 def test_quantized_projector_two_ranks_match_one_process(build_case, tmp_path):

@@ -36,7 +36,6 @@ from mlx_internvl.lora import LoraConfig, TrainingArgs, finetune
 from mlx_internvl.parity import compare, mlx_stages
 from mlx_internvl.reference import ReferenceModel
 from mlx_internvl.sampling import SamplingOptions
-from mlx_internvl.sharding import check_shardable
 from mlx_internvl.templates import GPT_OSS_SYSTEM, chat_messages, get_template
 from mlx_internvl.thinking import HarmonyParser, split_reasoning
 
@@ -312,7 +311,42 @@ def test_chat_history_keeps_the_reply_with_its_markers_as_upstream(build_case, m
         "The user asks why. Think.", "Because it is.")
 
 
-def test_tensor_parallel_refuses_gpt_oss_clearly(build_case):
-    model, _ = load_model(build_case(GPT_OSS).original_dir, dtype="float32")
-    with pytest.raises(UserError, match="'gpt_oss', and mlx-internvl does not split it yet.*one process"):
-        check_shardable(model.config, 2)
+
+def test_responses_api_puts_the_analysis_channel_in_a_reasoning_item(build_case, monkeypatch):
+    """`/v1/responses` through the real `openai` client, created and streamed: the analysis channel is the
+    `reasoning` item, the final channel the message; `reasoning.effort` is the system message's `Reasoning:` line."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+
+    from mlx_internvl.render import Renderer
+    from server_util import serving
+
+    _, processor = load(build_case(GPT_OSS).original_dir, dtype="float32")
+    tok = processor.tokenizer
+    script = list(tok.encode(REPLY)) + [tok.convert_tokens_to_ids("<|return|>")]
+    prompts, render = [], Renderer.render
+    monkeypatch.setattr(Renderer, "render", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    thought, answer = "The user asks why. Think.", "Because it is."
+    with serving(build_case(GPT_OSS).original_dir) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = dict(model="tiny", input="Why?", max_output_tokens=len(script) + 4)
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        r = client.responses.create(**ask)
+        assert [o.type for o in r.output] == ["reasoning", "message"] and r.status == "completed"
+        assert (r.output[0].content[0].text, r.output_text) == (thought, answer)
+        analysis = REPLY[:REPLY.index("<|end|>") + len("<|end|>")]  # as generated, markers included
+        assert r.usage.output_tokens_details.reasoning_tokens == len(tok.encode(analysis)) < r.usage.output_tokens
+        assert "Reasoning: low" in prompts[-1].text  # the template's own level when no effort is asked
+        monkeypatch.setattr(SamplingOptions, "make", scripted(script))
+        with client.responses.stream(**ask, reasoning={"effort": "high"}) as s:
+            events = list(s)
+            final = s.get_final_response()
+        assert f"<|start|>system<|message|>{GPT_OSS_SYSTEM.replace('Reasoning: low', 'Reasoning: high')}<|end|>" \
+            in prompts[-1].text
+        deltas = {k: "".join(e.delta for e in events if e.type == f"response.{k}_text.delta")
+                  for k in ("reasoning", "output")}
+        assert deltas == {"reasoning": thought, "output": answer}
+        assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["reasoning", "message"]
+        assert (final.output[0].content[0].text, final.output_text) == (thought, answer)
+        with pytest.raises(openai.BadRequestError, match="always reasons in its analysis channel"):
+            client.responses.create(**ask, reasoning={"effort": "none"})

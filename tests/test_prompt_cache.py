@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import ASSETS
+from mlx_lm.models.cache import RotatingKVCache
 from test_parity import GPT_OSS  # sliding-window layers
 
 import mlx_internvl
@@ -41,6 +42,7 @@ def test_round_trip_equals_recomputing(build_case, tmp_path, case):
     f = tmp_path / "img.safetensors"
     pcf = save_prompt_cache_file(model, processor, f, "", [IMG1, IMG2], max_tiles=2)
     assert f.exists() and not [p for p in os.listdir(tmp_path) if p != f.name]  # no temporary file left
+    _check_cache_classes(model, pcf)
     for question in ("What is different?", "Describe both pictures in detail, please."):
         inputs = processor(question, images=[IMG1, IMG2], max_tiles=2)
         ids = inputs["input_ids"][0].tolist()
@@ -57,6 +59,24 @@ def test_round_trip_equals_recomputing(build_case, tmp_path, case):
         assert last.prompt_tokens == len(ids) - n  # only the new part ran
         # A loaded file serves many requests and is left unchanged by them.
         assert tokens(model, processor, question, [IMG1, IMG2], prompt_cache_file=pcf)[0] == plain
+
+
+def _check_cache_classes(model, pcf):
+    """Each layer's cache is of the class mlx-lm's model makes for it (GPT-OSS's sliding layers: a RotatingKVCache
+    of the window), in the file, and after the rest of a request and decode steps past the window."""
+    made = model.make_cache()
+    assert [type(c) for c in pcf.cache] == [type(c) for c in made]
+    rotating = [c for c in pcf.cache if isinstance(c, RotatingKVCache)]
+    assert all(c.keys.shape[2] == c.max_size < len(pcf.token_ids) for c in rotating)  # the file holds the window
+    cache = pcf.fresh_cache()
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    for _ in range(10):
+        model(mx.array([[5]]), cache=cache)
+    for c, m in zip(cache, made):
+        assert type(c) is type(m)
+        if isinstance(m, RotatingKVCache):
+            assert c.keys.shape[2] == m.max_size  # rotated, not grown
+    assert all(c.offset == len(pcf.token_ids) for c in pcf.cache)  # the file's caches are left as they were
 
 
 def test_cached_opening_text_and_a_draft(qwen2, tmp_path):

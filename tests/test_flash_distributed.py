@@ -10,11 +10,7 @@ of the vision, router or mlp2 weights. Then the CLI (`generate --verbose`, a two
 request, asked twice.
 """
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ASSETS
 from flash_dist_worker import prompt_logits
-from test_distributed import ENV, cli, launcher, run
+from test_distributed import cli, launcher, run
 from test_flash_cache import CASE, flash_model
 
 import mlx_internvl
@@ -111,7 +107,7 @@ def test_one_request_served_by_two_ranks(checkpoint, tmp_path):
     finds the image's projections in its vision cache, the follower its stand-in)."""
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
-    from test_distributed_serve import free_port, wait_up
+    from test_distributed_serve import launched_serve
 
     from server_util import serving, user
 
@@ -129,19 +125,6 @@ def test_one_request_served_by_two_ranks(checkpoint, tmp_path):
     with serving(checkpoint, max_tiles=MAX_TILES, max_tokens=MAX_TOKENS, flash=False) as (url, _):
         full = ask(url)
     assert expected[0] == expected[1] and expected[0][1] < full[0][1]
-    port = free_port()
-    args = cli("serve", "--model", checkpoint, "--port", str(port), "--dtype", "float32", "--max-tiles",
-               str(MAX_TILES), "--max-tokens", str(MAX_TOKENS), "--model-name", "tiny")
-    log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen([*launcher(), *args], env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url, proc, 240)
+    with launched_serve(checkpoint, tmp_path / "serve.log", "--max-tiles", str(MAX_TILES), "--max-tokens",
+                        str(MAX_TOKENS)) as (url, _):
         assert ask(url) == expected
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.seek(0)
-        print(log.read()[-3000:])

@@ -9,7 +9,9 @@ their heads). LoRA layers are split the same way (their factors cut like their b
 rank 0 only and its image features are handed to the other ranks with one all-reduce per request: a ViT runs once
 per image, not per token, so sharding it would save no decode time, and InternViT-6B's 25 heads and whole-width
 qk-norm do not split with `shard_linear`.
-The other ranks never read the vision weights.
+A Flash checkpoint's router (`pooling_before_gating`, `gating`) and `mlp2` stay on rank 0 too: it routes the tiles
+and hands the other ranks the routed image rows and its per-tile decisions (from which each rank cuts its own copy
+of the prompt ids) with the same one all-reduce. The other ranks never read the vision or router weights.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
@@ -30,14 +33,16 @@ from .backbones import backbone_module
 from .cache import human_size
 from .distributed import Group, settle
 from .errors import UserError
+from .flash import FlashTiles, compress_ids
 from .loading import load as load_whole
 from .loading import resolve_model_path
-from .model import InternVLChatModel
+from .model import EncodedRequest, InternVLChatModel
 from .validate import QUANT_GROUPS
 
 logger = logging.getLogger("mlx_internvl")
 SHARDABLE = ("qwen2", "qwen3", "qwen3_moe", "llama", "gpt_oss")
 PARALLEL_ENV = "MLX_INTERNVL_PARALLEL"  # "tensor" (default) or "pipeline"
+RANK0_FLASH = ("pooling_before_gating", "gating", "mlp2")  # the Flash modules only rank 0 holds
 
 
 def check_shardable(config, size: int, where: str = "config.json", mode: str = "tensor") -> None:
@@ -124,8 +129,8 @@ def shard_model(model, group: Group, mode: str = "tensor") -> None:
     else:
         _shard_tensor(lm, group)
     if not group.is_leader:
-        model.vision_model = nn.Module()
-        model.mlp1 = nn.Module()
+        for name in ("vision_model", "mlp1") + (RANK0_FLASH if model.config.is_flash else ()):
+            setattr(model, name, nn.Module())
     model.__class__ = ShardedInternVL
     model.group = group
 
@@ -203,24 +208,48 @@ class ShardedToAllLoRA(nn.Module):
 
 
 class ShardedInternVL(InternVLChatModel):
-    """The model after `shard_model`: image features come from rank 0, whose vision encoder alone computes them."""
+    """The model after `shard_model`: image features (and a Flash model's routed rows and decisions) come from rank
+    0, whose vision encoder, router and projectors alone compute them."""
 
     def extract_feature(self, pixel_values: mx.array) -> mx.array:
+        return self._from_leader(super().extract_feature(pixel_values) if self.group.is_leader else None)[0]
+
+    def flash_tiles(self, pixel_values: mx.array) -> FlashTiles:
+        """Rank 0: both projections and the scores. The others hold no router: an empty stand-in per tile (the
+        server's and chat's caches keep one per image all the same), which `route_tiles` replaces by rank 0's."""
+        if self.group.is_leader:
+            return super().flash_tiles(pixel_values)
+        n = pixel_values.shape[0]
+        return FlashTiles(np.zeros(n, np.float32), mx.zeros((n, 0, 0)), mx.zeros((n, 0, 0)))
+
+    def route_tiles(self, ids: Sequence[int], tiles: FlashTiles) -> EncodedRequest:
+        """Rank 0 routes; every rank gets its decisions, scores and image rows (one all-reduce) and cuts its own
+        `ids` by the decisions."""
+        if self.group.is_leader:
+            enc = super().route_tiles(ids, tiles)
+            enc.features, _ = self._from_leader(enc.features, (enc.compress, enc.p0, tiles.low.shape[1]))
+            return enc
+        features, (compress, p0, kept) = self._from_leader(None)
+        new_ids = compress_ids(ids, self.image_token_id, compress, self.config.num_image_token, kept)
+        return EncodedRequest(new_ids, features, compress, p0)
+
+    def _from_leader(self, rows: Optional[mx.array], extra: Any = None) -> Tuple[mx.array, Any]:
+        """Rank 0's `rows` and plain values `extra` on every rank: shape, dtype and `extra` shared first, then the
+        rows by one all-reduce, evaluated here."""
         group = self.group
         settle()
-        # The followers' zeros take the shape and dtype of rank 0's (still lazy) features, never a weight's: a
+        # The followers' zeros take the shape and dtype of rank 0's (still lazy) rows, never a weight's: a
         # quantized projector's weight is packed uint32, and an all-reduce of mismatched dtypes is wrong or hangs.
         if group.is_leader:
-            feats = super().extract_feature(pixel_values)
-            group.share((list(feats.shape), wire.dtype_name(feats.dtype)))
+            group.share((list(rows.shape), wire.dtype_name(rows.dtype), extra))
         else:
-            shape, dtype = group.share(None)
-            feats = mx.zeros(tuple(shape), dtype=wire.dtype_named(dtype))
-        feats = mx.distributed.all_sum(feats, group=group.world)
+            shape, dtype, extra = group.share(None)
+            rows = mx.zeros(tuple(shape), dtype=wire.dtype_named(dtype))
+        rows = mx.distributed.all_sum(rows, group=group.world)
         # Done here, once per request: nothing else on the followers depends on this all-reduce, and a pipeline
         # stage's receive (which depends on nothing either) must not be scheduled before it.
-        mx.eval(feats)
-        return feats
+        mx.eval(rows)
+        return rows, extra
 
 
 def load(group: Group, path_or_repo, dtype=None, adapter_path=None, revision=None, template=None,

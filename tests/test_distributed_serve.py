@@ -96,33 +96,40 @@ def all_gone(proc, deadline_s: float) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def launched_serve(model: str, log_path, *options: str):
+    """`mlx.launch -n 2 ... mlx-internvl serve` of `model` (fp32, named tiny) on a free port, both ranks' output in
+    `log_path`; yields (base_url, launcher process) once it listens, and kills every process of the launch after."""
+    port = free_port()
+    args = cli("serve", "--model", model, "--port", str(port), "--dtype", "float32", "--model-name", "tiny", *options)
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([*launcher(), *args], env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_up(url, proc, 240)
+            yield url, proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.seek(0)
+            print(log.read()[-3000:])
+
+
 def test_one_request_through_rank_0(build_case, tmp_path):
     model = str(build_case(Case("dist_qwen2", text="qwen2", extra_text={"intermediate_size": 128})).hf_dir)
     with serving(model, **OPTIONS) as (url, _):
         expected = answers(url)
         wait_idle(url)
     assert expected["greedy"].strip() and expected["during_drop"] == expected["after"] == expected["greedy"]
-    port = free_port()
-    args = cli("serve", "--model", model, "--port", str(port), "--dtype", "float32", "--max-tiles", "1",
-               "--max-tokens", "12", "--model-name", "tiny")
-    log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen([*launcher(), *args], env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url, proc, 240)
+    log = tmp_path / "serve.log"
+    with launched_serve(model, log, "--max-tiles", "1", "--max-tokens", "12") as (url, proc):
         assert answers(url) == expected
         wait_idle(url)
         # Ctrl-C (SIGINT to the launch's process group): rank 0 stops and tells the follower, which ignores the
         # signal itself and leaves its loop at a step boundary. Every process of the launch is gone.
         os.killpg(proc.pid, signal.SIGINT)
         assert all_gone(proc, 60), "a rank outlived Ctrl-C"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.seek(0)
-        print(log.read()[-3000:])
-    log.seek(0)
-    text = log.read()
+    text = log.read_text()
     assert text.count("Serving tiny on") == 1, text[-3000:]

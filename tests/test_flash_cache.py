@@ -7,45 +7,18 @@ although the image and the full-resolution text are the same: the KV cache of th
 full-resolution one, so a key blind to the router would reuse it wrongly.
 """
 
-import dataclasses
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ASSETS
-from mlx.utils import tree_flatten, tree_unflatten
+from flash_models import CASE, FLASH_PREFIXES, IMG1, flash_model
+from flash_models import with_context as context_processor
+from mlx.utils import tree_flatten
 
 import mlx_internvl
-from builders import Case
 from mlx_internvl.errors import UserError
 from mlx_internvl.flash import route
 from mlx_internvl.generate import stream_generate
 from mlx_internvl.prompt_cache import PromptCacheFile, cached_prefix, image_hashes, save_prompt_cache_file
-from mlx_internvl.weights import build_model
-
-CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
-IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
-FLASH_PREFIXES = ("mlp2.", "gating.", "pooling_before_gating.")
-
-
-def flash_model(model, relative: float, absolute: float, seed: int = 3):
-    """`model` (a non-Flash MLX model) with a seeded router and mlp2 and the given thresholds, in memory."""
-    cfg = dataclasses.replace(model.config, flash_mode=True, flash_relative_threshold=relative,
-                              flash_absolute_threshold=absolute, source_path=None)
-    out = build_model(cfg)
-    out.update(model.parameters(), strict=False)
-    mx.random.seed(seed)
-    noise = []
-    for k, v in tree_flatten(out.parameters()):
-        if k.startswith(FLASH_PREFIXES):
-            if v.ndim == 1:
-                v = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.1 * mx.random.normal(v.shape)
-            else:
-                v = mx.random.normal(v.shape) * (1.5 / v.shape[-1] ** 0.5)
-            noise.append((k, v))
-    out.update(tree_unflatten(noise))
-    mx.eval(out.parameters())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +89,6 @@ def test_cached_tiles_must_be_decided_as_the_file_says(flash, build_case, tmp_pa
 def test_context_check_counts_the_routed_prompt(flash, build_case):
     """A prompt too long at full resolution but not once routed runs with the router on (its reply limit counted
     from the routed length) and is refused at full resolution; one too long even routed is refused after routing."""
-    from mlx_internvl.processing import Processor
-
     model, processor = flash
     q = "What is it?"
     full = len(processor(q, images=[IMG1], max_tiles=4)["input_ids"][0])
@@ -125,9 +96,7 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
     assert routed < full - 300
 
     def with_context(n):
-        llm = dict(model.config.llm_config, max_position_embeddings=n)
-        return Processor.from_pretrained(build_case(CASE).original_dir, dataclasses.replace(model.config,
-                                                                                            llm_config=llm))
+        return context_processor(build_case(CASE).original_dir, model, n)
 
     short = with_context(routed + 3)
     pieces = list(stream_generate(model, short, q, [IMG1], max_tokens=50, max_tiles=4))

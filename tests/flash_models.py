@@ -12,6 +12,7 @@ from mlx_internvl.weights import build_model
 
 CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
 IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
+LATER = ASSETS / "images" / "image2.jpg"  # next to IMG1 the router (0.5, 0.0) decides one of IMG1's tiles otherwise
 FLASH_PREFIXES = ("mlp2.", "gating.", "pooling_before_gating.")
 
 

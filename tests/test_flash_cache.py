@@ -10,15 +10,18 @@ full-resolution one, so a key blind to the router would reuse it wrongly.
 import mlx.core as mx
 import numpy as np
 import pytest
-from flash_models import CASE, FLASH_PREFIXES, IMG1, flash_model
+from flash_models import CASE, FLASH_PREFIXES, IMG1, LATER, flash_model
 from flash_models import with_context as context_processor
 from mlx.utils import tree_flatten
 
 import mlx_internvl
+from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.flash import route
 from mlx_internvl.generate import stream_generate
+from mlx_internvl.model import InternVLChatModel
 from mlx_internvl.prompt_cache import PromptCacheFile, cached_prefix, image_hashes, save_prompt_cache_file
+from mlx_internvl.speculative import Draft
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,65 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
     least = full - 4 * 192  # five tiles: all but the lowest-scored one could be compressed
     with pytest.raises(UserError, match=f"at least {least} even if the Flash router compresses"):
         with_context(least)(q, images=[IMG1], max_tiles=4, routed=True)
+
+
+@pytest.fixture
+def vit_calls(monkeypatch):
+    """The tiles of each `flash_tiles` call (the ViT and the router run over them)."""
+    calls = []
+    real = InternVLChatModel.flash_tiles
+    monkeypatch.setattr(InternVLChatModel, "flash_tiles", lambda self, pv: calls.append(pv.shape[0]) or real(self, pv))
+    return calls
+
+
+def test_chat_session_uses_a_router_file_as_generate_does(flash, build_case, tmp_path, vit_calls):
+    """`ChatSession` with a file made with the router on gives, over two turns, the tokens of a session without it
+    and of `stream_generate` over the whole conversation. Its first turn runs only what follows the cached prompt
+    and no ViT (the cached tiles' scores come from the file). The second turn adds an image next to which the router
+    decides a cached tile otherwise: the kept cache is reused only up to that tile, whose rows are then computed."""
+    model, processor = flash
+    f = tmp_path / "chat.safetensors"
+    pcf = save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=4)
+    turns = (("What is it?", [IMG1]), ("And this one?", [LATER]))
+    n1, n2 = (processor.image_tiles(ims, 4)[0].shape[0] for _, ims in turns)
+
+    def two_turns(**kw):
+        session, out = ChatSession(model, processor, max_tokens=6, max_tiles=4, **kw), []
+        for q, ims in turns:
+            before = len(vit_calls)
+            pieces = list(session.stream(q, images=ims))
+            out.append(([p.token for p in pieces], pieces[-1].prompt_tokens, vit_calls[before:], session.router))
+        return out, session
+
+    (plain, p2), (cached, _) = two_turns(), two_turns(prompt_cache_file=f)
+    decided = [[m.startswith("low") for m in t[3].split(": ")[-1].split()] for t in plain]
+    assert decided[0] != decided[1][:n1] and decided[0] == pcf.router["compress"]  # the case in point
+    assert [t[0] for t in cached] == [t[0] for t in plain] and [t[3] for t in cached] == [t[3] for t in plain]
+    (q1, a1), (q2, _) = p2.history
+    whole = list(stream_generate(model, processor, q2, [IMG1, LATER], history=[(q1, a1)], max_tokens=6, max_tiles=4))
+    assert [p.token for p in whole] == plain[1][0]
+    assert cached[0][1] == plain[0][1] - len(pcf.token_ids)  # only the text after the cached prompt ran
+    assert (plain[0][2], cached[0][2]) == ([n1], [])  # the cached image's ViT did not run
+    assert (plain[1][2], cached[1][2]) == ([n2], [n2, n1])  # its rows from the re-decided tile on are needed now
+    assert cached[1][1] == plain[1][1] < whole[-1].prompt_tokens
+    drafted, _ = two_turns(prompt_cache_file=f, draft=Draft.self_draft(model, 8, num_draft_tokens=2))
+    assert [t[0] for t in drafted] == [t[0] for t in plain]  # a draft sharing the ViT takes the routed rows too
+
+
+def test_chat_session_refuses_a_file_it_cannot_use(flash, build_case, tmp_path):
+    model, processor = flash
+    routed, full = tmp_path / "routed.safetensors", tmp_path / "full.safetensors"
+    save_prompt_cache_file(model, processor, routed, "", [IMG1], max_tiles=4)
+    save_prompt_cache_file(model, processor, full, "", [IMG1], max_tiles=4, flash=False)
+    with pytest.raises(UserError, match="made with the Flash router on.*--flash"):
+        ChatSession(model, processor, prompt_cache_file=routed, flash=False)
+    with pytest.raises(UserError, match="made at full resolution.*--no-flash"):
+        ChatSession(model, processor, prompt_cache_file=full)
+    base, _ = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    session = ChatSession(flash_model(base, 0.0, 0.0), processor, max_tokens=2, max_tiles=4, prompt_cache_file=routed)
+    with pytest.raises(UserError, match=r"decides the cached tiles as \[(low|full)"):
+        session.ask("Describe it.", images=[IMG1])
+    assert session.num_images == 0 and not session.history  # the failed turn left nothing behind
 
 
 def test_lora_trains_at_full_resolution_with_the_router_frozen(build_case):

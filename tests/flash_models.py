@@ -8,6 +8,7 @@ from conftest import ASSETS
 from mlx.utils import tree_flatten, tree_unflatten
 
 from builders import Case
+from mlx_internvl.model import InternVLChatModel
 from mlx_internvl.weights import build_model
 
 CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
@@ -42,3 +43,11 @@ def with_context(built_dir, model, n: int):
 
     llm = dict(model.config.llm_config, max_position_embeddings=n)
     return Processor.from_pretrained(built_dir, dataclasses.replace(model.config, llm_config=llm))
+
+
+def spy_vit(monkeypatch) -> list:
+    """A list that gets the tile count of each `flash_tiles` call (the ViT and the router run over those tiles)."""
+    calls = []
+    real = InternVLChatModel.flash_tiles
+    monkeypatch.setattr(InternVLChatModel, "flash_tiles", lambda self, pv: calls.append(pv.shape[0]) or real(self, pv))
+    return calls

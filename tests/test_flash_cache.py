@@ -10,7 +10,7 @@ full-resolution one, so a key blind to the router would reuse it wrongly.
 import mlx.core as mx
 import numpy as np
 import pytest
-from flash_models import CASE, FLASH_PREFIXES, IMG1, LATER, flash_model
+from flash_models import CASE, FLASH_PREFIXES, IMG1, LATER, flash_model, spy_vit
 from flash_models import with_context as context_processor
 from mlx.utils import tree_flatten
 
@@ -19,7 +19,6 @@ from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.flash import route
 from mlx_internvl.generate import stream_generate
-from mlx_internvl.model import InternVLChatModel
 from mlx_internvl.prompt_cache import PromptCacheFile, cached_prefix, image_hashes, save_prompt_cache_file
 from mlx_internvl.speculative import Draft
 
@@ -115,11 +114,7 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
 
 @pytest.fixture
 def vit_calls(monkeypatch):
-    """The tiles of each `flash_tiles` call (the ViT and the router run over them)."""
-    calls = []
-    real = InternVLChatModel.flash_tiles
-    monkeypatch.setattr(InternVLChatModel, "flash_tiles", lambda self, pv: calls.append(pv.shape[0]) or real(self, pv))
-    return calls
+    return spy_vit(monkeypatch)
 
 
 def test_chat_session_uses_a_router_file_as_generate_does(flash, build_case, tmp_path, vit_calls):

@@ -2,16 +2,15 @@
 any vision work only when it cannot fit even with every compressible tile compressed; once routed, its exact
 length is checked and the reply limit (max_tokens, max_completion_tokens, max_output_tokens) is counted from it;
 with the router off (--no-flash) the full-resolution length counts. Driven through the real `openai` client, on the
-in-memory Flash model of tests/flash_models.py with a context just long enough for the routed prompt."""
+in-memory Flash model of tests/flash_model, vit_callss.py with a context just long enough for the routed prompt."""
 
 import contextlib
 
 import pytest
-from flash_models import CASE, IMG1, flash_model, with_context
+from flash_models import CASE, IMG1, flash_model, spy_vit, with_context
 
 import mlx_internvl
 from mlx_internvl.generate import stream_generate
-from mlx_internvl.model import InternVLChatModel
 from server_util import user
 
 openai = pytest.importorskip("openai")
@@ -46,10 +45,7 @@ def served(model, processor, flash=None):
 
 @pytest.fixture
 def vit_calls(monkeypatch):
-    calls = []
-    real = InternVLChatModel.flash_tiles
-    monkeypatch.setattr(InternVLChatModel, "flash_tiles", lambda self, pv: calls.append(pv.shape[0]) or real(self, pv))
-    return calls
+    return spy_vit(monkeypatch)
 
 
 def refused(call) -> str:

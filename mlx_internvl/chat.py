@@ -29,7 +29,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import validate
 from .errors import UserError
-from .flash import describe, select_features
+from .flash import FlashTiles, describe, select_features
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, json_rule, stream_tokens
 from .images import ImageInput
 from .processing import (
@@ -100,6 +100,7 @@ class ChatSession:
         self._flash_tiles: List = []  # per image, `FlashTiles` (both projections and p0), computed on first use
         self._scores: List[Optional[np.ndarray]] = []  # per image, the router's p0 per tile (the file's or computed)
         self._compress: Optional[np.ndarray] = None  # this turn's decision per tile (Flash router on)
+        self._flash_rows: Optional[mx.array] = None  # this turn's routed image rows (None: made per image on use)
         self.router: Optional[str] = None  # this turn's router decisions, one line
         self._cache = None
         self._cache_ids: List[int] = []  # the token ids whose keys/values the cache holds
@@ -132,6 +133,8 @@ class ChatSession:
         turn's decisions say."""
         if stop <= start:
             return None
+        if self.flash and self._flash_rows is not None:
+            return self._flash_rows[start:stop]
         own = draft and not self.draft.shares_vision
         cfg = self.model.config
         row, tile, parts = 0, 0, []
@@ -175,7 +178,11 @@ class ChatSession:
                 self._flash_tiles[i] = self.model.flash_tiles(mx.array(tiles))
                 self._scores[i] = self._flash_tiles[i].p0
         p0 = np.concatenate(self._scores)
-        self._compress, ids = self.model.route_ids(ids, p0)
+        if all(t is not None for t in self._flash_tiles):  # the model's own routing (rank 0's under mlx.launch)
+            enc = self.model.route_tiles(ids, FlashTiles.concat(self._flash_tiles))
+            self._compress, ids, self._flash_rows, p0 = enc.compress, enc.ids, enc.features, enc.p0
+        else:  # some tiles scored by the prompt-cache file (one process): their rows are made when needed
+            (self._compress, ids), self._flash_rows = self.model.route_ids(ids, p0), None
         if pcf is not None:
             pcf.check_decisions(self._compress)
         self.router = describe(self._compress, p0)

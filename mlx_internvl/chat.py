@@ -11,6 +11,12 @@ token prefix it shares with the new prompt, and each image is encoded once. A `p
 `prompt_cache.py`) starts the first turn (and the first turn after `clear()`) from a cached prompt, which that turn
 must extend; a `draft` (see `speculative.py`) decodes every turn speculatively, its KV cache kept beside the
 target's.
+
+With the Flash router on, each turn routes all the conversation's tiles again (an image added later can change an
+earlier image's decisions), so the kept KV cache is compared with the new prompt tile by tile *and* decision by
+decision: it is reused up to the first tile decided otherwise. A prompt-cache file made with the router on gives
+the router its cached tiles' scores (their ViT is not run) and is used only when the router, over the first turn's
+tiles, decides the cached tiles as the file says, as `generate` uses it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from . import validate
 from .errors import UserError
-from .flash import FlashTiles, describe
+from .flash import FlashTiles, describe, select_features
 from .generate import DEFAULT_MAX_TOKENS, GenerationResponse, json_rule, stream_tokens
 from .images import ImageInput
 from .processing import (
@@ -58,9 +65,10 @@ class ChatSession:
         upstream `chat(history=...)` does."""
         self.model, self.processor = model, processor
         self.flash = model.use_flash(flash)
-        if self.flash and (prompt_cache_file is not None or (draft is not None and not draft.shares_vision)):
-            raise UserError("the Flash router cannot be combined with a prompt-cache file or a draft with its own "
-                            "vision tower yet; pass --no-flash (flash=False)")
+        if self.flash and draft is not None and not draft.shares_vision:
+            raise UserError("with the Flash router on, a draft model must share the target's vision tower (e.g. "
+                            "--draft-quantize): compressed tiles have no features of the draft's own; pass "
+                            "--no-flash (flash=False)")
         max_tokens = validate.integer("max_tokens", max_tokens, minimum=1)
         max_tiles, num_frames = validate.max_tiles(max_tiles), validate.num_frames(num_frames)
         validate.conversation("", None, system_message)
@@ -69,6 +77,7 @@ class ChatSession:
         self.prompt_cache_file = None
         if prompt_cache_file is not None:
             self.prompt_cache_file = as_prompt_cache(prompt_cache_file, model)
+            self.prompt_cache_file.check_router(self.flash)
         self.system_message = system_message
         self.max_tiles = max_tiles
         self.max_tokens = max_tokens
@@ -88,8 +97,10 @@ class ChatSession:
         self._tiles: List = []  # per image (or frame), [T, S, S, 3] numpy tiles, in prompt order
         self._features: List[Optional[mx.array]] = []  # per image, [T*n, D], computed on first use
         self._draft_features: List[Optional[mx.array]] = []  # the same for a draft with its own ViT
-        self._flash_tiles: List[Optional[FlashTiles]] = []  # per image, both projections and p0 (Flash router on)
-        self._flash_rows: Optional[mx.array] = None  # this turn's routed image rows
+        self._flash_tiles: List = []  # per image, `FlashTiles` (both projections and p0), computed on first use
+        self._scores: List[Optional[np.ndarray]] = []  # per image, the router's p0 per tile (the file's or computed)
+        self._compress: Optional[np.ndarray] = None  # this turn's decision per tile (Flash router on)
+        self._flash_rows: Optional[mx.array] = None  # this turn's routed image rows (None: made per image on use)
         self.router: Optional[str] = None  # this turn's router decisions, one line
         self._cache = None
         self._cache_ids: List[int] = []  # the token ids whose keys/values the cache holds
@@ -113,40 +124,79 @@ class ChatSession:
         self._features += [None] * len(new)
         self._draft_features += [None] * len(new)
         self._flash_tiles += [None] * len(new)
+        self._scores += [None] * len(new)
         return question
 
     def _image_rows(self, start: int, stop: int, draft: bool = False) -> Optional[mx.array]:
         """Image-token rows [start, stop) of the conversation, encoding (once) only the images that overlap them;
-        `draft=True`: the draft's features."""
+        `draft=True`: the draft's features. With the Flash router on, each tile gives its mlp2 or mlp1 rows as this
+        turn's decisions say."""
         if stop <= start:
             return None
-        if self.flash:
+        if self.flash and self._flash_rows is not None:
             return self._flash_rows[start:stop]
         own = draft and not self.draft.shares_vision
-        model, store = (self.draft.model, self._draft_features) if own else (self.model, self._features)
-        per_tile = self.processor.config.num_image_token
-        row, parts = 0, []
+        cfg = self.model.config
+        row, tile, parts = 0, 0, []
         for i, tiles in enumerate(self._tiles):
-            n = tiles.shape[0] * per_tile
+            decided = self._compress[tile: tile + tiles.shape[0]] if self._compress is not None else None
+            tile += tiles.shape[0]
+            n = (tiles.shape[0] * cfg.num_image_token if decided is None else
+                 sum(cfg.flash_image_token if c else cfg.num_image_token for c in decided))
             if row + n > start and row < stop:
-                if store[i] is None:
-                    feats = model.extract_feature(mx.array(tiles))
-                    store[i] = feats.reshape(-1, feats.shape[-1])
-                parts.append(store[i][max(start - row, 0): stop - row])
+                parts.append(self._rows_of(i, own, decided)[max(start - row, 0): stop - row])
             row += n
         return mx.concatenate(parts)
 
-    def _route(self, ids: List[int]) -> List[int]:
-        """With the Flash router on, `ids` with the compressed tiles' surplus image tokens dropped (the router
-        decides over every tile of the conversation); the routed image rows are kept for `_image_rows`."""
-        if not self.flash or not self._tiles:
-            return ids
-        for i, tiles in enumerate(self._tiles):
+    def _rows_of(self, i: int, own: bool, decided) -> mx.array:
+        """All image-token rows of image i: the routed ones for the decisions `decided`, else mlp1's (the draft's
+        own when `own`)."""
+        if decided is not None:
             if self._flash_tiles[i] is None:
+                self._flash_tiles[i] = self.model.flash_tiles(mx.array(self._tiles[i]))
+            return select_features(self._flash_tiles[i], decided)
+        model, store = (self.draft.model, self._draft_features) if own else (self.model, self._features)
+        if store[i] is None:
+            feats = model.extract_feature(mx.array(self._tiles[i]))
+            store[i] = feats.reshape(-1, feats.shape[-1])
+        return store[i]
+
+    def _route(self, ids: List[int], from_file: bool) -> Tuple[List[int], List[int]]:
+        """(`ids`, the cache key of `ids`). With the Flash router on, `ids` lose the compressed tiles' surplus image
+        tokens (the router decides over every tile of the conversation, `from_file`: the prompt-cache file's tiles
+        by its scores, and as it says, or a `UserError`) and the key marks each tile's tokens with its index and
+        decision, so that a kept cache is reused only up to the first tile decided otherwise."""
+        if not self.flash or not self._tiles:
+            return ids, ids
+        pcf = self.prompt_cache_file if from_file and self.prompt_cache_file.router else None
+        if pcf is not None:
+            pcf.check_images(image_hashes(self._tiles, []))
+            for i, p0 in enumerate(pcf.cached_scores()):
+                self._scores[i] = p0 if self._scores[i] is None else self._scores[i]
+        for i, tiles in enumerate(self._tiles):
+            if self._scores[i] is None:
                 self._flash_tiles[i] = self.model.flash_tiles(mx.array(tiles))
-        enc = self.model.route_tiles(ids, FlashTiles.concat(self._flash_tiles))
-        self._flash_rows, self.router = enc.features, describe(enc.compress, enc.p0)
-        return enc.ids
+                self._scores[i] = self._flash_tiles[i].p0
+        p0 = np.concatenate(self._scores)
+        if all(t is not None for t in self._flash_tiles):  # the model's own routing (rank 0's under mlx.launch)
+            enc = self.model.route_tiles(ids, FlashTiles.concat(self._flash_tiles))
+            self._compress, ids, self._flash_rows, p0 = enc.compress, enc.ids, enc.features, enc.p0
+        else:  # some tiles scored by the prompt-cache file (one process): their rows are made when needed
+            (self._compress, ids), self._flash_rows = self.model.route_ids(ids, p0), None
+        if pcf is not None:
+            pcf.check_decisions(self._compress)
+        self.router = describe(self._compress, p0)
+        image, keyed, tile, pos = self.processor.image_token_id, [], 0, 0
+        cfg = self.model.config
+        for t in ids:
+            if t != image:
+                keyed.append(t)
+                continue
+            keyed.append(-1 - 2 * tile - int(self._compress[tile]))
+            pos += 1
+            if pos == (cfg.flash_image_token if self._compress[tile] else cfg.num_image_token):
+                tile, pos = tile + 1, 0
+        return ids, keyed
 
     def _new_cache(self, ids: List[int]) -> Tuple[list, int]:
         """A cache for a first turn: empty, or the prompt-cache file's (which `ids` must extend); with a draft,
@@ -163,6 +213,18 @@ class ChatSession:
                                      self.kv.prefill_step_size)
             cache = cache + d_cache
         return cache, common
+
+    def _reuse(self, ids: List[int], keyed: List[int]) -> int:
+        """The kept cache trimmed to the longest prefix its ids share with this turn's `keyed` ids (see `_route`);
+        returns its length."""
+        common, limit = 0, min(len(self._cache_ids), len(ids) - 1)  # at least one new token must be run
+        while common < limit and self._cache_ids[common] == keyed[common]:
+            # An image token the model itself generated must not pass for a new image's token.
+            if common >= self._prompt_len and ids[common] == self.processor.image_token_id:
+                break
+            common += 1
+        trim_prompt_cache(self._cache, len(self._cache_ids) - common)
+        return common
 
     def _processors(self, response_format) -> list:
         """This turn's logits processors: the session's sampling, the thinking budget, the JSON constraint."""
@@ -185,21 +247,14 @@ class ChatSession:
             num_tiles = [t.shape[0] for t in self._tiles]
             ids = proc.renderer.render(chat_messages(question, self.history), num_tiles, self.system_message,
                                        thinking=self.thinking).ids
-            ids = self._route(ids)
+            kept = self._cache is not None and can_trim_prompt_cache(self._cache)
+            ids, keyed = self._route(ids, from_file=not kept and self.prompt_cache_file is not None)
             max_tokens = proc.clamp_max_tokens(len(ids), max_tokens or self.max_tokens)
-
-            common = 0
-            if self._cache is not None and can_trim_prompt_cache(self._cache):
-                limit = min(len(self._cache_ids), len(ids) - 1)  # at least one new token must be run
-                while common < limit and self._cache_ids[common] == ids[common]:
-                    # An image token the model itself generated must not pass for a new image's token.
-                    if common >= self._prompt_len and ids[common] == proc.image_token_id:
-                        break
-                    common += 1
-                trim_prompt_cache(self._cache, len(self._cache_ids) - common)
+            if kept:
+                common = self._reuse(ids, keyed)
             else:
                 self._cache, common = self._new_cache(ids)
-            self._cache_ids, self._prompt_len = ids[:common], len(ids)
+            self._cache_ids, self._prompt_len = keyed[:common], len(ids)
             suffix = ids[common:]
             n_rows = sum(1 for t in ids if t == proc.image_token_id)
             first = n_rows - sum(1 for t in suffix if t == proc.image_token_id)
@@ -219,13 +274,13 @@ class ChatSession:
             finally:
                 # Keep the ids in step with what the cache now holds (prompt + tokens fed back), even if stopped.
                 held = self._cache[0].offset if self.draft is None else self.draft.align(self.model, self._cache)
-                self._cache_ids = (ids + generated)[:held]
+                self._cache_ids = (keyed + generated)[:held]
             self.history.append((question, text.strip()))
             done = True
         finally:
             if not done:  # an interrupted or failed turn leaves the conversation as it was (and the cache unused)
                 del self._tiles[n_before:], self._features[n_before:], self._draft_features[n_before:]
-                del self._flash_tiles[n_before:]
+                del self._flash_tiles[n_before:], self._scores[n_before:]
                 self._cache, self._cache_ids = None, []
 
     def ask(self, question: str, images: Optional[Sequence[ImageInput]] = None, video=None,

@@ -173,6 +173,11 @@ class ModelConfig(_FromDict):
         grid = self.vision_config.grid_size
         return int(grid * grid * self.downsample_ratio**2)
 
+    @property
+    def flash_image_token(self) -> int:
+        """Visual tokens of a tile the Flash router compresses (mlp2 after a pixel shuffle at r^2): 64 for 256."""
+        return int(round(self.num_image_token * self.downsample_ratio**2))
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["vision_config"] = self.vision_config.to_dict()

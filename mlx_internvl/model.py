@@ -135,12 +135,16 @@ class InternVLChatModel(nn.Module):
                             "config.json, with the gating and mlp2 weights); this model has no router")
         return self.config.is_flash and bool(self.config.flash_mode if flash is None else flash)
 
+    def route_ids(self, ids: Sequence[int], p0: np.ndarray) -> Tuple[np.ndarray, List[int]]:
+        """(the router's decision per tile over a request's scores `p0`, `ids` rendered with full tiles shortened
+        to match)."""
+        cfg = self.config
+        compress = route(p0, cfg.flash_relative_threshold, cfg.flash_absolute_threshold)
+        return compress, compress_ids(ids, self.image_token_id, compress, cfg.num_image_token, cfg.flash_image_token)
+
     def route_tiles(self, ids: Sequence[int], tiles: FlashTiles) -> EncodedRequest:
         """Decide per tile over the whole request, and shorten `ids` (rendered with full tiles) to match."""
-        cfg = self.config
-        compress = route(tiles.p0, cfg.flash_relative_threshold, cfg.flash_absolute_threshold)
-        kept = tiles.low.shape[1]
-        new_ids = compress_ids(ids, self.image_token_id, compress, cfg.num_image_token, kept)
+        compress, new_ids = self.route_ids(ids, tiles.p0)
         return EncodedRequest(new_ids, select_features(tiles, compress), compress, tiles.p0)
 
     def encode_request(self, ids: Sequence[int], pixel_values: Optional[mx.array],

@@ -371,8 +371,7 @@ class Processor:
     def router_saving(self, n_tiles: int) -> int:
         """The most image tokens the Flash router can drop from a prompt of `n_tiles` tiles: every tile but the
         lowest-scored one (never above the request's quantile) cut from `num_image_token` to mlp2's share."""
-        per_tile = self.config.num_image_token
-        kept = int(round(per_tile * self.config.downsample_ratio**2))
+        per_tile, kept = self.config.num_image_token, self.config.flash_image_token
         return (per_tile - kept) * max(n_tiles - 1, 0) if self.config.is_flash else 0
 
     def check_length(self, n_tokens: int, n_tiles: int = 0, routed: bool = False) -> None:

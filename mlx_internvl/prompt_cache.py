@@ -28,7 +28,9 @@ With an InternVL3.5-Flash router on, the file caches the prompt as the router sh
 compressed ids, and the metadata records the router's decision and score `p0` per cached tile. A request reuses it
 only with the router on too (a full-resolution request, `--no-flash`, is refused, and so is a router-on request on
 a file made at full resolution), and only when the router, deciding over all the request's tiles (the cached
-tiles' scores come from the file, so their ViT is not run again), decides the cached tiles as the file did.
+tiles' scores come from the file, so their ViT is not run again), decides the cached tiles as the file did. (In a
+chat, an image added in a later turn can change the cached tiles' decisions; the session then encodes the cached
+image again for the tiles it re-decides.)
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .adapters import adapter_modules
 from .digests import checkpoint_digest
 from .errors import UserError
 from .files import atomic_write
-from .flash import compress_ids, route, select_features
+from .flash import select_features
 
 FORMAT = "mlx-internvl-prompt-cache"
 VERSION = 2  # 2: the weights fingerprint covers every byte of the checkpoint
@@ -211,6 +213,25 @@ class PromptCacheFile:
                         f"{'with the router on' if on else 'at full resolution'}; pass {fix}, or make the cache "
                         "again with cache-prompt in the same mode")
 
+    def check_decisions(self, compress: Sequence[bool]) -> None:
+        """Refuse the file when the router, deciding over all of a request's tiles (`compress`, the cached tiles
+        first), decides the cached tiles otherwise than the file says: its KV would not be this request's."""
+        cached = self.router["compress"]
+        if [bool(c) for c in compress[:len(cached)]] == cached:
+            return
+
+        def marks(cs):
+            return " ".join("low" if c else "full" for c in cs)
+        raise UserError(f"{self.path}: next to this request's other images the Flash router decides the cached "
+                        f"tiles as [{marks(compress[:len(cached)])}], the file holds [{marks(cached)}] (the router "
+                        "decides over all the tiles of a request); make a cache file with all these images, or "
+                        "pass --no-flash with a cache made with --no-flash")
+
+    def cached_scores(self) -> List[np.ndarray]:
+        """Per cached image, the router's score of each of its tiles, as the file recorded them."""
+        p0 = np.array(self.router["p0"], dtype=np.float32)
+        return np.split(p0, np.cumsum(self.num_tiles)[:-1]) if len(self.num_tiles) > 1 else [p0]
+
 
 def copy_cache(c):
     """A new cache of `c`'s class holding what later steps read of it, in new arrays (mlx-lm's caches write into
@@ -365,19 +386,11 @@ def prepare_routed_request(model, ids: List[int], pixel_values, num_tiles: Seque
     pcf = as_prompt_cache(prompt_cache_file, model)
     pcf.check_router(True)
     pcf.check_images(image_hashes(pixel_values, num_tiles))
-    cfg, n_cached = model.config, sum(pcf.num_tiles)
+    n_cached = sum(pcf.num_tiles)
     new = model.flash_tiles(pixel_values[n_cached:]) if pixel_values.shape[0] > n_cached else None
-    p0 = np.concatenate([np.array(pcf.router["p0"], dtype=np.float32)] + ([new.p0] if new else []))
-    compress = route(p0, cfg.flash_relative_threshold, cfg.flash_absolute_threshold)
-    if [bool(c) for c in compress[:n_cached]] != pcf.router["compress"]:
-        def marks(cs):
-            return " ".join("low" if c else "full" for c in cs)
-        raise UserError(f"{pcf.path}: next to this request's other images the Flash router decides the cached "
-                        f"tiles as [{marks(compress[:n_cached])}], the file holds [{marks(pcf.router['compress'])}] "
-                        "(the router decides over all the tiles of a request); make a cache file with all these "
-                        "images, or pass --no-flash with a cache made with --no-flash")
-    kept = int(round(cfg.num_image_token * cfg.downsample_ratio**2))  # mlp2's tokens per tile
-    short = compress_ids(ids, model.image_token_id, compress, cfg.num_image_token, kept)
+    p0 = np.concatenate(pcf.cached_scores() + ([new.p0] if new else []))
+    compress, short = model.route_ids(ids, p0)
+    pcf.check_decisions(compress)
     start = pcf.prefix_length(short, image_hashes(pixel_values, num_tiles))
     feats = None if new is None else select_features(new, compress[n_cached:])
     return short[start:], feats, pcf.fresh_cache(), compress, p0

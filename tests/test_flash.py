@@ -143,6 +143,27 @@ def test_multi_turn_matches_upstream(setup):
     assert session.router.startswith(f"Flash router: {int(spy2.calls[0]['decisions'].sum())}/")
 
 
+def test_an_image_added_later_reroutes_the_earlier_one_as_upstream(setup):
+    """Turn 2 adds an image next to which the router decides one of turn 1's tiles otherwise (the quantile spans all
+    the conversation's tiles): the session's kept KV cache must not serve that tile's old rows; both replies are
+    upstream's `chat(history=...)`."""
+    up, model, processor, tok, _ = setup
+    first, later = IMAGES[1], IMAGES[0]
+    one = processor("What is it?", images=[first], max_tiles=MAX_TILES)
+    both = processor("And this one?", images=[first, later], max_tiles=MAX_TILES)
+    n1 = one["num_tiles"][0]
+
+    def decisions(inputs):
+        return model.encode_request(inputs["input_ids"][0].tolist(), inputs["pixel_values"]).compress
+
+    assert not np.array_equal(decisions(one), decisions(both)[:n1])  # the case in point
+    _, r1, history = upstream_chat(up, tok, "<image>\nWhat is it?", one)
+    _, r2, _ = upstream_chat(up, tok, "Image-2: <image>\nAnd this one?", both, history=history)
+    session = ChatSession(model, processor, max_tokens=MAX_NEW, max_tiles=MAX_TILES)
+    assert session.ask("What is it?", images=[first]) == r1
+    assert session.ask("And this one?", images=[later]) == r2
+
+
 def test_text_only_matches_upstream(setup):
     up, model, processor, tok, _ = setup
     inputs = processor("Hello there", images=None)

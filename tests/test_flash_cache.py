@@ -7,45 +7,20 @@ although the image and the full-resolution text are the same: the KV cache of th
 full-resolution one, so a key blind to the router would reuse it wrongly.
 """
 
-import dataclasses
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ASSETS
-from mlx.utils import tree_flatten, tree_unflatten
+from flash_models import CASE, FLASH_PREFIXES, IMG1, LATER, flash_model, spy_vit
+from flash_models import with_context as context_processor
+from mlx.utils import tree_flatten
 
 import mlx_internvl
-from builders import Case
+from mlx_internvl.chat import ChatSession
 from mlx_internvl.errors import UserError
 from mlx_internvl.flash import route
 from mlx_internvl.generate import stream_generate
 from mlx_internvl.prompt_cache import PromptCacheFile, cached_prefix, image_hashes, save_prompt_cache_file
-from mlx_internvl.weights import build_model
-
-CASE = Case("flash_qwen2", image_size=448, seed=5, extra_text={"max_position_embeddings": 8192})
-IMG1, IMG2 = ASSETS / "images" / "image1.jpg", ASSETS / "images" / "chelsea.png"
-FLASH_PREFIXES = ("mlp2.", "gating.", "pooling_before_gating.")
-
-
-def flash_model(model, relative: float, absolute: float, seed: int = 3):
-    """`model` (a non-Flash MLX model) with a seeded router and mlp2 and the given thresholds, in memory."""
-    cfg = dataclasses.replace(model.config, flash_mode=True, flash_relative_threshold=relative,
-                              flash_absolute_threshold=absolute, source_path=None)
-    out = build_model(cfg)
-    out.update(model.parameters(), strict=False)
-    mx.random.seed(seed)
-    noise = []
-    for k, v in tree_flatten(out.parameters()):
-        if k.startswith(FLASH_PREFIXES):
-            if v.ndim == 1:
-                v = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.1 * mx.random.normal(v.shape)
-            else:
-                v = mx.random.normal(v.shape) * (1.5 / v.shape[-1] ** 0.5)
-            noise.append((k, v))
-    out.update(tree_unflatten(noise))
-    mx.eval(out.parameters())
-    return out
+from mlx_internvl.speculative import Draft
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +91,6 @@ def test_cached_tiles_must_be_decided_as_the_file_says(flash, build_case, tmp_pa
 def test_context_check_counts_the_routed_prompt(flash, build_case):
     """A prompt too long at full resolution but not once routed runs with the router on (its reply limit counted
     from the routed length) and is refused at full resolution; one too long even routed is refused after routing."""
-    from mlx_internvl.processing import Processor
-
     model, processor = flash
     q = "What is it?"
     full = len(processor(q, images=[IMG1], max_tiles=4)["input_ids"][0])
@@ -125,9 +98,7 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
     assert routed < full - 300
 
     def with_context(n):
-        llm = dict(model.config.llm_config, max_position_embeddings=n)
-        return Processor.from_pretrained(build_case(CASE).original_dir, dataclasses.replace(model.config,
-                                                                                            llm_config=llm))
+        return context_processor(build_case(CASE).original_dir, model, n)
 
     short = with_context(routed + 3)
     pieces = list(stream_generate(model, short, q, [IMG1], max_tokens=50, max_tiles=4))
@@ -139,6 +110,61 @@ def test_context_check_counts_the_routed_prompt(flash, build_case):
     least = full - 4 * 192  # five tiles: all but the lowest-scored one could be compressed
     with pytest.raises(UserError, match=f"at least {least} even if the Flash router compresses"):
         with_context(least)(q, images=[IMG1], max_tiles=4, routed=True)
+
+
+@pytest.fixture
+def vit_calls(monkeypatch):
+    return spy_vit(monkeypatch)
+
+
+def test_chat_session_uses_a_router_file_as_generate_does(flash, build_case, tmp_path, vit_calls):
+    """`ChatSession` with a file made with the router on gives, over two turns, the tokens of a session without it
+    and of `stream_generate` over the whole conversation. Its first turn runs only what follows the cached prompt
+    and no ViT (the cached tiles' scores come from the file). The second turn adds an image next to which the router
+    decides a cached tile otherwise: the kept cache is reused only up to that tile, whose rows are then computed."""
+    model, processor = flash
+    f = tmp_path / "chat.safetensors"
+    pcf = save_prompt_cache_file(model, processor, f, "", [IMG1], max_tiles=4)
+    turns = (("What is it?", [IMG1]), ("And this one?", [LATER]))
+    n1, n2 = (processor.image_tiles(ims, 4)[0].shape[0] for _, ims in turns)
+
+    def two_turns(**kw):
+        session, out = ChatSession(model, processor, max_tokens=6, max_tiles=4, **kw), []
+        for q, ims in turns:
+            before = len(vit_calls)
+            pieces = list(session.stream(q, images=ims))
+            out.append(([p.token for p in pieces], pieces[-1].prompt_tokens, vit_calls[before:], session.router))
+        return out, session
+
+    (plain, p2), (cached, _) = two_turns(), two_turns(prompt_cache_file=f)
+    decided = [[m.startswith("low") for m in t[3].split(": ")[-1].split()] for t in plain]
+    assert decided[0] != decided[1][:n1] and decided[0] == pcf.router["compress"]  # the case in point
+    assert [t[0] for t in cached] == [t[0] for t in plain] and [t[3] for t in cached] == [t[3] for t in plain]
+    (q1, a1), (q2, _) = p2.history
+    whole = list(stream_generate(model, processor, q2, [IMG1, LATER], history=[(q1, a1)], max_tokens=6, max_tiles=4))
+    assert [p.token for p in whole] == plain[1][0]
+    assert cached[0][1] == plain[0][1] - len(pcf.token_ids)  # only the text after the cached prompt ran
+    assert (plain[0][2], cached[0][2]) == ([n1], [])  # the cached image's ViT did not run
+    assert (plain[1][2], cached[1][2]) == ([n2], [n2, n1])  # its rows from the re-decided tile on are needed now
+    assert cached[1][1] == plain[1][1] < whole[-1].prompt_tokens
+    drafted, _ = two_turns(prompt_cache_file=f, draft=Draft.self_draft(model, 8, num_draft_tokens=2))
+    assert [t[0] for t in drafted] == [t[0] for t in plain]  # a draft sharing the ViT takes the routed rows too
+
+
+def test_chat_session_refuses_a_file_it_cannot_use(flash, build_case, tmp_path):
+    model, processor = flash
+    routed, full = tmp_path / "routed.safetensors", tmp_path / "full.safetensors"
+    save_prompt_cache_file(model, processor, routed, "", [IMG1], max_tiles=4)
+    save_prompt_cache_file(model, processor, full, "", [IMG1], max_tiles=4, flash=False)
+    with pytest.raises(UserError, match="made with the Flash router on.*--flash"):
+        ChatSession(model, processor, prompt_cache_file=routed, flash=False)
+    with pytest.raises(UserError, match="made at full resolution.*--no-flash"):
+        ChatSession(model, processor, prompt_cache_file=full)
+    base, _ = mlx_internvl.load(build_case(CASE).original_dir, dtype="float32")
+    session = ChatSession(flash_model(base, 0.0, 0.0), processor, max_tokens=2, max_tiles=4, prompt_cache_file=routed)
+    with pytest.raises(UserError, match=r"decides the cached tiles as \[(low|full)"):
+        session.ask("Describe it.", images=[IMG1])
+    assert session.num_images == 0 and not session.history  # the failed turn left nothing behind
 
 
 def test_lora_trains_at_full_resolution_with_the_router_frozen(build_case):

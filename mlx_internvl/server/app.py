@@ -173,7 +173,8 @@ def create_app(cfg: ServerConfig, engine: Optional[Engine] = None) -> FastAPI:
     limits = Limits(max_images=cfg.max_images, max_frames=cfg.max_frames, max_request_tiles=cfg.max_request_tiles,
                     max_text_bytes=int(cfg.max_text_kb * 1024), max_video_pixels=int(cfg.max_video_megapixels * 1e6))
     app.state.server = _Server(cfg, engine, Renderer(engine.processor, policy, cfg.max_tiles, cfg.num_frames,
-                                                     cfg.max_tokens, limits=limits),
+                                                     cfg.max_tokens, limits=limits,
+                                                     routed=engine.model.use_flash(engine.flash_option)),
                                engine.model.config.llm_config["vocab_size"], int(cfg.max_request_mb * (1 << 20)),
                                int(time.time()), loopback_names(cfg.host, cfg.allowed_origins))
     if cfg.allowed_origins:

@@ -7,7 +7,9 @@ tokenized, and refused when it is over this server's limits or cannot fit in the
   3 times (Hangul jamo to a syllable). So `bytes / (3 L)` is a lower bound on the text's tokens that never refuses
   a prompt that would fit; the explicit byte cap bounds what tokenizing can cost.
 - Images: `processing.tile_count` (the tiler's own rule) of the header's width and height, times the tokens per
-  tile; before the headers are read, at least one tile each.
+  tile; before the headers are read, at least one tile each. With the Flash router on, less the most image tokens
+  the router could drop (`Processor.router_saving`): only a prompt that cannot fit even with every compressible tile
+  compressed is refused here; the routed prompt is checked once the router has decided.
 - Video: one tile per sampled frame (known from the request); decoding reads every frame up to the last sampled
   one, so its cost is that many frames times the frame size the container declares.
 """
@@ -46,8 +48,8 @@ class Budget:
     """The checks, for one processor: `request` before any media is fetched, `media` once headers are read,
     `video` per video from its container."""
 
-    def __init__(self, limits: Limits, processor):
-        self.limits = limits
+    def __init__(self, limits: Limits, processor, routed: bool = False):
+        self.limits, self.processor, self.routed = limits, processor, routed
         self.context = processor.context_length
         self.per_tile = processor.config.num_image_token
         self.bytes_per_token = SHRINK * longest_token_bytes(processor.tokenizer)
@@ -99,10 +101,12 @@ class Budget:
         if not self.context:
             return
         text = -(-n_text // self.bytes_per_token)
-        n = text + tiles * self.per_tile
+        image = tiles * self.per_tile - (self.processor.router_saving(tiles) if self.routed else 0)
+        n = text + image
         if n >= self.context:
-            raise APIError(400, f"messages: the prompt is at least {n} tokens ({tiles * self.per_tile} image tokens "
-                                f"for {least}{tiles} tiles, and at least {text} for {n_text} bytes of text) but the "
+            routed = ", even if the Flash router compresses every tile it can" if self.routed and tiles > 1 else ""
+            raise APIError(400, f"messages: the prompt is at least {n} tokens ({image} image tokens for {least}"
+                                f"{tiles} tiles{routed}, and at least {text} for {n_text} bytes of text) but the "
                                 f"model's context is {self.context} tokens (max_position_embeddings); use fewer "
                                 "images, frames or tiles (max_tiles), or less text", "messages",
                            "context_length_exceeded")

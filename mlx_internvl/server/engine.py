@@ -72,7 +72,7 @@ class Engine:
                  group=None, prompt_cache_bytes: Optional[int] = None, vision_cache_bytes: Optional[int] = None,
                  flash: Optional[bool] = None):
         self._load = load
-        self._flash_option = flash  # the Flash router: None follows the checkpoint's flash_mode
+        self.flash_option = flash  # the Flash router: None follows the checkpoint's flash_mode
         self.group = group  # a `distributed.Group`: every rank runs this loop; rank 0's jobs are shared (spmd.py)
         self._jobs: dict = {}  # id -> job, from its arrival to its end
         self._ids = 0
@@ -149,7 +149,7 @@ class Engine:
             ll_tokenizer(self.processor.tokenizer, self.model.config.llm_config["vocab_size"], self._eos)
             self._prompts = caches.prompt_cache(self.prompt_cache_size, self.prompt_cache_bytes)
             self._features = caches.FeatureCache(self.vision_cache_size, self.vision_cache_bytes)
-            self._flash = self.model.use_flash(self._flash_option)
+            self._flash = self.model.use_flash(self.flash_option)
             self._new_batch = lambda: BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                                                      prefill_batch_size=self.decode_concurrency,
                                                      stream=self._stream)
@@ -283,7 +283,7 @@ class Engine:
         """(job, iterator of prefill chunks, join) for a job; `join()` puts it into the decode batch."""
         p, flash_rows = job.prompt, None
         if self._flash and p.images:
-            p, flash_rows, _ = route_prompt(self.model, self.processor.renderer, p, self._features, self.stats)
+            p, flash_rows, _ = route_prompt(self.model, self.processor, p, self._features, self.stats)
             job.prompt = p
         cache, rest = self._prompts.fetch_nearest_cache(MODEL_KEY, p.keyed)
         if cache is None:

@@ -73,7 +73,7 @@ class Prompt:
     ids: List[int]
     keyed: List[int]  # ids with each image's tokens replaced by its pseudo id (the prompt-cache key)
     images: List[ImageSpec]
-    max_tokens: int
+    max_tokens: int  # the reply limit; with the Flash router on, the asked one until the engine has routed
 
 
 @dataclass
@@ -94,10 +94,12 @@ class Renderer:
     containers before any pixel is decoded, and the text is measured before it is tokenized."""
 
     def __init__(self, processor, policy: MediaPolicy, max_tiles: Optional[int] = None, num_frames: int = 8,
-                 default_max_tokens: int = 1024, known_size: int = 4096, limits: Optional[Limits] = None):
+                 default_max_tokens: int = 1024, known_size: int = 4096, limits: Optional[Limits] = None,
+                 routed: bool = False):
         self.processor, self.policy = processor, policy
         self.max_tiles, self.num_frames, self.default_max_tokens = max_tiles, num_frames, default_max_tokens
-        self.budget = Budget(limits or Limits(), processor)
+        self.routed = routed  # the Flash router is on: the engine shortens the prompt (server/flash_route.py)
+        self.budget = Budget(limits or Limits(), processor, routed)
         self._known: OrderedDict[Tuple, None] = OrderedDict()  # image keys decoded lately: their features are cached
         self._known_size = known_size
         self._lock = threading.Lock()
@@ -264,10 +266,13 @@ class Renderer:
                                             tools=tools)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages", "placeholder_mismatch") from None
-        ids = rendered.ids
+        ids, n_tiles = rendered.ids, sum(s.num_tiles for s in specs)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
         try:
-            max_tokens = proc.clamp_max_tokens(len(ids), req.max_completion_tokens or req.max_tokens
-                                               or self.default_max_tokens)
+            if self.routed and n_tiles:  # refused only if it cannot fit routed; the limit is counted once routed
+                proc.check_length(len(ids), n_tiles, routed=True)
+            else:
+                max_tokens = proc.clamp_max_tokens(len(ids), max_tokens)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages", "context_length_exceeded") from None
         keyed = list(ids)

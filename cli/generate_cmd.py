@@ -231,7 +231,7 @@ def command(model_path, revision, adapter_path, dtype, template, system_message,
     model, processor = load_for_cli(model_path, revision, adapter_path, dtype, template, group)
     inputs = run(lambda: processor(prompt, images=list(images), max_tiles=max_tiles, system_message=system_message,
                                    video=video, num_frames=num_frames, exif_transpose=exif_transpose,
-                                   thinking=thinking))
+                                   thinking=thinking, routed=model.use_flash(options.get("flash"))))
     extras = load_extras(model, processor, dtype, options, group)
     if verbose:
         click.echo(f"Template: {processor.template.name}", err=True)

@@ -120,6 +120,16 @@ def _targets(ctx, param, value):
 @click.option("--train-vision", is_flag=True, help="Also LoRA-adapt the vision encoder (qkv, proj, fc1, fc2).")
 @click.option("--train-projector", type=click.Choice(["lora", "full"]), default=None,
               help="Also train the mlp1 projector, by LoRA or in full.")
+@click.option("--train-flash", type=click.Choice(["mlp2", "router"]), default=None,
+              help="InternVL3.5-Flash: a stage of ViCO instead of SFT's loss. mlp2: consistency training (random "
+                   "tiles through mlp2 at 64 tokens, KL to the checkpoint at full resolution; trains mlp2 and the "
+                   "adapters). router: the router alone, on labels from what compressing each tile costs the "
+                   "answer. [default: the router and mlp2 stay frozen]")
+@click.option("--flash-percentile", type=float, default=50.0, show_default=True,
+              help="--train-flash router: a tile whose loss ratio is below this percentile of the window is "
+                   "labelled compress.")
+@click.option("--flash-window", type=int, default=2048, show_default=True,
+              help="--train-flash router: how many of the latest loss ratios the percentile is taken over.")
 @click.option("--quantize", "q_bits", type=click.Choice(["4", "8"]), default=None,
               help="QLoRA: quantize the base to 4 or 8 bits before training (an already quantized base is used "
                    "as is).")
@@ -175,7 +185,8 @@ def _targets(ctx, param, value):
 @click.option("--lora-scale", "lora_scale", type=float, default=None, hidden=True,
               help="mlx-lm's lora_parameters.scale (= alpha / rank).")
 def command(model_path, data, val, root, adapter_path, resume, rank, alpha, dropout, targets, num_layers, dora,
-            fine_tune_type, train_vision, train_projector, q_bits, q_group_size, dtype, batch_size, grad_accum, lr,
+            fine_tune_type, train_vision, train_projector, train_flash, flash_percentile, flash_window, q_bits,
+            q_group_size, dtype, batch_size, grad_accum, lr,
             min_lr, warmup, weight_decay, iters, epochs, max_length, max_tiles, val_every, val_batches, save_every,
             report_every, report_to, project_name, keep_checkpoints, grad_checkpoint, seed, no_compile, skip_bad,
             train_flag, lora_scale, bias_correction, train_mode, beta, loss_type, rpo_alpha, reference_model,
@@ -194,13 +205,14 @@ def command(model_path, data, val, root, adapter_path, resume, rank, alpha, drop
         alpha = lora_scale * rank if lora_scale is not None else 2.0 * rank
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, num_layers=num_layers,
                       dora=dora or fine_tune_type == "dora", train_vision=train_vision,
-                      train_projector=train_projector)
+                      train_projector=train_projector, train_flash=train_flash)
     args = TrainingArgs(batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, min_lr=min_lr,
                         weight_decay=weight_decay, iters=iters, epochs=epochs, max_length=max_length,
                         max_tiles=max_tiles, val_every=val_every, val_batches=val_batches, save_every=save_every,
                         report_every=report_every, grad_checkpoint=grad_checkpoint, seed=seed,
                         compile=not no_compile, keep_checkpoints=keep_checkpoints, skip_bad=skip_bad,
-                        bias_correction=bias_correction)
+                        bias_correction=bias_correction, flash_percentile=flash_percentile,
+                        flash_window=flash_window)
     callback = _reporting_callback(report_to, project_name, adapter_path, {**vars(lora), **vars(args)})
     finetune(model_path, data, adapter_path, val=val or None, root=root, lora=lora, args=args,
              resume=resume, quantize_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size), dtype=dtype,

@@ -2,7 +2,10 @@
 
 Everything is frozen first; then mlx-lm's `linear_to_lora_layers` swaps the chosen linear layers of the LLM decoder
 (and, when asked, of the ViT encoder) for `LoRALinear` / `DoRALinear` / `LoRASwitchLinear`, whose low-rank factors
-are the only trainable tensors. The projector `mlp1` is either frozen, LoRA-adapted, or trained in full.
+are the only trainable tensors. The projector `mlp1` is either frozen, LoRA-adapted, or trained in full. On an
+InternVL3.5-Flash checkpoint the router and `mlp2` stay frozen unless `train_flash` asks for one of ViCO's stages
+(`lora/vico.py`): "mlp2" trains `mlp2` in full beside the adapters; "router" trains the router alone (its pooling and
+gating network), with no adapter anywhere else.
 
 `adapter_config.json` records the exact layout (resolved target names, layer count, rank, scale, dropout) so
 `load_adapters` rebuilds the same modules before loading `adapters.safetensors` strictly: every adapter tensor the
@@ -38,6 +41,8 @@ CONFIG_FILE = "adapter_config.json"
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
 VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 PROJECTOR_MODES = (None, "lora", "full")
+FLASH_MODES = (None, "mlp2", "router")
+ROUTER_MODULES = ("pooling_before_gating", "gating")
 # MoE routers are left out of the default "all linear layers": adapting the expert choice is rarely wanted.
 DEFAULT_EXCLUDE = ("mlp.gate", "mlp.router")  # MoE routers: Qwen3-MoE, GPT-OSS
 
@@ -56,6 +61,7 @@ class LoraConfig:
     dora: bool = False
     train_vision: bool = False
     train_projector: Optional[str] = None
+    train_flash: Optional[str] = None  # a Flash checkpoint's ViCO stage: "mlp2" (consistency) or "router"
 
     @property
     def scale(self) -> float:
@@ -67,6 +73,11 @@ class LoraConfig:
         number("--dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
         if self.train_projector not in PROJECTOR_MODES:
             raise UserError(f"train_projector must be one of lora, full or None, got {self.train_projector!r}")
+        if self.train_flash not in FLASH_MODES:
+            raise UserError(f"train_flash must be one of mlp2, router or None, got {self.train_flash!r}")
+        if self.train_flash == "router" and (self.train_vision or self.train_projector):
+            raise UserError("--train-flash router trains the router alone (the whole model stays frozen, as in "
+                            "ViCO's router stage); drop --train-vision / --train-projector")
         integer("--num-layers", self.num_layers, minimum=1, allow_none=True)
         if self.targets is not None and (not isinstance(self.targets, (list, tuple))
                                          or not all(isinstance(t, str) and t for t in self.targets)):
@@ -123,7 +134,15 @@ def apply_lora(model, config: LoraConfig) -> List[str]:
     num = n_layers if config.num_layers is None else config.num_layers
     if num > n_layers:
         raise UserError(f"--num-layers {num} is more than the model's {n_layers} decoder layers")
+    if config.train_flash and not model.config.is_flash:
+        raise UserError(f"--train-flash {config.train_flash} needs an InternVL3.5-Flash checkpoint (flash_mode in "
+                        "its config.json, with the router and mlp2 weights); this model has no router")
     model.freeze()
+    if config.train_flash == "router":  # ViCO's router stage: nothing but the router learns
+        for name in ROUTER_MODULES:
+            getattr(model, name).unfreeze()
+        model.train(was_training)
+        return []
     params = {"rank": config.rank, "scale": config.scale, "dropout": config.dropout}
     try:
         linear_to_lora_layers(model.language_model, num, dict(params, keys=set(targets)), use_dora=config.dora)
@@ -141,6 +160,8 @@ def apply_lora(model, config: LoraConfig) -> List[str]:
         ]))
     elif config.train_projector == "full":
         model.mlp1.unfreeze()
+    if config.train_flash == "mlp2":
+        model.mlp2.unfreeze()
     model.train(was_training)
     return targets
 

@@ -117,16 +117,20 @@ class InternVLChatModel(nn.Module):
     def flash_stages(self, pixel_values: mx.array) -> Tuple[FlashTiles, mx.array]:
         """`flash_tiles` and the pooled vector per tile `[P, C]` that the gate scored."""
         h = self.vision_model(pixel_values, -1)[:, 1:]
+        pooled = self.pooling_before_gating(h)
+        p0 = self.gating(pooled)[:, 0]
+        low, full = self.flash_projections(h)
+        mx.eval(pooled, p0, low, full)
+        return FlashTiles(np.array(p0, dtype=np.float32), low, full), pooled
+
+    def flash_projections(self, h: mx.array) -> Tuple[mx.array, mx.array]:
+        """The ViT's last-layer patch features `[P, N, C]` (CLS dropped) -> (mlp2 rows `[P, n/4, D]`, mlp1 rows
+        `[P, n, D]`), as the router's two branches project them."""
         p, n, c = h.shape
         g = int(round(n**0.5))
         grid = h.reshape(p, g, g, c)
         r, version = self.config.downsample_ratio, self.config.ps_version
-        pooled = self.pooling_before_gating(h)
-        p0 = self.gating(pooled)[:, 0]
-        low = self.mlp2(pixel_shuffle(grid, r * r, version))
-        full = self.mlp1(pixel_shuffle(grid, r, version))
-        mx.eval(pooled, p0, low, full)
-        return FlashTiles(np.array(p0, dtype=np.float32), low, full), pooled
+        return self.mlp2(pixel_shuffle(grid, r * r, version)), self.mlp1(pixel_shuffle(grid, r, version))
 
     def use_flash(self, flash: Optional[bool] = None) -> bool:
         """Whether the router runs: `flash` None follows the checkpoint's `flash_mode`; True needs a Flash model."""

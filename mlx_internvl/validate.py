@@ -328,6 +328,8 @@ def check_training_args(args) -> None:
     integer("--report-every", args.report_every, minimum=1, maximum=COUNT_MAX)
     integer("--keep-checkpoints", args.keep_checkpoints, minimum=0, maximum=COUNT_MAX, fix="0 keeps all")
     integer("--seed", args.seed, minimum=0, maximum=TRAIN_SEED_MAX)
+    number("--flash-percentile", getattr(args, "flash_percentile", 50.0), minimum=0.0, maximum=100.0)
+    integer("--flash-window", getattr(args, "flash_window", 1), minimum=1, maximum=COUNT_MAX)
     for name in ("grad_checkpoint", "compile", "skip_bad", "bias_correction"):
         if not isinstance(getattr(args, name, False), bool):
             raise UserError(f"{name}: expected True or False, got {getattr(args, name)!r}")

@@ -71,6 +71,10 @@ def peft_tensors(weights: Dict[str, mx.array]) -> tuple:
             tensors[f"{PREFIX}model.multi_modal_projector.{m.group(1)}.{m.group(2)}"] = _np(value)
             full.add("multi_modal_projector")
             continue
+        if key.startswith(("mlp2.", "gating.", "pooling_before_gating.")):
+            raise UserError(f"{key}: trained by --train-flash, and transformers has no InternVL3.5-Flash model to "
+                            "hold it, so there is no PEFT form. Merge the adapters with `mlx-internvl fuse "
+                            "--export-hf original` instead (the original layout, with the trained router side).")
         path, leaf = key.rsplit(".", 1)
         if leaf not in ("lora_a", "lora_b", "m"):
             raise UserError(f"{key}: not a LoRA/DoRA tensor or projector weight; cannot export it to PEFT")

@@ -13,6 +13,7 @@
 - `Run` is the state one run carries between steps: batches, optimizer, loss window, log and result.
 - Gradient checkpointing (`checkpointing.py`) recomputes decoder (and trained ViT) layers in the backward pass.
 - With a `PreferenceConfig` (DPO/MPO/ORPO): pair data (`pairs.py`), `pref_step.py`'s step, TRL's metrics.
+- With `LoraConfig.train_flash` (a Flash checkpoint): one of ViCO's two stages (`vico.py`) replaces SFT's loss.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ from .preference import METRICS, PreferenceConfig, metrics_dict
 from .reference import make_reference
 from .state import adapters_finite, latest_checkpoint, load_checkpoint, save_checkpoint, stop_diverged
 from .validation import validate
+from .vico import FlashBatcher, setup_flash
 
 # Settings that define the data stream; a resumed run must keep them or it would not continue the same run.
-STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum", "preference")
+STREAM_SETTINGS = ("batch_size", "seed", "max_length", "max_tiles", "grad_accum", "preference", "flash")
 
 
 @dataclass
@@ -79,6 +81,8 @@ class TrainingArgs:
     # AdamW with bias correction, as torch.optim.AdamW (upstream InternVL, XTuner, ms-swift); False is MLX's
     # default, whose early steps are several times larger than --lr.
     bias_correction: bool = True
+    flash_percentile: float = 50.0  # --train-flash router: ratios below this percentile of the window -> compress
+    flash_window: int = 2048  # --train-flash router: how many of the latest loss ratios set that percentile
 
 
 @dataclass
@@ -94,14 +98,14 @@ class TrainResult:
     truncated: int = 0
 
 
-def make_step(model, optimizer, frozen_features: bool = True, compile: bool = True):
+def make_step(model, optimizer, frozen_features: bool = True, compile: bool = True, loss=loss_sum):
     """`(step, state)`: `step(batch, prev_grad, do_update, scale) -> (ce_sum, n_answer_tokens, grad or None)`.
 
     The gradient of the summed cross-entropy is added to `prev_grad`; with `do_update` the total is multiplied by
     `scale` (world / answer tokens of the whole step), averaged over processes and applied. `state` is what the
     compiled function reads and writes (model, optimizer, RNG); evaluate it after each call.
     """
-    value_and_grad = nn.value_and_grad(model, partial(loss_sum, frozen_features=frozen_features))
+    value_and_grad = nn.value_and_grad(model, partial(loss, frozen_features=frozen_features))
     state = [model.state, optimizer.state, mx.random.state]
 
     def step(batch, prev_grad, do_update, scale):
@@ -154,6 +158,8 @@ class Run:
     preference: Optional[PreferenceConfig] = None
     metric_window: List[float] = field(default_factory=lambda: [0.0] * len(METRICS))  # preference metric sums
     reference: Optional[object] = None  # where DPO/MPO's reference log-probs come from (reference.py)
+    loss: Callable = loss_sum  # SFT's, or a ViCO stage's (vico.py)
+    batcher_mode: Optional[str] = None  # the ViCO stage the batchers were made for
 
     @property
     def rank(self) -> int:
@@ -179,12 +185,14 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     lora.validate()
     if preference is not None:
         check_preference_setup(preference, lora)
-    run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log, preference)
+    run = _prepare(model, processor, train_data, val_data, Path(adapter_path).expanduser(), args, log, preference,
+                   lora.train_flash)
     lora = _start(run, processor, lora, resume, base_model)
+    run.loss = setup_flash(run, lora) or loss_sum
     run.callback = training_callback if run.rank == 0 else None
     run.last_report = run.result.start_step
     if preference is None:
-        step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile)
+        step_fn, state = make_step(model, run.optimizer, run.frozen, args.compile, run.loss)
     else:
         init_preference_state(preference, run.optimizer)
         run.reference = make_reference(run, reference_loader)
@@ -219,11 +227,14 @@ def train(model, processor, train_data: Dataset, adapter_path, lora: LoraConfig,
     return run.result
 
 
-def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingArgs, log, preference=None) -> Run:
+def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingArgs, log, preference=None,
+             flash=None) -> Run:
     """Encode and batch the data (refusing bad samples unless --skip-bad), and size the run."""
     group = mx.distributed.init()
     say = log if group.rank() == 0 else (lambda *_: None)
     encode, batcher_cls = (encode_dataset, Batcher) if preference is None else (encode_pairs, PairBatcher)
+    if flash and preference is None:
+        batcher_cls = partial(FlashBatcher, mode=flash)
     encoded, problems, truncated = encode(train_data, processor, args)
     report_problems("training data", problems, encoded, args.skip_bad, say)
     if truncated:
@@ -238,7 +249,8 @@ def _prepare(model, processor, train_data, val_data, out: Path, args: TrainingAr
                           seed=args.seed)
     steps = total_steps(args, len(batcher), group.size())
     result = TrainResult(out, steps, 0, skipped=problems, truncated=truncated)
-    return Run(model, args, out, group, say, batcher, val_batcher, steps, result, preference=preference)
+    return Run(model, args, out, group, say, batcher, val_batcher, steps, result, preference=preference,
+               batcher_mode=flash if preference is None else None)
 
 
 def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Optional[str]) -> LoraConfig:
@@ -266,7 +278,8 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
         with output_errors(out, "--adapter-path directory"):
             out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves nothing behind
     settings = dict(asdict(args), world_size=run.world,
-                    preference=run.preference.to_json() if run.preference is not None else None)
+                    preference=run.preference.to_json() if run.preference is not None else None,
+                    flash=_flash_settings(lora, args))
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, run.optimizer)
         _check_same_stream(state["settings"], settings, checkpoint)
@@ -278,9 +291,10 @@ def _start(run: Run, processor, lora: LoraConfig, resume: bool, base_model: Opti
     run.settings = settings
     run.log_file = LossLog(out, enabled=run.rank == 0, extra=METRICS if run.preference is not None else ())
     run.log_file.start(run.result.start_step)
-    say(f"Training {n_train / 1e6:.3f}M parameters ({', '.join(targets)}"
+    say(f"Training {n_train / 1e6:.3f}M parameters ({', '.join(targets) or 'no LLM adapters'}"
         f"{'; vision LoRA' if lora.train_vision else ''}"
-        f"{'; projector ' + lora.train_projector if lora.train_projector else ''}) on "
+        f"{'; projector ' + lora.train_projector if lora.train_projector else ''}"
+        f"{'; Flash ' + lora.train_flash + ' (ViCO)' if lora.train_flash else ''}) on "
         f"{len(run.batcher.samples)} samples, {len(run.batcher)} microbatches/epoch, {run.steps} steps x "
         f"{args.grad_accum} accumulation x {run.world} process(es).")
     return lora
@@ -345,6 +359,14 @@ def _after_step(run: Run, s: int, bar) -> None:
             run.log_file.plot()
         if run.world > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))  # wait for rank 0's save
+
+
+def _flash_settings(lora: LoraConfig, args: TrainingArgs) -> Optional[dict]:
+    if not lora.train_flash:
+        return None
+    if lora.train_flash == "mlp2":
+        return {"stage": "mlp2"}
+    return {"stage": "router", "percentile": args.flash_percentile, "window": args.flash_window}
 
 
 def _check_same_stream(saved: dict, now: dict, where: Path) -> None:

@@ -20,14 +20,15 @@ from .forward import loss_sum, training_logits
 from .preference import METRICS, RUNNING_KEY, metrics_dict, pair_objective
 
 
-def evaluate(model, batcher: Optional[Batcher], limit: int, group, frozen: bool) -> Optional[float]:
-    """Mean cross-entropy per answer token over the validation batches (split across processes)."""
+def evaluate(model, batcher: Optional[Batcher], limit: int, group, frozen: bool, loss=loss_sum) -> Optional[float]:
+    """Mean loss per answer token (SFT's cross-entropy, or a ViCO stage's loss per its unit) over the validation
+    batches (split across processes)."""
     if batcher is None:
         return None
     total, count = mx.array(0.0), mx.array(0.0)
     for k in val_batches(batcher, limit)[group.rank():: group.size()]:
         batch, _ = batcher.batch(k)
-        ce, n = loss_sum(model, batch, frozen)
+        ce, n = loss(model, batch, frozen)
         total, count = total + ce, count + n
         mx.eval(total, count)
     if group.size() > 1:
@@ -58,7 +59,8 @@ def validate(run, step: int, bar=None) -> None:
     run.model.eval()
     tic = time.perf_counter()
     if run.preference is None:
-        val, metrics = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen), {}
+        val, metrics = evaluate(run.model, run.val_batcher, run.args.val_batches, run.group, run.frozen,
+                                run.loss), {}
     else:
         val, metrics = evaluate_pairs(run)
     run.model.train()

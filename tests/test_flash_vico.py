@@ -264,3 +264,34 @@ def test_flash_stages_refuse_what_they_cannot_do(flash, build_case, tmp_path):
     from mlx_internvl.lora.peft import peft_tensors
     with pytest.raises(UserError, match="no PEFT form"):
         peft_tensors({"mlp2.linear_1.weight": mx.zeros((2, 2))})
+
+
+def test_consistency_stage_on_two_processes_equals_one_with_double_accumulation(flash, tmp_path):
+    """Under mlx.launch each process takes every other microbatch; the draws depend on the microbatch alone, so two
+    processes train what one process does with twice the accumulation."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from test_lora_distributed import free_port_pair, run
+
+    bin_dir = Path(sys.executable).parent
+    launch = shutil.which("mlx.launch", path=str(bin_dir))
+    if launch is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    path, _, data = flash
+    exe = shutil.which("mlx-internvl", path=str(bin_dir)) or "mlx-internvl"
+
+    def cli(out, *extra):
+        return [exe, "lora", "--model", str(path), "--data", str(data), "--adapter-path", str(tmp_path / out),
+                "--train-flash", "mlp2", "--rank", "4", "--iters", "2", "--lr", "3e-3", "--max-tiles", "4",
+                "--seed", "3", "--no-compile", *extra]
+
+    run(cli("one", "--grad-accum", "2"))
+    run([launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), *cli("two")])
+    one, two = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("one", "two"))
+    assert sorted(one) == sorted(two) and any(k.startswith("mlp2.") for k in one)
+    start = dict(tree_flatten(fresh(flash).parameters()))
+    moved = max(float(mx.abs(one[k] - start[k]).max()) for k in one if k.startswith("mlp2."))
+    same = max(float(mx.abs(one[k] - two[k]).max()) for k in one)
+    assert same < 1e-5 and moved > 100 * max(same, 1e-7), (same, moved)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from builders import Case
 
 ROOT = Path(__file__).parent.parent
@@ -38,6 +40,7 @@ def run(args, env, stdin=None):
                           env=full, timeout=180, cwd=ROOT, input=stdin)
 
 
+@pytest.mark.slow
 def test_cache_list_and_delete(build_case, tmp_path):
     built = build_case(Case("cache_tiny"))
     hub, ours = tmp_path / "hub", tmp_path / "mlx-cache"

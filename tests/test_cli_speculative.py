@@ -59,6 +59,7 @@ def test_chat_with_a_cache_file_and_a_draft(tiny, tmp_path):
     assert [line.strip() for line in proc.stdout.rstrip("\n").split("\n")] == [a1, a2]
 
 
+@pytest.mark.slow
 def test_bad_options_are_one_line_errors(tiny, tmp_path):
     built, _, _, draft = tiny
     base = ["generate", "--model", built.original_dir, "--image", IMG1, "--prompt", "Hi", "--max-tokens", 2]

@@ -124,6 +124,7 @@ def cases(build_case, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(cases, tmp_path):
     check_two_ranks(cases, tmp_path)
 

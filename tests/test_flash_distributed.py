@@ -57,6 +57,7 @@ def one_process(path: str) -> dict:
     return runs
 
 
+@pytest.mark.slow
 def test_two_ranks_route_as_one_process(checkpoint, tmp_path):
     cases = [dict(model=checkpoint, mode=mode, out=str(tmp_path / mode)) for mode in ("tensor", "pipeline")]
     spec = tmp_path / "spec.json"
@@ -83,6 +84,7 @@ def test_two_ranks_route_as_one_process(checkpoint, tmp_path):
         assert not [k for k in ranks[1]["params"] if k.startswith(RANK0_ONLY)], c["mode"]
 
 
+@pytest.mark.slow
 def test_generate_and_chat_cli(checkpoint):
     """`generate --verbose`: the reply once and the router's line as one process prints them; a two-turn `chat`
     with an image (the router decides again each turn) replies as one process."""

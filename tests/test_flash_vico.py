@@ -214,6 +214,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_router_stage_trains_the_router_alone_and_resumes_exactly(flash, tmp_path):
     path, processor, data = flash
     args = TrainingArgs(iters=4, lr=1e-2, max_tiles=4, save_every=2, compile=False, flash_window=6)
@@ -266,6 +267,7 @@ def test_flash_stages_refuse_what_they_cannot_do(flash, build_case, tmp_path):
         peft_tensors({"mlp2.linear_1.weight": mx.zeros((2, 2))})
 
 
+@pytest.mark.slow
 def test_consistency_stage_on_two_processes_equals_one_with_double_accumulation(flash, tmp_path):
     """Under mlx.launch each process takes every other microbatch; the draws depend on the microbatch alone, so two
     processes train what one process does with twice the accumulation."""

@@ -295,6 +295,7 @@ def _held_out_preference_accuracy(model, proc, root, rows) -> float:
     return float((logps[: len(rows)] > logps[len(rows):]).mean())
 
 
+@pytest.mark.slow
 def test_cli_mpo_run_logs_trl_metrics_and_prefers_the_chosen_answers_held_out(build_case, tmp_path):
     from click.testing import CliRunner
 

@@ -137,6 +137,7 @@ def apply_lora(model, config: LoraConfig) -> List[str]:
     if config.train_flash and not model.config.is_flash:
         raise UserError(f"--train-flash {config.train_flash} needs an InternVL3.5-Flash checkpoint (flash_mode in "
                         "its config.json, with the router and mlp2 weights); this model has no router")
+    _check_full_training(model, config)
     model.freeze()
     if config.train_flash == "router":  # ViCO's router stage: nothing but the router learns
         for name in ROUTER_MODULES:
@@ -164,6 +165,18 @@ def apply_lora(model, config: LoraConfig) -> List[str]:
         model.mlp2.unfreeze()
     model.train(was_training)
     return targets
+
+
+def _check_full_training(model, config: LoraConfig) -> None:
+    """Refuse to train a quantized module in full: MLX keeps quantized weights frozen, so only its norms would learn."""
+    names = (["mlp1"] if config.train_projector == "full" else []) + (["mlp2"] if config.train_flash == "mlp2" else [])
+    names += list(ROUTER_MODULES) if config.train_flash == "router" else []
+    for name in names:
+        if any(isinstance(m, nn.QuantizedLinear) for _, m in getattr(model, name).named_modules()):
+            flag = "--train-projector full" if name == "mlp1" else f"--train-flash {config.train_flash}"
+            raise UserError(f"{flag} trains {name} in full, but {name} is quantized in this checkpoint (converted "
+                            "with the vision tower quantized), and quantized weights cannot be trained. Use a "
+                            "conversion that keeps the vision side in full precision.")
 
 
 def trainable_weights(model) -> Dict[str, mx.array]:

@@ -262,6 +262,12 @@ def test_flash_stages_refuse_what_they_cannot_do(flash, build_case, tmp_path):
     with pytest.raises(UserError, match="--flash-percentile"):
         finetune(path, data, tmp_path / "b", lora=LoraConfig(train_flash="router"),
                  args=TrainingArgs(flash_percentile=120.0), dtype="float32", log=lambda *_: None)
+    import mlx.nn as nn
+
+    quantized = fresh(flash)
+    nn.quantize(quantized.mlp2, group_size=32, bits=8)
+    with pytest.raises(UserError, match="mlp2 is quantized in this checkpoint"):
+        apply_lora(quantized, LoraConfig(train_flash="mlp2"))
     from mlx_internvl.lora.peft import peft_tensors
     with pytest.raises(UserError, match="no PEFT form"):
         peft_tensors({"mlp2.linear_1.weight": mx.zeros((2, 2))})

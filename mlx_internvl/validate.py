@@ -18,6 +18,7 @@ from .errors import UserError
 
 SEED_MAX = 2**64 - 1  # mx.random.seed and mx.random.key take an unsigned 64-bit integer
 COUNT_MAX = 2**31 - 1  # counts and sizes reach MLX and numpy as int32
+FLASH_WINDOW_MAX = 1_000_000  # loss ratios held by --train-flash router (4 MB as float32)
 TRAIN_SEED_MAX = 2**32 - 1  # training reseeds MLX with seed * 1_000_003 + microbatch, which must stay under SEED_MAX
 
 
@@ -329,7 +330,8 @@ def check_training_args(args) -> None:
     integer("--keep-checkpoints", args.keep_checkpoints, minimum=0, maximum=COUNT_MAX, fix="0 keeps all")
     integer("--seed", args.seed, minimum=0, maximum=TRAIN_SEED_MAX)
     number("--flash-percentile", getattr(args, "flash_percentile", 50.0), minimum=0.0, maximum=100.0)
-    integer("--flash-window", getattr(args, "flash_window", 1), minimum=1, maximum=COUNT_MAX)
+    integer("--flash-window", getattr(args, "flash_window", 1), minimum=1, maximum=FLASH_WINDOW_MAX,
+            fix="the window is kept in the optimizer state and in every checkpoint")
     for name in ("grad_checkpoint", "compile", "skip_bad", "bias_correction"):
         if not isinstance(getattr(args, name, False), bool):
             raise UserError(f"{name}: expected True or False, got {getattr(args, name)!r}")

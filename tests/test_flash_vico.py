@@ -30,6 +30,7 @@ from mlx_internvl.lora.vico import (
     RouterLabeler,
     _pad,
     consistency_loss_sum,
+    feature_table,
     patch_features,
     routed_logits,
     router_loss_sum,
@@ -99,7 +100,7 @@ def test_consistency_loss_is_kl_to_the_full_resolution_model_on_the_routed_promp
     model.load_weights(bumped, strict=False)  # adapters and mlp2 away from their start
 
     batch = routed_batch(model, processor, enc, compress)
-    ours = routed_logits(model, batch, patch_features(model, batch["pixel_values"]))[0]
+    ours = routed_logits(model, batch, feature_table(model, patch_features(model, batch["pixel_values"])))[0]
     theirs, routed_len = inference_logits(model, full_ids, pv, compress)
     assert np.array(batch["view_ids"][0, :routed_len]).tolist() == compress_ids(
         full_ids.tolist(), model.image_token_id, compress, 256, 64)

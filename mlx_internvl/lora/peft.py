@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..adapters import ADAPTER_FILE, read_adapter_config
+from ..adapters import ADAPTER_FILE, ROUTER_MODULES, read_adapter_config
 from ..errors import UserError
 from ..files import check_new_output, staged_output
 
@@ -71,7 +71,7 @@ def peft_tensors(weights: Dict[str, mx.array]) -> tuple:
             tensors[f"{PREFIX}model.multi_modal_projector.{m.group(1)}.{m.group(2)}"] = _np(value)
             full.add("multi_modal_projector")
             continue
-        if key.startswith(("mlp2.", "gating.", "pooling_before_gating.")):
+        if key.split(".", 1)[0] in ("mlp2",) + ROUTER_MODULES:
             raise UserError(f"{key}: trained by --train-flash, and transformers has no InternVL3.5-Flash model to "
                             "hold it, so there is no PEFT form. Merge the adapters with `mlx-internvl fuse "
                             "--export-hf original` instead (the original layout, with the trained router side).")

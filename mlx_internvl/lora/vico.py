@@ -21,7 +21,7 @@ Tiles are projected from the ViT's last layer, as the router's inference path (`
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -128,27 +128,43 @@ def patch_features(model, pixel_values: mx.array) -> mx.array:
     return model.vision_model(pixel_values.astype(dtype), -1)[:, 1:]
 
 
-def routed_logits(model, batch: dict, patches) -> mx.array:
-    """Logits `[R, L, V]` of the `view_*` prompts, each tile's rows taken from mlp2 or mlp1 as the view says."""
+def feature_table(model, patches) -> mx.array:
+    """`concat(mlp1 rows [T*n, D], mlp2 rows [T*n/4, D])` of the tiles' patch features (what `view_rows` indexes)."""
+    low, full = model.flash_projections(patches)
+    d = full.shape[-1]
+    return mx.concatenate([full.reshape(-1, d), low.reshape(-1, d)])
+
+
+def routed_logits(model, batch: dict, table) -> mx.array:
+    """Logits `[R, L, V]` of the `view_*` prompts, each tile's rows taken from `table` (`feature_table`) as the view
+    says."""
     embeds = model.embed_tokens(batch["view_ids"])
-    if patches is not None:
-        low, full = model.flash_projections(patches)
-        d = embeds.shape[-1]
-        table = mx.concatenate([full.reshape(-1, d), low.reshape(-1, d)])
+    if table is not None:
         embeds = scatter_image_features(embeds, table[batch["view_rows"]], batch["view_index"], batch["view_mask"])
     return forward_embeddings(model.language_model, embeds)
 
 
+def _reference_logits(model, batch: dict, table, frozen_features: bool) -> mx.array:
+    """The full-resolution logits of the model with its adapters off. With the ViT and mlp1 frozen (no adapters
+    there) and the router's ViT layer the one training reads, the full-resolution rows are the first part of
+    `table`: no second ViT pass."""
+    shared = table is not None and frozen_features and model.config.select_layer == -1
+    with adapters_off(model):
+        if not shared:
+            return mx.stop_gradient(training_logits(model, batch, True))
+        embeds = model.embed_tokens(batch["ids"])
+        embeds = scatter_image_features(embeds, table, batch["image_index"], batch["image_mask"])
+        return mx.stop_gradient(forward_embeddings(model.language_model, embeds))
+
+
 def consistency_loss_sum(model, batch: dict, frozen_features: bool = True):
     """(summed KL(full-resolution reference || model on the compressed prompt) over answer tokens, their count)."""
-    with adapters_off(model):
-        ref = mx.stop_gradient(training_logits(model, batch, True))
-    patches = None
+    table = None
     if "pixel_values" in batch:
         patches = patch_features(model, batch["pixel_values"])
-        if frozen_features:
-            patches = mx.stop_gradient(patches)
-    logits = routed_logits(model, batch, patches)
+        table = feature_table(model, mx.stop_gradient(patches) if frozen_features else patches)
+    ref = _reference_logits(model, batch, table, frozen_features)
+    logits = routed_logits(model, batch, table)
     ref_lp = nn.log_softmax(_at(ref, batch["answer_full"]).astype(mx.float32), axis=-1)
     lp = nn.log_softmax(_at(logits, batch["answer_pos"]).astype(mx.float32), axis=-1)
     w = batch["answer_w"]
@@ -164,7 +180,7 @@ def router_loss_sum(model, batch: dict, frozen_features: bool = True):
     return -mx.log(mx.maximum(picked, 1e-30)).sum(), mx.array(labels.shape[0], dtype=mx.float32)
 
 
-def answer_nll(model, batch: dict, patches) -> List[float]:
+def answer_nll(model, batch: dict, table) -> List[float]:
     """The summed negative log-likelihood of each `view_*` row's answer tokens, one row at a time, each cut after
     its last answer token (the memory of one training row)."""
     out, mask = [], np.array(batch["view_mask"])
@@ -175,7 +191,7 @@ def answer_nll(model, batch: dict, patches) -> List[float]:
                "view_index": mx.maximum(batch["view_index"][r: r + 1, :end] - before, 0),
                "view_rows": batch["view_rows"][before: before + count] if count else None}
         pos, w = batch["answer_pos"][r: r + 1], batch["answer_w"][r: r + 1]
-        logits = _at(routed_logits(model, row, patches if count else None), pos).astype(mx.float32)
+        logits = _at(routed_logits(model, row, table if count else None), pos).astype(mx.float32)
         targets = mx.take(row["view_ids"][0], pos[0] + 1)[None]
         out.append(float((nn.losses.cross_entropy(logits, targets) * w).sum().item()))
     return out
@@ -198,8 +214,10 @@ class RouterLabeler:
             rows += [(s.ids, s.mask, first, [False] * n)] + [(s.ids, s.mask, first, [j == i for j in range(n)])
                                                              for i in range(n)]
             first, sizes = first + n, sizes + [n]
-        nll = answer_nll(self.model, view_rows(rows, batcher.config, first, batcher.pad_id, batcher.image_token_id),
-                         patches)
+        view = view_rows(rows, batcher.config, first, batcher.pad_id, batcher.image_token_id)
+        table = feature_table(self.model, patches)
+        mx.eval(table)  # projected once, read by every row below
+        nll = answer_nll(self.model, view, table)
         out, k = [], 0
         for n in sizes:
             out += [(nll[k + 1 + i] + 1e-6) / (nll[k] + 1e-6) for i in range(n)]
@@ -220,7 +238,7 @@ class RouterLabeler:
         return {"router_patches": mx.stop_gradient(patches), "router_labels": mx.array(labels)}
 
 
-def setup_flash(run, lora) -> callable:
+def setup_flash(run, lora) -> Optional[Callable]:
     """Check a ViCO stage against the run, give its batchers what they need; returns the stage's loss function."""
     mode = lora.train_flash
     if mode and run.preference is not None:
